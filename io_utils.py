@@ -21,10 +21,13 @@ import pandas as pd
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` on success.
 
     On any exception the temporary file is removed and ``path`` is untouched.
+    ``fsync=False`` skips flushing to disk before the rename: still atomic for
+    readers, but a power cut may leave an empty file. Only for files that can be
+    re-derived (cache entries), where the fsync would dominate the cost.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,17 +36,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as fh:  # data on disk before the rename makes it visible
-            os.fsync(fh.fileno())
+        if fsync:
+            with open(tmp_path, "rb+") as fh:  # data on disk before the rename makes it visible
+                os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any], fsync: bool = True) -> Path:
     """Call ``writer(tmp_path)`` and atomically move the result onto ``path``."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=fsync) as tmp:
         writer(tmp)
     return Path(path)
 
