@@ -1,0 +1,160 @@
+"""Stage 2: split the non-test patients into training and validation sets.
+
+The patients of ``age_pool.csv`` (written by stage 1) are split by patient,
+stratified by age group x fracture (sklearn ``StratifiedGroupKFold``), seeded.
+Before anything is written, all three splits are checked to be patient-disjoint
+(also against ``age_test.csv``), non-empty and to hold every age group. Existing
+train/val files made from the same pool, seed and fraction are kept (stage 3 adds
+its predictions to them); ``--force`` re-draws them.
+
+Inputs
+    ``<out-dir>/age_pool.csv`` and ``<out-dir>/age_test.csv`` (stage 1), and
+    ``<out-dir>/age_test_split.json`` for the age bounds stage 1 used.
+Outputs (in ``--out-dir``)
+    ``age_train_tmp.csv``, ``age_val_tmp.csv``, ``age_trainval_split.json`` (seed,
+    source file and its SHA-256, counts per split x age group x fracture),
+    ``generate_age_trainval_split_config.json`` and, with ``--skip-bad``, rows
+    appended to ``rejected_rows.csv``.
+
+Example::
+
+    python generate_age_trainval_split.py --out-dir runs/demo --val-frac 0.2 --seed 42
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import columns as C
+from config import print_config, save_config, to_dict
+from io_utils import RunLock, write_json
+from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
+from unified_dataset import DataError, read_split_csv, validate_frame
+
+POOL_CSV = "age_pool.csv"
+TEST_CSV = "age_test.csv"
+TRAIN_CSV = "age_train_tmp.csv"
+VAL_CSV = "age_val_tmp.csv"
+STAGE1_MANIFEST = "age_test_split.json"
+MANIFEST = "age_trainval_split.json"
+CONFIG = "generate_age_trainval_split_config.json"
+REJECTED_CSV = "rejected_rows.csv"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Stage 2: patient-level train/val split of age_pool.csv.",
+                                add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out-dir", type=Path, default=Path("."), help="folder with stage 1's files; outputs go here")
+    p.add_argument("--pool-csv", type=Path, default=None, help="default: <out-dir>/age_pool.csv")
+    p.add_argument("--test-csv", type=Path, default=None, help="default: <out-dir>/age_test.csv")
+    p.add_argument("--val-frac", type=float, default=0.2, help="share of pool patients for validation (0-0.5]")
+    p.add_argument("--seed", type=int, default=42, help="random seed of the split")
+    p.add_argument("--force", action="store_true", help="re-draw train/val even if they match the pool")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="set bad pool rows aside in rejected_rows.csv instead of stopping at the first")
+    p.add_argument("--age-bounds", type=float, nargs="+", default=None,
+                   help="age group boundaries (default: those recorded by stage 1; must match them)")
+    p.add_argument("--no-image-check", action="store_true", help="do not look at the image files")
+    return p
+
+
+def _bounds(args: argparse.Namespace, out: Path) -> tuple[float, ...]:
+    recorded = None
+    path = out / STAGE1_MANIFEST
+    if path.is_file():
+        recorded = tuple(float(b) for b in json.loads(path.read_text()).get("age_bounds", C.AGE_BOUNDS))
+    if args.age_bounds is None:
+        return recorded or C.AGE_BOUNDS
+    wanted = tuple(float(b) for b in args.age_bounds)
+    if recorded is not None and wanted != recorded:
+        raise DataError.at(path, None, f"stage 1 used --age-bounds {list(recorded)}, not {list(wanted)}: "
+                           "re-run age_split_testset.py with the new bounds and --force")
+    return wanted
+
+
+def _check_groups(df, path: Path, bounds: tuple[float, ...]) -> None:
+    """age_group must follow from age; a mismatch means a CSV from other bounds was mixed in."""
+    expect = C.age_to_group(df["age"].to_numpy(), bounds)
+    bad = df["age_group"].to_numpy() != expect
+    if bad.any():
+        i = int(bad.nonzero()[0][0])
+        raise DataError.at(path, df.index[i], f"age_group {df['age_group'].iloc[i]} does not match age "
+                           f"{df['age'].iloc[i]:g} with age bounds {list(bounds)}")
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = to_dict(args)
+    print_config(cfg, "generate_age_trainval_split (stage 2)")
+    out = Path(args.out_dir)
+    pool_csv = Path(args.pool_csv) if args.pool_csv is not None else out / POOL_CSV
+    test_csv = Path(args.test_csv) if args.test_csv is not None else out / TEST_CSV
+    train_csv, val_csv, manifest_path = out / TRAIN_CSV, out / VAL_CSV, out / MANIFEST
+    if not 0.0 < args.val_frac <= 0.5:
+        raise SystemExit(f"--val-frac must be in (0, 0.5], got {args.val_frac}")
+    for path in (pool_csv, test_csv):
+        if not path.is_file():
+            raise DataError.at(path, None, "not found: run age_split_testset.py (stage 1) first")
+    wrote: dict[str, Any] = {}
+    with RunLock(out):
+        wrote["config"] = save_config(cfg, out / CONFIG)
+        bounds = _bounds(args, out)
+        n_groups = C.num_age_groups(bounds)
+        test = read_split_csv(test_csv)
+        pool = read_split_csv(pool_csv, validate=False)
+        pool = validate_frame(pool, pool_csv, check_images=not args.no_image_check, skip_bad=args.skip_bad,
+                              rejected_csv=out / REJECTED_CSV, append_rejected=True)
+        if pool.attrs.get("n_rejected"):
+            wrote["rejected_csv"] = out / REJECTED_CSV
+        _check_groups(test, test_csv, bounds)
+        _check_groups(pool, pool_csv, bounds)
+        check_disjoint({str(test_csv): test, str(pool_csv): pool})
+        pool_sha = file_sha256(pool_csv)
+        recipe = {"pool_sha256": pool_sha, "seed": args.seed, "val_frac": args.val_frac,
+                  "skip_bad": bool(args.skip_bad)}
+        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        if (not args.force and train_csv.is_file() and val_csv.is_file()
+                and old.get("recipe") == recipe):
+            print(f"{train_csv.name}, {val_csv.name}: exist and match {pool_csv.name} (same content, seed and "
+                  "fraction): keeping them (pass --force to re-draw)")
+            train, val = read_split_csv(train_csv), read_split_csv(val_csv)
+            kept = True
+        else:
+            if train_csv.is_file() or val_csv.is_file():
+                why = "--force" if args.force else "the pool, seed or fraction changed"
+                print(f"{train_csv.name}, {val_csv.name}: re-drawing them ({why})")
+            val, train = split_patients(pool, args.val_frac, args.seed, source=pool_csv)
+            kept = False
+        frames = {str(train_csv): train, str(val_csv): val, str(test_csv): test}
+        check_disjoint(frames)
+        for name, df in frames.items():
+            check_coverage(df, name, n_groups, bounds=bounds)
+        if not kept:
+            wrote["train_csv"] = write_split_csv(train, train_csv, "train")
+            wrote["val_csv"] = write_split_csv(val, val_csv, "val")
+        counts = split_counts({"train": train, "val": val, "test": test}, n_groups)
+        print(describe(counts))
+        manifest = {
+            "stage": "generate_age_trainval_split",
+            "seed": args.seed,
+            "val_frac": args.val_frac,
+            "recipe": recipe,
+            "trainval": "kept" if kept else "drawn",
+            "source": {"csv": str(pool_csv.resolve()), "sha256": pool_sha,
+                       "test_csv": str(test_csv.resolve()), "test_sha256": file_sha256(test_csv)},
+            "age_bounds": list(bounds),
+            "age_group_names": list(C.age_group_names(bounds)),
+            "rejected_rows": int(pool.attrs.get("n_rejected", 0)),
+            "counts": counts,
+            "outputs": {TRAIN_CSV: file_sha256(train_csv), VAL_CSV: file_sha256(val_csv)},
+        }
+        wrote["manifest"] = write_json(manifest, manifest_path)
+        wrote["trainval_kept"] = kept
+    print(f"stage 2 done: {TRAIN_CSV} ({len(train)} images, {train['patient_id'].nunique()} patients), "
+          f"{VAL_CSV} ({len(val)} images, {val['patient_id'].nunique()} patients) in {out}")
+    return wrote
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

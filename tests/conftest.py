@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny phantom dataset and its stage 1 + 2 splits.
+
+- ``tiny_phantom`` (session): a directory holding a phantom GRAZPEDWRI-DX layout
+  (``dataset.csv`` + ``images/``), 40 patients at 64 px, seed 0. Read-only by
+  convention: tests that damage images work on copies.
+- ``tiny_splits`` (session): an output directory where stages 1 and 2 ran on
+  ``tiny_phantom`` (``age_test.csv``, ``age_pool.csv``, ``age_train_tmp.csv``,
+  ``age_val_tmp.csv`` and the manifests). Tests that write into a split directory
+  (e.g. stage 3 adding predictions) should use ``fresh_splits``.
+- ``fresh_splits`` (function): a private copy of ``tiny_splits``.
+- ``shared_dir``: ``../shared`` next to the repository, or skip.
+- ``real_metadata`` (session): the real GRAZPEDWRI-DX ``dataset.csv`` loaded and
+  validated without looking at images (only two of them are in ``../shared``).
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # flat top-level modules, importable however pytest is started
+    sys.path.insert(0, str(REPO))
+
+TINY_PATIENTS = 40
+TINY_IMG_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from phantom import generate_phantom
+
+    out = tmp_path_factory.mktemp("tiny_phantom")
+    generate_phantom(out, n_patients=TINY_PATIENTS, img_size=TINY_IMG_SIZE, seed=0, progress=False)
+    return out
+
+
+def run_stages_1_2(data_dir: Path, out_dir: Path, *extra1: str) -> dict:
+    """Run stage 1 then stage 2 (default flags) on ``data_dir``; return both results."""
+    import age_split_testset
+    import generate_age_trainval_split
+
+    r1 = age_split_testset.main(age_split_testset.get_args_parser().parse_args(
+        ["--data-csv", str(data_dir / "dataset.csv"), "--out-dir", str(out_dir), *extra1]))
+    r2 = generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(
+        ["--out-dir", str(out_dir)]))
+    return {"stage1": r1, "stage2": r2}
+
+
+@pytest.fixture(scope="session")
+def tiny_splits(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_splits")
+    run_stages_1_2(tiny_phantom, out)
+    return out
+
+
+@pytest.fixture
+def fresh_splits(tiny_splits: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "splits"
+    shutil.copytree(tiny_splits, out, ignore=shutil.ignore_patterns(".run.lock"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    shared = REPO.parent / "shared"
+    if not (shared / "grazpedwri-dx" / "dataset.csv").is_file():
+        pytest.skip("../shared/grazpedwri-dx is not present")
+    return shared
+
+
+@pytest.fixture(scope="session")
+def real_metadata(shared_dir: Path):
+    import unified_dataset as U
+
+    data = shared_dir / "grazpedwri-dx"
+    return U.validate_frame(U.load_grazpedwri(data / "dataset.csv", data), check_images=False)

@@ -1,0 +1,422 @@
+"""unified_dataset.py and columns.py on generated data (phantom PNGs, pydicom-written DICOM)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import columns as C
+import unified_dataset as U
+from unified_dataset import DataError
+
+ONE_LINE = re.compile(r"^[^\n]+:\d+: [^\n]+$")
+
+
+def assert_one_line(exc: BaseException, file: Path | str, row: int | None, *words: str) -> None:
+    msg = str(exc)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    prefix = f"{file}:{row}: " if row is not None else f"{file}: "
+    assert msg.startswith(prefix), msg
+    for w in words:
+        assert w in msg, msg
+
+
+# --------------------------------------------------------------------------- columns
+
+def test_age_to_group_bounds() -> None:
+    assert [C.age_to_group(a) for a in (0.2, 7.99, 8.0, 14.99, 15.0, 19.0)] == [0, 0, 1, 1, 2, 2]
+    arr = C.age_to_group(np.array([3.0, 8.0, 16.5]))
+    assert arr.tolist() == [0, 1, 2] and arr.dtype == np.int64
+    assert C.age_to_group([5.0, 10.0], bounds=(6.0, 12.0)).tolist() == [0, 1]
+    assert C.age_to_group(12.0, bounds=(6.0, 12.0)) == 2
+    with pytest.raises(ValueError):
+        C.age_to_group([1.0, float("nan")])
+    with pytest.raises(ValueError):
+        C.age_to_group(3.0, bounds=(15.0, 8.0))
+    assert C.age_group_names() == C.AGE_GROUP_NAMES == ("0-7 y", "8-14 y", "15-19 y")
+    assert len(C.age_group_names((6.0, 12.0))) == 3
+
+
+def test_column_contract_and_table() -> None:
+    table = C.markdown_table()
+    for name in C.CANONICAL + C.SOURCE_COLUMNS + C.PREDICTION_COLUMNS + ("split",):
+        assert f"`{name}`" in table
+        assert C.column(name).dtype in ("str", "int", "float")
+    assert C.column("age_group_label").producer == C.STAGE3
+    df = C.coerce_frame(pd.DataFrame({"patient_id": [17, 18.0], "age": ["3.5", "x"], "fracture": ["1", "0"],
+                                      "extra": ["a", "b"]}))
+    assert df["patient_id"].tolist() == ["17", "18"]
+    assert df["age"].iloc[0] == 3.5 and np.isnan(df["age"].iloc[1])
+    assert df["fracture"].dtype == np.int64 and df["extra"].tolist() == ["a", "b"]
+    half = C.coerce_frame(pd.DataFrame({"fracture": [0.5, 1.0]}))
+    assert half["fracture"].tolist() == [0.5, 1.0]  # left for validation to reject, not rounded
+
+
+# --------------------------------------------------------------------------- loading
+
+def test_load_phantom_grazpedwri(tiny_phantom: Path) -> None:
+    csv = tiny_phantom / "dataset.csv"
+    raw = pd.read_csv(csv, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    df = U.validate_frame(U.load_dataset(csv))
+    assert len(df) == len(raw)
+    assert df.index[0] == 2 and df.index.name == "csv_row"
+    assert df.attrs["source"] == str(csv)
+    assert list(df.columns[:5]) == list(C.CANONICAL)
+    assert df["fracture"].tolist() == [int(v == "1") for v in raw["fracture_visible"]]
+    assert df["metal"].tolist() == [int(v == "1") for v in raw["metal"]]
+    assert df["age_group"].tolist() == C.age_to_group(df["age"].to_numpy()).tolist()
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p in df["image_path"])
+    assert df["patient_id"].map(type).eq(str).all()
+
+
+def test_images_found_in_subfolders(tiny_phantom: Path, tmp_path: Path) -> None:
+    shutil.copy(tiny_phantom / "dataset.csv", tmp_path / "dataset.csv")
+    for i, png in enumerate(sorted((tiny_phantom / "images").glob("*.png"))):
+        part = tmp_path / f"images_part{i % 4 + 1}"
+        part.mkdir(exist_ok=True)
+        shutil.copy(png, part / png.name)
+    df = U.validate_frame(U.load_grazpedwri(tmp_path / "dataset.csv", tmp_path))
+    assert {Path(p).parent.name for p in df["image_path"]} == {f"images_part{k}" for k in range(1, 5)}
+
+
+def test_generic_csv_mapping(tiny_phantom: Path, tmp_path: Path) -> None:
+    src = U.validate_frame(U.load_dataset(tiny_phantom / "dataset.csv")).head(6)
+    gen = pd.DataFrame({"file": [os.path.relpath(p, tmp_path) for p in src["image_path"]],
+                        "pid": src["patient_id"], "years": src["age"], "broken": src["fracture"],
+                        "ward": "A"})
+    gen.to_csv(tmp_path / "mine.csv", index=False)
+    df = U.load_dataset(tmp_path / "mine.csv", fmt="auto", image_col="file", patient_col="pid",
+                        age_col="years", label_col="broken")
+    df = U.validate_frame(df)
+    assert df["image_path"].tolist() == src["image_path"].tolist()
+    assert df["fracture"].tolist() == src["fracture"].tolist() and df["ward"].tolist() == ["A"] * 6
+
+
+def test_apply_exclusions_counts(tiny_phantom: Path) -> None:
+    df = U.validate_frame(U.load_dataset(tiny_phantom / "dataset.csv"))
+    kept, counts = U.apply_exclusions(df)
+    assert counts["excluded"] == {"metal": int(df["metal"].sum())}
+    assert len(kept) == len(df) - df["metal"].sum() and kept["metal"].sum() == 0
+    kept2, counts2 = U.apply_exclusions(df, ("metal", "cast", "diagnosis_uncertain"))
+    either = (df["metal"] == 1) | (df["cast"] == 1) | (df["diagnosis_uncertain"] == 1)
+    assert counts2["rows_excluded"] == int(either.sum()) == len(df) - len(kept2)
+    assert U.apply_exclusions(df, ("none",))[1]["rows_excluded"] == 0
+    with pytest.raises(ValueError):
+        U.apply_exclusions(df, ("bogus",))
+
+
+def test_real_dataset_csv(shared_dir: Path, real_metadata: pd.DataFrame, tmp_path: Path) -> None:
+    csv = shared_dir / "grazpedwri-dx" / "dataset.csv"
+    df = real_metadata
+    assert len(df) == 20327 and df["patient_id"].nunique() == 6091
+    assert int(df["fracture"].sum()) == 13550
+    assert df["age_group"].value_counts().sort_index().tolist() == [4304, 13202, 2821]
+    assert df.groupby("age_group")["patient_id"].nunique().tolist() == [1344, 3948, 987]
+    assert [int(df[f].sum()) for f in ("metal", "cast", "diagnosis_uncertain", "osteopenia")] == [708, 5776, 537, 2473]
+    assert df["projection"].value_counts().sort_index().tolist() == [10086, 10148, 93]
+    assert df.loc[2, "ao_classification"] == "23r-M/2.1" and df.loc[2, "timehash"] == 1297860395
+    # Only two of the real images are here: row 2 exists, row 3 is the first missing one.
+    with pytest.raises(DataError) as err:
+        U.validate_frame(df)
+    assert_one_line(err.value, csv, 3, "image file not found", "0001_1297860435_01_WRI-L2_M014.png")
+    rej = tmp_path / "rejected_rows.csv"
+    kept = U.validate_frame(df, skip_bad=True, rejected_csv=rej)
+    assert sorted(kept["filestem"]) == ["0001_1297860395_01_WRI-L1_M014", "0004_0542630449_01_WRI-L1_M003"]
+    assert len(pd.read_csv(rej)) == 20325
+
+
+def test_real_images(shared_dir: Path) -> None:
+    png = shared_dir / "grazpedwri-dx" / "images" / "0001_1297860395_01_WRI-L1_M014.png"
+    raw = U.read_raw(png)
+    assert raw.dtype == np.uint16 and raw.shape == (727, 494) and raw.max() > 255
+    img = U.read_image(png)
+    assert img.dtype == np.float32 and img.min() == 0.0 and img.max() == 1.0
+    assert len(np.unique(img)) > 1000  # 16-bit precision kept, not 256 levels
+
+
+# --------------------------------------------------------------------------- images
+
+def test_png16_round_trip_without_clipping(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 65536, size=(40, 30), dtype=np.uint16)
+    arr[0, 0], arr[0, 1] = 0, 65535
+    path = tmp_path / "a.png"
+    assert cv2.imwrite(str(path), arr)
+    back = U.read_raw(path)
+    assert back.dtype == np.uint16 and np.array_equal(back, arr)
+    # 4096 adjacent 16-bit levels: an 8-bit conversion would leave 16 of them.
+    ramp = (30000 + np.arange(4096, dtype=np.uint16)).reshape(64, 64)
+    cv2.imwrite(str(tmp_path / "ramp.png"), ramp)
+    img = U.read_image(tmp_path / "ramp.png")
+    assert img.dtype == np.float32 and img.min() == 0.0 and img.max() == 1.0
+    assert len(np.unique(img)) > 4000
+    assert np.all(np.diff(img.ravel()) >= 0)  # monotone: the window only stretches
+
+
+def test_png8_jpeg_and_colour(tmp_path: Path) -> None:
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (32, 1))
+    cv2.imwrite(str(tmp_path / "g8.png"), ramp)
+    cv2.imwrite(str(tmp_path / "rgb.png"), np.dstack([ramp] * 3))
+    cv2.imwrite(str(tmp_path / "g.jpg"), ramp, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    g8 = U.read_image(tmp_path / "g8.png")
+    assert U.read_raw(tmp_path / "g8.png").dtype == np.uint8
+    assert np.allclose(U.read_image(tmp_path / "rgb.png"), g8)
+    jpg = U.read_image(tmp_path / "g.jpg")
+    assert jpg.shape == (32, 256) and jpg.dtype == np.float32 and np.abs(jpg - g8).mean() < 0.02
+
+
+def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", slope: float = 1.0,
+                intercept: float = 0.0, window: tuple[float, float] | None = None) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.set_pixel_data(arr, photometric_interpretation=photometric, bits_stored=12)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_modality_voi_and_monochrome1(tmp_path: Path) -> None:
+    arr = (np.arange(64 * 64, dtype=np.uint16) % 4096).reshape(64, 64)
+    plain = write_dicom(tmp_path / "m2.dcm", arr, slope=2.0, intercept=-1000.0)
+    raw = U.read_raw(plain)
+    assert np.allclose(raw, arr * 2.0 - 1000.0)  # rescale slope/intercept applied
+    m2 = U.read_image(plain)
+    m1 = U.read_image(write_dicom(tmp_path / "m1.dcm", arr, "MONOCHROME1", slope=2.0, intercept=-1000.0))
+    assert m1.dtype == np.float32 and np.allclose(m1, 1.0 - m2, atol=1e-5)  # MONOCHROME1 inverted
+    # A narrow window saturates everything outside it.
+    win = U.read_image(write_dicom(tmp_path / "w.dcm", arr, window=(2048.0, 400.0)))
+    assert (win == 0).mean() > 0.3 and (win == 1).mean() > 0.3 and (m2 == 0).mean() < 0.02
+    # A DICOM in a dataset goes through the same reader.
+    assert U.check_image_file(plain) is None
+
+
+def test_letterbox_keeps_aspect() -> None:
+    out = U.letterbox(np.ones((100, 50), np.float32), 64)
+    assert out.shape == (64, 64)
+    cols = np.flatnonzero(out.max(axis=0) > 0)
+    assert (cols.min(), cols.max()) == (16, 47) and out[:, :16].max() == 0
+
+
+def test_image_cache(tiny_phantom: Path, tmp_path: Path) -> None:
+    imgs = sorted((tiny_phantom / "images").glob("*.png"))[:6]
+    for p in imgs:
+        shutil.copy(p, tmp_path / p.name)
+    paths = [tmp_path / p.name for p in imgs]
+    cache = U.ImageCache(tmp_path / "cache", 32)
+    a = cache.get(paths[0])
+    assert a.dtype == np.uint16 and a.shape == (32, 32)
+    entry = cache.entry_path(paths[0])
+    assert entry.is_file() and entry.parent.parent == tmp_path / "cache" / "32px"
+    assert np.array_equal(np.load(entry), a) and np.array_equal(cache.get(paths[0]), a)
+    assert np.array_equal(a, U.load_resized(paths[0], 32))
+    st = paths[0].stat()
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a changed file is a new key
+    assert cache.entry_path(paths[0]) != entry
+    stats = cache.warm(paths, num_workers=2, progress=False)
+    assert stats == {"total": 6, "decoded": 6, "cached": 0}
+    assert cache.warm(paths, num_workers=2, progress=False)["decoded"] == 0
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 7
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+# --------------------------------------------------------------------------- transforms + Dataset
+
+def test_transforms() -> None:
+    img = np.full((32, 32), 0.5, np.float32)
+    ev = U.build_transforms(32, train=False, mean=0.25, std=0.5)(image=img)["image"]
+    assert isinstance(ev, torch.Tensor) and ev.shape == (1, 32, 32) and ev.dtype == torch.float32
+    assert torch.allclose(ev, torch.full_like(ev, 0.5))
+    grad = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+    tr = U.build_transforms(32, train=True, mean=0.25, std=0.5)
+    outs = [tr(image=grad)["image"] for _ in range(8)]
+    assert all(o.shape == (1, 32, 32) and o.dtype == torch.float32 and torch.isfinite(o).all() for o in outs)
+    assert any(not torch.allclose(o, outs[0]) for o in outs[1:])  # augmentation is active
+    odd = U.build_transforms(32, train=False, mean=0.0, std=1.0)(image=np.ones((64, 40), np.float32))["image"]
+    assert odd.shape == (1, 32, 32) and odd[0, :, :6].max() == 0 and odd[0, :, 10:20].min() == 1
+
+
+def test_wrist_dataset(tiny_splits: Path, tmp_path: Path) -> None:
+    from torchsampler import ImbalancedDatasetSampler
+
+    csv = tiny_splits / "age_train_tmp.csv"
+    df = U.read_split_csv(csv)
+    tf = U.build_transforms(48, train=False, mean=0.5, std=0.25)
+    ds = U.WristDataset(df, "age_group", tf, 48)
+    assert len(ds) == len(df) and ds.get_labels() == df["age_group"].tolist()
+    x, y = ds[0]
+    assert x.shape == (1, 48, 48) and x.dtype == torch.float32 and isinstance(y, int)
+    cached = U.WristDataset(df, "age_group", tf, 48, cache_dir=tmp_path / "cache")
+    assert cached.warm_cache(num_workers=2, progress=False)["decoded"] == len(df)
+    assert torch.equal(cached[3][0], ds[3][0])  # the cache changes speed, not pixels
+    assert U.WristDataset(df, None, tf, 48)[0][1] == -1
+    assert U.WristDataset(df, "fracture", None, 48)[0][0].shape == (1, 48, 48)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=ImbalancedDatasetSampler(ds))
+    xb, yb = next(iter(loader))
+    assert xb.shape == (4, 1, 48, 48) and yb.dtype == torch.int64
+    with pytest.raises(DataError) as err:
+        U.WristDataset(df, "age_group_label", tf, 48)
+    assert_one_line(err.value, csv, 1, "age_group_label")
+
+
+def test_read_split_csv_dtypes(tiny_splits: Path) -> None:
+    df = U.read_split_csv(tiny_splits / "age_test.csv")
+    assert df.index[0] == 2 and df.attrs["source"] == str(tiny_splits / "age_test.csv")
+    assert df["patient_id"].map(type).eq(str).all()
+    assert df["age"].dtype == np.float64 and df["age_group"].dtype == np.int64 and df["fracture"].dtype == np.int64
+    assert set(df["split"]) == {"test"}
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def small_generic(tiny_phantom: Path, tmp_path: Path) -> Path:
+    """A generic CSV of 6 rows with private copies of their images."""
+    src = U.validate_frame(U.load_dataset(tiny_phantom / "dataset.csv")).head(6)
+    (tmp_path / "img").mkdir()
+    names = []
+    for p in src["image_path"]:
+        shutil.copy(p, tmp_path / "img" / Path(p).name)
+        names.append(f"img/{Path(p).name}")
+    pd.DataFrame({"image_path": names, "patient_id": src["patient_id"].tolist(), "age": src["age"].tolist(),
+                  "fracture": src["fracture"].tolist()}).to_csv(tmp_path / "data.csv", index=False)
+    return tmp_path / "data.csv"
+
+
+def _edit(csv: Path, row: int, **values: object) -> Path:
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    for k, v in values.items():
+        df.loc[row - 2, k] = str(v)
+    df.to_csv(csv, index=False)
+    return csv
+
+
+def _image(csv: Path, row: int) -> Path:
+    return csv.parent / pd.read_csv(csv, dtype=str).loc[row - 2, "image_path"]
+
+
+BAD_CASES = {
+    "missing image": (lambda c: _image(c, 3).unlink(), "image file not found"),
+    "zero-byte image": (lambda c: _image(c, 3).write_bytes(b""), "zero-byte image file"),
+    "truncated image": (lambda c: _image(c, 3).write_bytes(_image(c, 3).read_bytes()[:300]), "truncated PNG"),
+    "unreadable image": (lambda c: _image(c, 3).write_bytes(b"this is not a picture" * 20), "not a PNG file"),
+    "age missing": (lambda c: _edit(c, 3, age=""), "age missing"),
+    "age not a number": (lambda c: _edit(c, 3, age="ten"), "age missing or not a number"),
+    "age negative": (lambda c: _edit(c, 3, age=-1), "age -1 is negative"),
+    "age over 25": (lambda c: _edit(c, 3, age=31), "age 31 is over 25"),
+    "label 2": (lambda c: _edit(c, 3, fracture=2), "must be 0 or 1, got 2"),
+    "label text": (lambda c: _edit(c, 3, fracture="yes"), "label (fracture) missing or not a number"),
+    "duplicate image": (lambda c: _edit(c, 3, image_path=pd.read_csv(c).loc[0, "image_path"]),
+                        "duplicate image row"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_input_one_line_error(case: str, small_generic: Path) -> None:
+    damage, words = BAD_CASES[case]
+    damage(small_generic)
+    with pytest.raises(DataError) as err:
+        U.validate_frame(U.load_dataset(small_generic))
+    assert_one_line(err.value, small_generic, 3, words)
+
+
+def test_bad_input_missing_column(small_generic: Path, tiny_phantom: Path, tmp_path: Path) -> None:
+    pd.read_csv(small_generic).drop(columns=["age"]).to_csv(small_generic, index=False)
+    with pytest.raises(DataError) as err:
+        U.load_dataset(small_generic)
+    assert_one_line(err.value, small_generic, 1, "missing required column 'age'")
+    _read_meta(tiny_phantom).drop(columns=["patient_id"]).to_csv(
+        tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
+    with pytest.raises(DataError) as err:
+        U.load_dataset(tmp_path / "dataset.csv", tiny_phantom, fmt="grazpedwri")
+    assert_one_line(err.value, tmp_path / "dataset.csv", 1, "patient_id")
+
+
+def _read_meta(data_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(data_dir / "dataset.csv", encoding="utf-8-sig", dtype=str, keep_default_na=False)
+
+
+def test_bad_grazpedwri_flag(tiny_phantom: Path, tmp_path: Path) -> None:
+    meta = _read_meta(tiny_phantom)
+    meta.loc[3, "fracture_visible"] = "2"  # data row 5
+    meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
+    with pytest.raises(DataError) as err:
+        U.validate_frame(U.load_grazpedwri(tmp_path / "dataset.csv", tiny_phantom))
+    assert_one_line(err.value, tmp_path / "dataset.csv", 5, "must be 0 or 1, got 2")
+
+
+def test_malformed_csv_row(tmp_path: Path) -> None:
+    (tmp_path / "d.csv").write_text("image_path,patient_id,age,fracture\na.png,1,3,0\nb.png,2,4,1,extra\n")
+    with pytest.raises(DataError) as err:
+        U.load_dataset(tmp_path / "d.csv")
+    assert_one_line(err.value, tmp_path / "d.csv", 3, "cannot parse CSV")
+
+
+def test_empty_split_csv(tiny_splits: Path, tmp_path: Path) -> None:
+    header = (tiny_splits / "age_val_tmp.csv").read_text().splitlines()[0]
+    (tmp_path / "age_val_tmp.csv").write_text(header + "\n")
+    with pytest.raises(DataError) as err:
+        U.read_split_csv(tmp_path / "age_val_tmp.csv")
+    assert_one_line(err.value, tmp_path / "age_val_tmp.csv", None, "empty split")
+
+
+def test_skip_bad_rejects_with_reasons(small_generic: Path, tmp_path: Path) -> None:
+    BAD_CASES["truncated image"][0](small_generic)
+    _edit(small_generic, 5, age=-2)
+    _edit(small_generic, 6, fracture=7)
+    rej = tmp_path / "rejected_rows.csv"
+    df = U.validate_frame(U.load_dataset(small_generic), skip_bad=True, rejected_csv=rej)
+    assert df.index.tolist() == [2, 4, 7]
+    bad = pd.read_csv(rej)
+    assert bad["source_row"].tolist() == [3, 5, 6]
+    assert bad["source_file"].unique().tolist() == [str(small_generic)]
+    assert ["truncated PNG" in bad["reason"][0], "negative" in bad["reason"][1], "got 7" in bad["reason"][2]] == [True] * 3
+
+
+def test_corrupt_image_in_dataloader_worker(small_generic: Path) -> None:
+    df = U.validate_frame(U.load_dataset(small_generic))
+    img = _image(small_generic, 4)
+    data = bytearray(img.read_bytes())
+    data[60:-20] = bytes(len(data) - 80)  # header and IEND intact, compressed data destroyed
+    img.write_bytes(bytes(data))
+    assert U.check_image_file(img) is None and U.check_image_file(img, decode=True) is not None
+    ds = U.WristDataset(df, "fracture", U.build_transforms(32, False, 0.5, 0.25), 32)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1)
+    with pytest.raises(DataError) as err:
+        list(loader)
+    assert_one_line(err.value, small_generic, 4, str(img), "cannot decode")
+
+
+def test_stage1_skip_bad(tiny_phantom: Path, tmp_path: Path) -> None:
+    import age_split_testset as S1
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data)
+    df = U.load_grazpedwri(data / "dataset.csv")
+    Path(df.loc[7, "image_path"]).write_bytes(b"")
+    args = ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(DataError) as err:
+        S1.main(S1.get_args_parser().parse_args(args))
+    assert_one_line(err.value, data / "dataset.csv", 7, "zero-byte")
+    res = S1.main(S1.get_args_parser().parse_args(args + ["--skip-bad"]))
+    bad = pd.read_csv(res["rejected_csv"])
+    assert bad["source_row"].tolist() == [7] and "zero-byte" in bad["reason"][0]
+    out = pd.concat([pd.read_csv(res["test_csv"]), pd.read_csv(res["pool_csv"])])
+    assert df.loc[7, "image_path"] not in set(out["image_path"])

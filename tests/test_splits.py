@@ -1,0 +1,232 @@
+"""splits.py and the stage 1 / stage 2 scripts: leak-free, stratified, reproducible splits."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import age_split_testset as S1
+import columns as C
+import generate_age_trainval_split as S2
+import splits as SP
+import unified_dataset as U
+from unified_dataset import DataError
+
+SPLIT_FILES = {"test": "age_test.csv", "train": "age_train_tmp.csv", "val": "age_val_tmp.csv"}
+# Stated tolerances: each age group x fracture stratum's share of a held-out split is within
+# STRATUM_TOL of its share in the data split from; the held-out share of patients within
+# FRAC_TOL of the requested fraction (one of round(1/frac) folds is taken).
+STRATUM_TOL = 0.03
+FRAC_TOL = 0.02
+
+
+def synthetic(n_patients: int, seed: int = 0) -> pd.DataFrame:
+    """A metadata-only frame shaped like GRAZPEDWRI-DX (1-5 images per patient)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for pid in range(n_patients):
+        age = float(rng.choice([3.0, 6.0, 9.0, 11.0, 13.0, 16.0], p=[0.1, 0.12, 0.2, 0.25, 0.18, 0.15]))
+        p_fx = {0: 0.8, 1: 0.65, 2: 0.45}[C.age_to_group(age)]
+        fx = int(rng.random() < p_fx)
+        for k in range(int(rng.integers(1, 6))):
+            rows.append({"image_path": f"/x/{pid}_{k}.png", "patient_id": str(pid), "age": age,
+                         "fracture": fx if rng.random() < 0.9 else 1 - fx})
+    df = pd.DataFrame(rows)
+    df["age_group"] = C.age_to_group(df["age"].to_numpy())
+    df.index = pd.RangeIndex(2, len(df) + 2, name=C.ROW_INDEX_NAME)
+    return df
+
+
+def assert_stratified(held: pd.DataFrame, whole: pd.DataFrame, frac: float) -> None:
+    share = held["patient_id"].nunique() / whole["patient_id"].nunique()
+    assert abs(share - frac) <= FRAC_TOL, share
+    a = np.bincount(SP.strata(held), minlength=6) / len(held)
+    b = np.bincount(SP.strata(whole), minlength=6) / len(whole)
+    assert np.abs(a - b).max() <= STRATUM_TOL, (a, b)
+
+
+def read_splits(out: Path) -> dict[str, pd.DataFrame]:
+    return {k: U.read_split_csv(out / v) for k, v in SPLIT_FILES.items()}
+
+
+# --------------------------------------------------------------------------- splits.py
+
+def test_split_patients_stratified_and_deterministic() -> None:
+    df = synthetic(700)
+    held, rest = SP.split_patients(df, 0.15, seed=42)
+    assert len(held) + len(rest) == len(df)
+    assert not set(held["patient_id"]) & set(rest["patient_id"])
+    assert held.index.is_monotonic_increasing and held.index.isin(df.index).all()
+    assert_stratified(held, df, 0.15)
+    val, train = SP.split_patients(rest, 0.2, seed=42)
+    assert_stratified(val, rest, 0.2)
+    again, _ = SP.split_patients(df, 0.15, seed=42)
+    assert again.index.equals(held.index)
+    other, _ = SP.split_patients(df, 0.15, seed=7)
+    assert not other.index.equals(held.index)
+
+
+def test_split_keeps_every_age_group_on_both_sides() -> None:
+    df = synthetic(30, seed=3)
+    for seed in range(5):
+        held, rest = SP.split_patients(df, 0.15, seed)
+        assert set(held["age_group"]) == set(rest["age_group"]) == set(df["age_group"])
+
+
+def test_split_errors() -> None:
+    with pytest.raises(DataError, match="only 3 patient"):
+        SP.split_patients(synthetic(3), 0.15, seed=0)
+    with pytest.raises(ValueError):
+        SP.split_patients(synthetic(50), 0.7, seed=0)
+    a, b = synthetic(10), synthetic(10)
+    b.attrs["source"] = "b.csv"
+    with pytest.raises(DataError) as err:
+        SP.check_disjoint({"a.csv": a.iloc[:5], "b.csv": a.iloc[3:]})
+    assert str(err.value).startswith(f"b.csv:{a.index[3]}: patient ")
+    SP.check_disjoint({"a.csv": a[a.patient_id.astype(int) < 5], "b.csv": b[b.patient_id.astype(int) >= 5]})
+    with pytest.raises(DataError, match="empty split"):
+        SP.check_coverage(a.iloc[:0], "val.csv", 3)
+    with pytest.raises(DataError, match=r"^val.csv: age group 2 \(15-19 y\) has no images"):
+        SP.check_coverage(a[a.age_group < 2], "val.csv", 3)
+
+
+def test_real_metadata_split(real_metadata: pd.DataFrame) -> None:
+    df = real_metadata
+    test, pool = SP.split_patients(df, 0.15, seed=42)
+    assert_stratified(test, df, 0.15)
+    val, train = SP.split_patients(pool, 0.2, seed=42)
+    assert_stratified(val, pool, 0.2)
+    SP.check_disjoint({"test": test, "train": train, "val": val})
+    assert len(test) + len(train) + len(val) == 20327
+
+
+# --------------------------------------------------------------------------- stages 1 + 2
+
+def test_tiny_splits_leak_free_and_complete(tiny_splits: Path, tiny_phantom: Path) -> None:
+    frames = read_splits(tiny_splits)
+    SP.check_disjoint(frames)
+    for a in frames:
+        for b in frames:
+            if a < b:
+                assert not set(frames[a]["patient_id"]) & set(frames[b]["patient_id"])
+    loaded = U.validate_frame(U.load_dataset(tiny_phantom / "dataset.csv"))
+    kept, _ = U.apply_exclusions(loaded)
+    together = pd.concat(frames.values())
+    assert sorted(together["image_path"]) == sorted(kept["image_path"])  # no row lost or doubled
+    for name, df in frames.items():
+        assert set(df["split"]) == {name}
+        assert set(df["age_group"]) == {0, 1, 2}
+        assert list(df.columns[:6]) == list(C.CANONICAL) + ["split"]
+    pool = U.read_split_csv(tiny_splits / "age_pool.csv")
+    assert sorted(pool["image_path"]) == sorted(pd.concat([frames["train"], frames["val"]])["image_path"])
+
+
+def test_manifests(tiny_splits: Path, tiny_phantom: Path) -> None:
+    m1 = json.loads((tiny_splits / S1.MANIFEST).read_text())
+    assert m1["seed"] == 42 and m1["test_set"] == "drawn"
+    assert m1["source"]["sha256"] == SP.file_sha256(tiny_phantom / "dataset.csv")
+    assert m1["outputs"]["age_test.csv"] == SP.file_sha256(tiny_splits / "age_test.csv")
+    test = pd.read_csv(tiny_splits / "age_test.csv")
+    by = m1["counts"]["test"]["images_by_age_group_fracture"]
+    for g in range(3):
+        for f in (0, 1):
+            assert by[str(g)][str(f)] == int(((test.age_group == g) & (test.fracture == f)).sum())
+    assert m1["exclusions"]["excluded"]["metal"] >= 0
+    m2 = json.loads((tiny_splits / S2.MANIFEST).read_text())
+    assert m2["seed"] == 42 and m2["source"]["sha256"] == SP.file_sha256(tiny_splits / "age_pool.csv")
+    assert m2["counts"]["train"]["images"] == len(pd.read_csv(tiny_splits / "age_train_tmp.csv"))
+    assert (tiny_splits / S1.CONFIG).is_file() and (tiny_splits / S2.CONFIG).is_file()
+
+
+def test_stage1_deterministic(tiny_phantom: Path, tiny_splits: Path, tmp_path: Path) -> None:
+    args = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--seed", "42", "--out-dir", str(tmp_path / "again")]
+    S1.main(S1.get_args_parser().parse_args(args))
+    for name in ("age_test.csv", "age_pool.csv"):
+        assert (tmp_path / "again" / name).read_bytes() == (tiny_splits / name).read_bytes()
+
+
+def test_test_set_kept_unless_force(fresh_splits: Path, tiny_phantom: Path, capsys: pytest.CaptureFixture) -> None:
+    test_csv = fresh_splits / "age_test.csv"
+    before = test_csv.read_bytes()
+    train_before = (fresh_splits / "age_train_tmp.csv").read_bytes()
+    base = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]
+    res = S1.main(S1.get_args_parser().parse_args(base + ["--seed", "7"]))
+    assert "exists, reusing it" in capsys.readouterr().out
+    assert res["test_kept"] and "test_csv" not in res and test_csv.read_bytes() == before
+    assert (fresh_splits / "age_train_tmp.csv").read_bytes() == train_before
+    assert json.loads((fresh_splits / S1.MANIFEST).read_text())["test_drawn"]["seed"] == 42
+
+    res = S1.main(S1.get_args_parser().parse_args(base + ["--seed", "7", "--force"]))
+    out = capsys.readouterr().out
+    assert "re-drawing it because of --force" in out
+    assert not res["test_kept"] and test_csv.read_bytes() != before
+    # Train/val from the old test set now share patients with the new one: removed, then redrawn.
+    assert "removed" in out and not (fresh_splits / "age_train_tmp.csv").exists()
+    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    SP.check_disjoint(read_splits(fresh_splits))
+
+
+def test_stage2_keeps_matching_and_redraws(fresh_splits: Path, capsys: pytest.CaptureFixture) -> None:
+    train = fresh_splits / "age_train_tmp.csv"
+    # Stand-in for stage 3 adding a column: keeping must not lose it.
+    df = pd.read_csv(train)
+    df["age_group_label"] = df["age_group"]
+    df.to_csv(train, index=False)
+    res = S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    assert res["trainval_kept"] and "keeping them" in capsys.readouterr().out
+    assert "age_group_label" in pd.read_csv(train).columns
+    res = S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits), "--seed", "3"]))
+    assert not res["trainval_kept"] and "re-drawing" in capsys.readouterr().out
+    SP.check_disjoint(read_splits(fresh_splits))
+
+
+def test_stage2_refuses_overlapping_inputs(fresh_splits: Path) -> None:
+    pool_csv = fresh_splits / "age_pool.csv"
+    pool = pd.read_csv(pool_csv, dtype=str, keep_default_na=False)
+    test = pd.read_csv(fresh_splits / "age_test.csv", dtype=str, keep_default_na=False)
+    leak = test.iloc[[0]].assign(split="pool")
+    pd.concat([pool, leak]).to_csv(pool_csv, index=False)
+    with pytest.raises(DataError) as err:
+        S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    msg = str(err.value)
+    assert msg.startswith(f"{pool_csv}:{len(pool) + 2}: patient {test.patient_id[0]} is also in "), msg
+    assert "\n" not in msg
+
+
+def test_stage2_age_bounds_must_match(fresh_splits: Path) -> None:
+    with pytest.raises(DataError, match="stage 1 used --age-bounds"):
+        S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits), "--age-bounds", "6", "12"]))
+
+
+def test_empty_age_group_refused(tiny_phantom: Path, tmp_path: Path) -> None:
+    meta = pd.read_csv(tiny_phantom / "dataset.csv", encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    meta["age"] = meta["age"].astype(float).clip(upper=14.0).map(lambda a: f"{a:g}")
+    meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
+    args = ["--data-csv", str(tmp_path / "dataset.csv"), "--image-root", str(tiny_phantom),
+            "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(DataError) as err:
+        S1.main(S1.get_args_parser().parse_args(args))
+    assert str(err.value).startswith(f"{tmp_path / 'dataset.csv'}: age group 2 (15-19 y) has no images")
+
+
+def test_stage1_generates_default_phantom(tmp_path: Path) -> None:
+    res = S1.main(S1.get_args_parser().parse_args(
+        ["--out-dir", str(tmp_path), "--phantom-patients", "40", "--phantom-img-size", "32"]))
+    assert res["phantom_csv"] == tmp_path / "phantom" / "dataset.csv"
+    assert (tmp_path / "phantom" / "images").is_dir() and (tmp_path / "age_test.csv").is_file()
+    res2 = S1.main(S1.get_args_parser().parse_args(
+        ["--out-dir", str(tmp_path), "--phantom-patients", "40", "--phantom-img-size", "32"]))
+    assert "phantom_csv" not in res2 and res2["test_kept"]  # phantom and test set both reused
+
+
+@pytest.mark.parametrize("module", [S1, S2])
+def test_stage_scripts_help(module, capsys: pytest.CaptureFixture) -> None:
+    # In-process: a subprocess would re-import torch for nothing but the parser.
+    with pytest.raises(SystemExit) as exc:
+        module.get_args_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--out-dir" in out and "--seed" in out and "--force" in out
+    assert module.__doc__ and "Example" in module.__doc__ and "Outputs" in module.__doc__
