@@ -1,0 +1,331 @@
+"""Run the whole pipeline: split, train the age classifier and the per-group fracture models,
+evaluate; then print what it produced.
+
+Stages (each one's ``main`` is called in this process, or through ``torchrun`` for the
+training stages with ``--nproc-per-node N``):
+  1  age_split_testset.py            dataset -> age_test.csv (fixed), age_pool.csv
+  2  generate_age_trainval_split.py  pool -> age_train_tmp.csv, age_val_tmp.csv
+  3  train_age_classifier.py         -> age_classifier.pt; age_group_label in all three CSVs
+  4  train_fracture_per_agegroup.py  -> fracture_classifier_agegroup{0,1,2}.pt
+                                        (+ fracture_classifier_pooled.pt unless --no-pooled)
+  5  evaluate.py                     routed test evaluation, metrics.json, report (if present)
+
+Without arguments: a phantom data set is generated and the ``demo`` preset (small model,
+CPU, a few minutes) is used. With ``--data-csv``/``--image-root``: the real data and the
+``paper`` preset (Swin-L 384, GPU) unless ``--preset`` says otherwise. Any training flag
+(``--epochs``, ``--model``, ``--img-size``, ``--config``, ...) is passed on to stages 3-4.
+
+Re-running: ``<out-dir>/run_state.json`` records each finished stage, its arguments and its
+output files (size and modification time). A stage whose record matches is skipped; the
+first stage that does not is run, and every later stage with it. A stage that was
+interrupted or failed is resumed (its trainers continue from their ``last`` state).
+``--from-stage K`` redoes stages K.. from scratch; ``--force`` redoes everything, including
+re-drawing the fixed test set. A failing stage stops the run with its error and exit code 1
+(130 after Ctrl-C). One run per output directory (a lock file).
+
+Outputs: everything under ``--out-dir``; see the stage scripts.
+
+Examples:
+    python run_all_training.py                                  # phantom + demo preset
+    python run_all_training.py --data-csv data/dataset.csv --image-root data/images --out-dir runs/real
+    python run_all_training.py --data-csv data/dataset.csv --image-root data/images --nproc-per-node 4
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from config import print_config, to_dict
+from distributed import LOCK_HELD_ENV
+from engine import ResumeError
+from io_utils import LockError, RunLock, write_json
+from models import CheckpointError, PretrainedWeightsError, to_jsonable
+from presets import add_training_args, chosen_preset, explicit_training_argv
+from unified_dataset import DataError
+
+STATE_FILE = "run_state.json"
+HERE = Path(__file__).resolve().parent
+MODELS_SUBDIR = "saved_agegroup_models"
+NAMES = {1: "split test set", 2: "split train/val", 3: "age classifier", 4: "fracture classifiers",
+         5: "evaluation"}
+# Errors that are the user's to fix: their one-line message is the whole story
+EXPECTED_ERRORS = (DataError, CheckpointError, PretrainedWeightsError, LockError, FileNotFoundError, ResumeError)
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: int, message: str, code: int = 1) -> None:
+        super().__init__(f"stage {stage} ({NAMES[stage]}) failed: {message}")
+        self.code = code
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    g = parser.add_argument_group("data and run")
+    g.add_argument("--data-csv", type=Path, default=None,
+                   help="dataset CSV (GRAZPEDWRI-DX dataset.csv or generic) [default: generate a phantom]")
+    g.add_argument("--image-root", type=Path, default=None, help="image folder (searched recursively)")
+    g.add_argument("--out-dir", type=Path, default=None,
+                   help="run directory [default: runs/demo for the phantom, runs/real with --data-csv]")
+    g.add_argument("--phantom-patients", type=int, default=None, help="phantom size (stage 1's default if unset)")
+    g.add_argument("--phantom-img-size", type=int, default=None, help="phantom image size (stage 1's default)")
+    g.add_argument("--from-stage", type=int, choices=sorted(NAMES), default=None,
+                   help="redo this stage and all later ones from scratch")
+    g.add_argument("--to-stage", type=int, choices=sorted(NAMES), default=5, help="stop after this stage")
+    g.add_argument("--no-pooled", action="store_true", help="do not train the pooled baseline model")
+    g.add_argument("--group-column", choices=("age_group_label", "age_group"), default=None,
+                   help="stage 4: route training rows by the predicted or the true age group "
+                        "[default: age_group_label, the predicted one]")
+    g.add_argument("--min-rows", type=int, default=None, help="stage 4: smallest group that is trained")
+    g.add_argument("--n-boot", type=int, default=None, help="evaluation bootstrap resamples (evaluate.py's default)")
+    g.add_argument("--nproc-per-node", type=int, default=1,
+                   help="processes (GPUs) per node for the training stages, launched through torchrun")
+    g.add_argument("--force", action="store_true",
+                   help="redo every stage from scratch, re-drawing the fixed test set too")
+    add_training_args(parser, resume_flags=False)
+    return parser
+
+
+# --------------------------------------------------------------------------- state
+def _fingerprint(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+class RunState:
+    """``run_state.json``: per stage its status, argv, output files and result; plus the
+    last known fingerprint of every file a stage wrote (a later stage may rewrite it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        self.stages: dict[str, dict[str, Any]] = dict(data.get("stages", {}))
+        self.files: dict[str, str] = dict(data.get("files", {}))
+
+    def save(self) -> None:
+        write_json(to_jsonable({"stages": self.stages, "files": self.files}), self.path)
+
+    def up_to_date(self, stage: int, argv: list[str]) -> bool:
+        rec = self.stages.get(str(stage))
+        if not rec or rec.get("status") != "done" or rec.get("argv") != argv:
+            return False
+        return all(_fingerprint(Path(p)) == self.files.get(p) for p in rec.get("outputs", []))
+
+    def previous_status(self, stage: int) -> str | None:
+        return self.stages.get(str(stage), {}).get("status")
+
+    def mark(self, stage: int, status: str, argv: list[str], **extra: Any) -> None:
+        self.stages[str(stage)] = {"status": status, "argv": argv, **extra}
+        self.save()
+
+    def done(self, stage: int, argv: list[str], outputs: list[Path], result: Any, seconds: float) -> None:
+        outs = [str(p) for p in outputs if p.is_file()]
+        for p in outs:
+            self.files[p] = _fingerprint(Path(p))
+        self.mark(stage, "done", argv, outputs=outs, result=to_jsonable(result), seconds=round(seconds, 1))
+
+    def invalidate_after(self, stage: int) -> None:
+        for key in [k for k in self.stages if int(k) > stage]:
+            del self.stages[key]
+        self.save()
+
+
+# --------------------------------------------------------------------------- stages
+def _stage_argvs(args: argparse.Namespace, out: Path, preset: str) -> dict[int, list[str]]:
+    s1 = ["--out-dir", str(out)]
+    if args.data_csv:
+        s1 += ["--data-csv", str(args.data_csv)]
+    if args.image_root:
+        s1 += ["--image-root", str(args.image_root)]
+    if args.phantom_patients:
+        s1 += ["--phantom-patients", str(args.phantom_patients)]
+    if args.phantom_img_size:
+        s1 += ["--phantom-img-size", str(args.phantom_img_size)]
+    train = ["--out-dir", str(out)] + explicit_training_argv(args)
+    if "--preset" not in train:
+        train += ["--preset", preset]
+    s5 = ["--out-dir", str(out), "--cache-dir", str(out / "image.cache")]
+    if args.n_boot is not None:
+        s5 += ["--n-boot", str(args.n_boot)]
+    if args.device:
+        s5 += ["--device", args.device]
+    s4 = list(train)
+    if args.group_column:
+        s4 += ["--group-column", args.group_column]
+    if args.min_rows is not None:
+        s4 += ["--min-rows", str(args.min_rows)]
+    return {1: s1, 2: ["--out-dir", str(out)], 3: train, 4: s4, 5: s5}
+
+
+def _call_main(module: str, argv: list[str]) -> dict[str, Any]:
+    mod = importlib.import_module(module)
+    return mod.main(mod.get_args_parser().parse_args(argv))
+
+
+def _torchrun(module: str, argv: list[str], nproc: int, out: Path, stage: int) -> dict[str, Any]:
+    fd, tmp = tempfile.mkstemp(prefix=f".stage{stage}_result.", suffix=".json", dir=out)
+    os.close(fd)
+    result_path = Path(tmp)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(HERE / f"{module}.py"), *argv, "--result-json", str(result_path)]
+    print("$ " + " ".join(cmd), flush=True)
+    env = {**os.environ, LOCK_HELD_ENV: str(out.resolve())}
+    try:
+        rc = subprocess.call(cmd, env=env)
+        if rc in (130, -2):
+            raise KeyboardInterrupt
+        if rc != 0:
+            raise StageFailed(stage, f"torchrun exited with code {rc}; its error is printed above")
+        return json.loads(result_path.read_text())
+    finally:
+        result_path.unlink(missing_ok=True)
+
+
+def _run_stage(stage: int, argv: list[str], args: argparse.Namespace, out: Path, resume: bool,
+               redo: bool) -> tuple[dict[str, Any], list[Path]]:
+    """Run one stage; returns its result and the files it is responsible for."""
+    models = out / MODELS_SUBDIR
+    force = ["--force"] if redo and args.force else []
+    if stage == 1:
+        res = _call_main("age_split_testset", argv + force)
+        return res, [out / "age_test.csv", out / "age_pool.csv"]
+    if stage == 2:
+        res = _call_main("generate_age_trainval_split", argv + force)
+        return res, [out / "age_train_tmp.csv", out / "age_val_tmp.csv"]
+    if stage == 5:
+        res = _call_main("evaluate", argv)
+        return res, [out / "metrics.json", out / "test_predictions.csv"]
+
+    extra = ["--resume"] if resume else []
+
+    def train(module: str, more: tuple[str, ...] = ()) -> dict[str, Any]:
+        if args.nproc_per_node > 1:
+            return _torchrun(module, argv + list(more) + extra, args.nproc_per_node, out, stage)
+        return _call_main(module, argv + list(more) + extra)
+
+    if stage == 3:
+        res = train("train_age_classifier")
+        csvs = [out / n for n in ("age_train_tmp.csv", "age_val_tmp.csv", "age_test.csv")]
+        return res, [models / "age_classifier.pt", *csvs]
+    res = train("train_fracture_per_agegroup")
+    if not args.no_pooled:
+        pooled = train("train_fracture_per_agegroup", ("--pooled",))
+        res = {**res, "models": {**res["models"], **pooled["models"]}}
+    return res, [Path(m["checkpoint"]) for m in res["models"].values() if "checkpoint" in m]
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and x != x) else (f"{x:.3f}" if isinstance(x, float) else str(x))
+
+
+def summary_table(state: RunState, out: Path) -> str:
+    rows = []
+    models: list[tuple[str, dict]] = []
+    r3 = state.stages.get("3", {}).get("result")
+    if r3:
+        models.append(("age classifier (3 groups, macro-F1)", r3))
+    r4 = state.stages.get("4", {}).get("result")
+    if r4:
+        for key, m in r4["models"].items():
+            models.append((f"fracture, {key}", m))
+    for name, m in models:
+        if "skipped" in m:
+            rows.append({"model": name, "checkpoint": f"skipped: {m['skipped']}"})
+            continue
+        bm = m.get("best_metrics", {})
+        rows.append({"model": name, "checkpoint": os.path.relpath(m["checkpoint"], out),
+                     "best epoch": _fmt(m.get("best_epoch")), "epochs": _fmt(m.get("epochs_run")),
+                     "val acc": _fmt(bm.get("val_acc")), "val F1": _fmt(bm.get("val_f1")),
+                     "val AUROC": _fmt(bm.get("val_auroc")), "val n": _fmt(bm.get("val_n"))})
+    lines = [f"== Pipeline outputs in {out} =="]
+    for name in ("age_test.csv", "age_train_tmp.csv", "age_val_tmp.csv"):
+        p = out / name
+        if p.is_file():
+            n = sum(1 for _ in p.open(encoding="utf-8-sig")) - 1
+            lines.append(f"  {p}  ({n} rows)")
+    if rows:
+        lines.append(pd.DataFrame(rows).fillna("").to_string(index=False))
+    for name in ("metrics.json", "test_predictions.csv", "report/report.md"):
+        if (out / name).is_file():
+            lines.append(f"  {out / name}")
+    secs = {k: v.get("seconds") for k, v in state.stages.items() if v.get("seconds") is not None}
+    if secs:
+        lines.append("  stage seconds: " + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(secs.items())))
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    real = args.data_csv is not None or args.image_root is not None
+    out = Path(args.out_dir or ("runs/real" if real else "runs/demo"))
+    preset = chosen_preset(args, default="paper" if real else "demo")
+    out.mkdir(parents=True, exist_ok=True)
+    stages = [s for s in sorted(NAMES) if s <= args.to_stage]
+    if 5 in stages and not (HERE / "evaluate.py").is_file():
+        stages.remove(5)
+    argvs = _stage_argvs(args, out, preset)
+    started = time.perf_counter()
+    with RunLock(out):
+        state = RunState(out / STATE_FILE)
+        print_config({**to_dict(args), "out_dir": str(out), "preset": preset}, "run_all_training.py")
+        print(f"run_all_training: out-dir {out}, preset {preset}, "
+              f"{'data ' + str(args.data_csv or args.image_root) if real else 'phantom data'}", flush=True)
+        redo_from = 1 if args.force else args.from_stage
+        ran_earlier = False
+        for stage in stages:
+            argv = argvs[stage]
+            redo = redo_from is not None and stage >= redo_from
+            if not redo and not ran_earlier and state.up_to_date(stage, argv):
+                print(f"-- stage {stage} ({NAMES[stage]}): up to date, skipped", flush=True)
+                continue
+            # resume only what this stage itself left unfinished; after an upstream stage ran,
+            # its inputs are new and old state would not match them
+            resume = (not redo and not ran_earlier
+                      and state.previous_status(stage) in ("running", "failed", "interrupted"))
+            print(f"-- stage {stage} ({NAMES[stage]}): {'resuming' if resume else 'running'}", flush=True)
+            state.invalidate_after(stage - 1)
+            state.mark(stage, "running", argv)
+            t0 = time.perf_counter()
+            try:
+                result, outputs = _run_stage(stage, argv, args, out, resume, redo)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                code = 130 if isinstance(exc, KeyboardInterrupt) else exc.code
+                if code == 130:
+                    state.mark(stage, "interrupted", argv)
+                    print(f"stage {stage} ({NAMES[stage]}) interrupted; re-run the same command to resume",
+                          flush=True)
+                    raise SystemExit(130) from None
+                state.mark(stage, "failed", argv, error=str(code))
+                print(StageFailed(stage, str(code)), file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
+            except Exception as exc:  # noqa: BLE001 - any stage error ends the run with its message
+                state.mark(stage, "failed", argv, error=f"{type(exc).__name__}: {exc}")
+                if not isinstance(exc, (StageFailed, *EXPECTED_ERRORS)):
+                    traceback.print_exc()
+                msg = str(exc) if isinstance(exc, StageFailed) else str(StageFailed(stage, str(exc)))
+                if isinstance(exc, ResumeError):
+                    msg += f" (here: --from-stage {stage} trains this stage from scratch)"
+                print(msg, file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
+            state.done(stage, argv, outputs, result, time.perf_counter() - t0)
+            ran_earlier = True
+        print(summary_table(state, out))
+        print(f"run_all_training: finished in {time.perf_counter() - started:.0f} s", flush=True)
+    return {"out_dir": str(out), "stages": state.stages}
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,102 @@
+"""Stage 3: train the 3-class age-group classifier and write predicted groups into all CSVs.
+
+Trains on ``age_train_tmp.csv`` with the true ``age_group`` (0: < 8 y, 1: 8-14 y,
+2: >= 15 y), early-stops on validation macro-F1 (``--metric``), keeps the best epoch, then
+predicts every row of the train, val AND test CSVs and writes ``age_group_label`` (argmax)
+and ``age_group_prob_0..2`` back into them atomically, keeping every other row and column.
+Stage 4 routes training data by ``age_group_label``; stage 5 routes test images by it.
+
+Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv, age_test.csv.
+Outputs (``--models-dir``, default ``<out-dir>/saved_agegroup_models``):
+    age_classifier.pt            best checkpoint (torch.load(weights_only=True) readable)
+    age_classifier_last.pt       resumable state while training (removed when finished)
+    age_classifier_metrics.csv   one row per epoch
+    age_classifier_config.json   the effective configuration + library versions
+and the three CSVs, rewritten with the prediction columns.
+
+Example:
+    python train_age_classifier.py --out-dir runs/demo --preset demo
+    torchrun --nproc_per_node 4 train_age_classifier.py --out-dir runs/real --preset paper
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+import distributed
+import engine
+from columns import AGE_BOUNDS, AGE_GROUP_NAMES, PREDICTION_COLUMNS
+from config import print_config, to_dict
+from io_utils import write_csv, write_json
+from models import build_from_checkpoint, load_checkpoint
+from presets import add_data_args, add_training_args, resolve_config, resolve_paths
+from unified_dataset import DataError, read_split_csv
+
+STEM = "age_classifier"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_data_args(parser, test_csv=True)
+    add_training_args(parser)
+    return parser
+
+
+def write_predictions(csv_path: Path, probs: np.ndarray) -> Path:
+    """Add/replace the prediction columns of ``csv_path``, leaving everything else as it was."""
+    raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    if len(raw) != len(probs):
+        raise DataError(f"{csv_path}: has {len(raw)} rows but {len(probs)} predictions; the file changed "
+                        f"during the run")
+    raw[PREDICTION_COLUMNS[0]] = probs.argmax(1)
+    for k, col in enumerate(PREDICTION_COLUMNS[1:]):
+        raw[col] = probs[:, k]
+    return write_csv(raw, csv_path)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = resolve_paths(resolve_config(args, "age"))
+    csvs = {"train": cfg.train_csv, "val": cfg.val_csv, "test": cfg.test_csv}
+    files = engine.RunFiles.from_stem(cfg.models_dir, STEM)
+    with distributed.session(cfg.device, cfg.out_dir) as info:
+        if info.is_main:
+            print_config(to_dict(cfg), "train_age_classifier.py")
+        frames = {split: read_split_csv(path) for split, path in csvs.items()}
+        result = engine.train_classifier(
+            cfg, kind="age", train_df=frames["train"], val_df=frames["val"], target_col="age_group",
+            class_names=AGE_GROUP_NAMES, files=files, device=info.device, age_bounds=AGE_BOUNDS,
+            cache_dir=cfg.cache_dir, title="age-group classifier")
+
+        ckpt = load_checkpoint(files.best, expect={"kind": "age", "num_classes": len(AGE_GROUP_NAMES)})
+        model = build_from_checkpoint(ckpt, info.device, source=str(files.best))
+        amp = engine.resolve_amp(cfg.amp, info.device)
+        counts = {}
+        for split, path in csvs.items():
+            loader = engine.inference_loader(frames[split], ckpt["img_size"], ckpt["mean"], ckpt["std"],
+                                             batch_size=cfg.batch_size, workers=cfg.workers,
+                                             device=info.device, cache_dir=cfg.cache_dir)
+            probs = engine.predict(model, loader, info.device, amp=amp, channels_last=cfg.channels_last)
+            if info.is_main:
+                write_predictions(path, probs)
+            counts[split] = np.bincount(probs.argmax(1), minlength=len(AGE_GROUP_NAMES)).tolist()
+            engine.log(f"{path}: wrote {', '.join(PREDICTION_COLUMNS)} for {len(probs)} rows "
+                       f"(predicted groups {counts[split]})")
+        distributed.barrier()
+        out = {
+            "checkpoint": result["checkpoint"], "metrics_csv": result["metrics_csv"],
+            "config": str(files.config_json), "csvs": {k: str(v) for k, v in csvs.items()},
+            "best_epoch": result["best_epoch"], "best_metrics": result["best_metrics"],
+            "epochs_run": result["epochs_run"], "predicted_group_counts": counts,
+        }
+        if info.is_main and cfg.result_json:
+            write_json(out, cfg.result_json)
+    return out
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

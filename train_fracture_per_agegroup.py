@@ -1,0 +1,122 @@
+"""Stage 4: train one binary fracture classifier per age group (or one pooled baseline).
+
+For each group g (``--groups``, default all), the train and val rows whose
+``--group-column`` (default ``age_group_label``, the PREDICTED group written by stage 3;
+``age_group`` for the true group) equals g train a fracture classifier: focal loss
+(alpha 0.25, gamma 2 by default), class-balanced sampling (torchsampler's
+ImbalancedDatasetSampler; a distributed equivalent under torchrun), AdamW, a plateau or
+cosine schedule, early stopping on validation F1 (``--metric auroc`` for AUROC).
+``--pooled`` trains one model on all rows instead, the baseline that evaluation compares
+routing against. A group with too few rows, or only one class in its training rows, is
+skipped with a message, not a crash.
+
+Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv (with
+``age_group_label`` from stage 3 unless ``--group-column age_group``).
+Outputs (``--models-dir``, default ``<out-dir>/saved_agegroup_models``), per model
+``fracture_classifier_agegroup{g}`` or ``fracture_classifier_pooled``:
+    <stem>.pt  <stem>_metrics.csv  <stem>_config.json  (<stem>_last.pt while training)
+
+Example:
+    python train_fracture_per_agegroup.py --out-dir runs/demo --groups 0 2
+    python train_fracture_per_agegroup.py --out-dir runs/demo --pooled
+    torchrun --nproc_per_node 4 train_fracture_per_agegroup.py --out-dir runs/real --preset paper
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pandas as pd
+
+import distributed
+import engine
+from columns import AGE_BOUNDS, AGE_GROUP_NAMES
+from config import print_config, to_dict
+from io_utils import write_json
+from presets import add_data_args, add_training_args, resolve_config, resolve_paths
+from unified_dataset import DataError, read_split_csv
+
+CLASS_NAMES = ("no fracture", "fracture")
+TARGET = "fracture"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_data_args(parser)
+    g = parser.add_argument_group("groups")
+    g.add_argument("--groups", type=int, nargs="+", default=None, choices=range(len(AGE_GROUP_NAMES)),
+                   help="age groups to train [default: all]")
+    g.add_argument("--group-column", default="age_group_label", choices=("age_group_label", "age_group"),
+                   help="route rows by the predicted (age_group_label) or the true (age_group) group "
+                        "[default: age_group_label]")
+    g.add_argument("--pooled", action="store_true",
+                   help="train one model on all groups instead (fracture_classifier_pooled.pt)")
+    g.add_argument("--min-rows", type=int, default=10,
+                   help="skip a group with fewer training rows than this [default: 10]")
+    add_training_args(parser)
+    return parser
+
+
+def rows_of_group(df: pd.DataFrame, column: str, group: int) -> pd.DataFrame:
+    """Rows whose ``column`` equals ``group`` (a missing value belongs to no group)."""
+    return df[df[column].eq(group).fillna(False).to_numpy(dtype=bool)]
+
+
+def skip_reason(train_df: pd.DataFrame, val_df: pd.DataFrame, min_rows: int) -> str | None:
+    """Why a group cannot be trained, or None."""
+    if len(train_df) < min_rows:
+        return f"only {len(train_df)} training rows (--min-rows {min_rows})"
+    classes = sorted(set(train_df[TARGET].astype(int)))
+    if len(classes) < 2:
+        return f"its {len(train_df)} training rows are all '{CLASS_NAMES[classes[0]]}'; a classifier needs both classes"
+    if val_df.empty:
+        return "no validation rows"
+    return None
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = resolve_paths(resolve_config(args, "fracture"))
+    with distributed.session(cfg.device, cfg.out_dir) as info:
+        if info.is_main:
+            print_config(to_dict(cfg), "train_fracture_per_agegroup.py")
+        train_all, val_all = read_split_csv(cfg.train_csv), read_split_csv(cfg.val_csv)
+        if cfg.pooled:
+            jobs = [("pooled", "all age groups", train_all, val_all)]
+        else:
+            for path, df in ((cfg.train_csv, train_all), (cfg.val_csv, val_all)):
+                if cfg.group_column not in df.columns:
+                    raise DataError.at(path, 1, f"no column {cfg.group_column!r}; run train_age_classifier.py "
+                                                f"first, or pass --group-column age_group")
+            groups = cfg.groups if cfg.groups is not None else range(len(AGE_GROUP_NAMES))
+            jobs = [(f"agegroup{g}", f"age group {g} ({AGE_GROUP_NAMES[g]})",
+                     rows_of_group(train_all, cfg.group_column, g), rows_of_group(val_all, cfg.group_column, g))
+                    for g in groups]
+
+        models: dict[str, Any] = {}
+        for key, label, train_df, val_df in jobs:
+            reason = skip_reason(train_df, val_df, cfg.min_rows)
+            if reason:
+                engine.log(f"== {label}: SKIPPED: {reason} ==")
+                models[key] = {"skipped": reason, "train_rows": len(train_df), "val_rows": len(val_df)}
+                continue
+            if val_df[TARGET].nunique() < 2:
+                engine.log(f"{label}: validation rows hold one class only; AUROC is undefined for it")
+            files = engine.RunFiles.from_stem(cfg.models_dir, f"fracture_classifier_{key}")
+            group = None if key == "pooled" else int(key.removeprefix("agegroup"))
+            result = engine.train_classifier(
+                cfg, kind="fracture", train_df=train_df, val_df=val_df, target_col=TARGET,
+                class_names=CLASS_NAMES, files=files, device=info.device, age_bounds=AGE_BOUNDS,
+                cache_dir=cfg.cache_dir, extra_meta={"age_group": group, "group_column": cfg.group_column},
+                title=f"fracture classifier, {label}")
+            result.pop("history")
+            models[key] = {**result, "config": str(files.config_json), "train_rows": len(train_df),
+                           "val_rows": len(val_df)}
+        out = {"models": models, "group_column": cfg.group_column, "pooled": cfg.pooled}
+        if info.is_main and cfg.result_json:
+            write_json(out, cfg.result_json)
+    return out
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
