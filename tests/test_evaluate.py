@@ -1,0 +1,312 @@
+"""Routed inference, evaluate.py end to end, predict.py on PNG and DICOM, Grad-CAM.
+
+Everything runs on the CPU with tiny images (32-64 px) and randomly initialised demo
+models (the numbers are meaningless; the plumbing is what is checked), plus hand-made
+modules whose outputs reveal which one ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import evaluate
+import metrics as M
+import models
+import predict as P
+import unified_dataset as ud
+
+IMG = 48  # demo model input size in these tests
+
+
+# --------------------------------------------------------------------------- helpers
+def _square_png(path: Path, band: int, size: int = 30) -> Path:
+    """A black image with a bright square in the left, middle or right third."""
+    img = np.zeros((size, size), np.uint8)
+    w = size // 3
+    img[10:20, band * w + 1: band * w + w - 1] = 255
+    cv2.imwrite(str(path), img)
+    return path
+
+
+class BandAgeModel(nn.Module):
+    """'Age classifier': the third of the image holding the bright square is the group."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.shape[-1] // 3
+        return 20 * torch.stack([x[..., i * w:(i + 1) * w].mean((1, 2, 3)) for i in range(3)], 1)
+
+
+class ConstFracture(nn.Module):
+    """'Fracture model' with a fixed logit; records the band of every image it sees."""
+
+    def __init__(self, logit: float) -> None:
+        super().__init__()
+        self.logit = logit
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += BandAgeModel()(x).argmax(1).tolist()
+        return torch.full((x.shape[0], 1), self.logit)
+
+
+def _lm(model: nn.Module, name: str, nc: int) -> P.LoadedModel:
+    return P.LoadedModel(model=model, name=name, img_size=30, mean=0.5, std=0.25, num_classes=nc)
+
+
+def _save_ckpt(path: Path, kind: str, n_classes: int, seed: int, arch: str = "cnn_demo") -> Path:
+    torch.manual_seed(seed)
+    model = models.create_model(arch, num_classes=n_classes, in_chans=1, img_size=IMG)
+    names = ["0-7 y", "8-14 y", "15-19 y"] if kind == "age" else (
+        ["fracture"] if n_classes == 1 else ["no fracture", "fracture"])
+    ckpt = models.make_checkpoint(model, model_name=arch, kind=kind, class_names=names,
+                                  img_size=IMG, in_chans=1, mean=0.449, std=0.226,
+                                  age_bounds=[8.0, 15.0], metrics={"val_f1": 0.5}, epoch=1)
+    return models.save_checkpoint(path, ckpt)
+
+
+def _write_dicom(path: Path, arr: np.ndarray) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _wrist_like(rng: np.random.Generator, h: int = 70, w: int = 50) -> np.ndarray:
+    """A 16-bit image with a bright 'bone' band and noise."""
+    img = rng.normal(8000, 800, (h, w))
+    img[:, w // 3: 2 * w // 3] += 30000
+    return np.clip(img, 0, 65535).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny split CSVs (16-bit PNGs) and random demo checkpoints; group 2 has no model."""
+    root = tmp_path_factory.mktemp("evalrun")
+    img_dir = root / "images"
+    img_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n_pat in (("val", 18), ("test", 18)):
+        rows = []
+        for p in range(n_pat):
+            age = [4.0, 11.0, 16.5][p % 3] + rng.uniform(-1, 1)
+            cast = int(p % 4 == 0)
+            for view in range(2):
+                path = img_dir / f"{split}_{p:03d}_{view}.png"
+                cv2.imwrite(str(path), _wrist_like(rng))
+                rows.append({"image_path": str(path), "patient_id": f"{split}{p}", "age": age,
+                             "age_group": int(age >= 8) + int(age >= 15),
+                             "fracture": int((p + view) % 2 == 0 or cast), "split": split,
+                             "cast": cast})
+        name = "age_test.csv" if split == "test" else "age_val_tmp.csv"
+        pd.DataFrame(rows).to_csv(root / name, index=False)
+    mdir = root / "saved_agegroup_models"
+    _save_ckpt(mdir / "age_classifier.pt", "age", 3, 0)
+    _save_ckpt(mdir / "fracture_classifier_agegroup0.pt", "fracture", 1, 1)
+    _save_ckpt(mdir / "fracture_classifier_agegroup1.pt", "fracture", 1, 2)
+    _save_ckpt(mdir / "fracture_classifier_pooled.pt", "fracture", 2, 3)  # two-logit head
+    pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [0.9, 0.7, 0.6], "val_loss": [1, 0.8, 0.75],
+                  "val_f1": [0.5, 0.6, 0.62], "val_auroc": [0.6, 0.7, 0.71]}
+                 ).to_csv(mdir / "fracture_classifier_agegroup0_metrics.csv", index=False)
+    return root
+
+
+# --------------------------------------------------------------------------- routing
+def test_route_sends_each_image_to_its_predicted_groups_model(tmp_path):
+    bands = [0, 1, 2, 2, 1, 0, 2]
+    df = pd.DataFrame({"image_path": [str(_square_png(tmp_path / f"i{i}.png", b))
+                                      for i, b in enumerate(bands)]})
+    groups = {g: ConstFracture(logit) for g, logit in enumerate((-2.0, 0.5, 3.0))}
+    routed = P.RoutedModels(age=_lm(BandAgeModel(), "age_classifier", 3),
+                            groups={g: _lm(m, f"agegroup{g}", 1) for g, m in groups.items()},
+                            pooled=None)
+    res = P.route(routed, df, torch.device("cpu"), "hard", batch_size=3)
+    assert res["age_group_label"].tolist() == bands
+    expected = torch.sigmoid(torch.tensor([(-2.0, 0.5, 3.0)[b] for b in bands])).numpy()
+    np.testing.assert_allclose(res["fracture_prob"], expected, rtol=1e-5)
+    assert res["fracture_model"].tolist() == [f"agegroup{b}" for b in bands]
+    for g, m in groups.items():  # hard routing: each model saw only its own group's images
+        assert m.seen == [g] * bands.count(g)
+
+    # soft: every model sees every image; the mix uses the age probabilities
+    for m in groups.values():
+        m.seen.clear()
+    soft = P.route(routed, df, torch.device("cpu"), "soft")
+    age_p = soft[[f"age_group_prob_{g}" for g in range(3)]].to_numpy()
+    mix = (age_p * torch.sigmoid(torch.tensor([-2.0, 0.5, 3.0])).numpy()).sum(1)
+    np.testing.assert_allclose(soft["fracture_prob"], mix, rtol=1e-5)
+    assert all(len(m.seen) == len(bands) for m in groups.values())
+
+
+def test_missing_group_model_falls_back_to_pooled(tmp_path):
+    bands = [2, 0, 2]
+    df = pd.DataFrame({"image_path": [str(_square_png(tmp_path / f"i{i}.png", b))
+                                      for i, b in enumerate(bands)]})
+    pooled = ConstFracture(4.0)
+    routed = P.RoutedModels(age=_lm(BandAgeModel(), "age_classifier", 3),
+                            groups={0: _lm(ConstFracture(-1.0), "agegroup0", 1),
+                                    1: _lm(ConstFracture(1.0), "agegroup1", 1)},
+                            pooled=_lm(pooled, "pooled", 1))
+    res = P.route(routed, df, torch.device("cpu"), "hard")
+    assert res["fracture_model"].tolist() == ["pooled", "agegroup0", "pooled"]
+    assert pooled.seen == [2, 2]
+    routed.pooled = None
+    with pytest.raises(models.CheckpointError, match="age group 2"):
+        P.route(routed, df, torch.device("cpu"), "hard")
+
+
+def test_combine_routes_oracle_and_hard():
+    age = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3]])
+    grp = np.array([[0.1, 0.5, 0.9], [0.2, 0.6, 0.8], [0.3, 0.4, 0.7]])
+    hard, used = P.combine_routes(age, grp, "hard")
+    np.testing.assert_allclose(hard, [0.1, 0.8, 0.4])
+    oracle, used_o = P.combine_routes(age, grp, "oracle", true_group=np.array([1, 1, 2]))
+    np.testing.assert_allclose(oracle, [0.5, 0.6, 0.7])
+    assert used_o.tolist() == [1, 1, 2]
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+@pytest.mark.parametrize("arch", ["cnn_demo", "swin_demo"])
+def test_gradcam_has_input_shape_and_is_finite(arch):
+    torch.manual_seed(0)
+    model = models.create_model(arch, num_classes=1, in_chans=1, img_size=64).eval()
+    x = torch.randn(2, 1, 64, 64)
+    cams = P.gradcam(model, x)
+    assert cams.shape == (2, 64, 64)
+    assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1 + 1e-6
+    if arch == "swin_demo":  # timm 1.x Swin: NHWC block output, permuted, not reshaped
+        layer, reshape = P.cam_target(model)
+        assert reshape is P.nhwc_to_nchw
+    # the TTA wrapper is explained through the same layer
+    assert P.gradcam(P.HFlipTTA(model), x[:1]).shape == (1, 64, 64)
+
+
+# --------------------------------------------------------------------------- predict.py
+def _predict_args(paths, mdir, out, **kw) -> argparse.Namespace:
+    argv = [*map(str, paths), "--models-dir", str(mdir), "--output", str(out)]
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        argv += [flag] if v is True else [flag, str(v)]
+    return P.get_args_parser().parse_args(argv)
+
+
+def test_predict_png_and_dicom(run_dir, tmp_path):
+    rng = np.random.default_rng(5)
+    png = tmp_path / "in" / "wrist.png"
+    png.parent.mkdir()
+    cv2.imwrite(str(png), _wrist_like(rng))
+    dcm = _write_dicom(tmp_path / "in" / "sub" / "wrist.dcm", _wrist_like(rng) // 16)
+    mdir = run_dir / "saved_agegroup_models"
+    out = tmp_path / "pred.csv"
+    res = P.main(_predict_args([png.parent], mdir, out, cam=tmp_path / "cams", tta=True))
+    df = pd.read_csv(out)
+    assert sorted(Path(p).name for p in df.image_path) == ["wrist.dcm", "wrist.png"]
+    probs = df[[f"age_group_prob_{g}" for g in range(3)]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+    assert df.fracture_prob.between(0, 1).all()
+    assert (df.fracture_label == (df.fracture_prob >= df.threshold)).all()
+    assert set(df.fracture_model) <= {"agegroup0", "agegroup1", "pooled"}
+    assert (df.fracture_model[df.age_group_label == 2] == "pooled").all()
+    for p in df.cam_path:
+        cam = cv2.imread(p)
+        assert cam is not None and cam.shape == (IMG, IMG, 3)
+    assert res["n_images"] == 2 and len(res["cams"]) == 2
+
+    # a threshold saved by evaluate.py is used; --threshold overrides it
+    (mdir / "thresholds.json").write_text(json.dumps({"thresholds": {"hard": {"value": 0.25}}}))
+    try:
+        P.main(_predict_args([png, dcm], mdir, out))
+        assert (pd.read_csv(out).threshold == 0.25).all()
+        P.main(_predict_args([png], mdir, out, threshold=0.9))
+        assert (pd.read_csv(out).threshold == 0.9).all()
+    finally:
+        (mdir / "thresholds.json").unlink()
+
+
+def test_predict_errors_are_one_line(run_dir, tmp_path):
+    mdir = run_dir / "saved_agegroup_models"
+    bad = tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    with pytest.raises(ud.DataError) as err:
+        P.main(_predict_args([bad], mdir, tmp_path / "p.csv"))
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    good = tmp_path / "ok.png"
+    cv2.imwrite(str(good), _wrist_like(np.random.default_rng(1)))
+    res = P.main(_predict_args([bad, good], mdir, tmp_path / "p.csv", skip_bad=True))
+    assert res["n_images"] == 1 and res["n_skipped"] == 1
+    # a fracture checkpoint where the age classifier belongs
+    wrong = tmp_path / "wrong_models"
+    wrong.mkdir()
+    (wrong / "age_classifier.pt").write_bytes(
+        (mdir / "fracture_classifier_agegroup0.pt").read_bytes())
+    with pytest.raises(models.CheckpointError, match="age_classifier.pt"):
+        P.main(_predict_args([good], wrong, tmp_path / "p.csv"))
+
+
+# --------------------------------------------------------------------------- evaluate.py
+def test_evaluate_end_to_end(run_dir):
+    args = evaluate.get_args_parser().parse_args(
+        ["--out-dir", str(run_dir), "--n-boot", "60", "--n-cam", "2", "--batch-size", "16"])
+    written = evaluate.main(args)
+    for key in ("test_predictions", "metrics", "report", "thresholds"):
+        assert Path(written[key]).exists(), key
+    pred = pd.read_csv(written["test_predictions"])
+    test = pd.read_csv(run_dir / "age_test.csv")
+    assert len(pred) == len(test)
+    for s in ("hard", "soft", "oracle", "pooled"):
+        assert pred[f"prob_{s}"].between(0, 1).all()
+    # routing: the hard system equals the oracle where the predicted group is the true one
+    same = pred.age_group_label == pred.age_group
+    np.testing.assert_allclose(pred.prob_hard[same], pred.prob_oracle[same])
+    assert (pred.routed_model[pred.age_group_label == 2] == "pooled").all()
+
+    res = json.loads(Path(written["metrics"]).read_text())
+    assert any("group 2" in n and "pooled" in n for n in res["notes"])
+    assert set(res["systems"]) == {"hard", "soft", "oracle", "pooled"}
+    ov = res["systems"]["hard"]["overall"]
+    assert ov["n"] == len(test) and len(ov["ci"]["auroc"]) == 2
+    assert {"overall", "age 0-7 y", "age 8-14 y", "age 15-19 y", "cast", "no cast"} <= set(
+        res["systems"]["pooled"])
+    assert "oracle_minus_hard" in res["comparisons"] and res["conclusion"]
+    assert len(res["age_classifier"]["confusion_matrix"]) == 3
+
+    # thresholds come from the validation CSV, not from test
+    device = torch.device("cpu")
+    routed = P.load_routed_models(run_dir / "saved_agegroup_models", device)
+    val = ud.read_split_csv(run_dir / "age_val_tmp.csv")
+    true_val = val["age_group"].to_numpy()
+    val_sys = evaluate.system_probs(evaluate.infer(routed, val, device), true_val)
+    for s, prob in val_sys.items():
+        t = M.choose_threshold(val["fracture"], prob)
+        assert res["systems"][s]["threshold"] == pytest.approx(t)
+        np.testing.assert_allclose(pred[f"threshold_{s}"], t)
+    saved = json.loads(Path(written["thresholds"]).read_text())
+    assert saved["thresholds"]["hard"]["value"] == pytest.approx(res["systems"]["hard"]["threshold"])
+
+    report = Path(written["report"]).read_text()
+    for fig in written["figures"]:
+        assert Path(fig).exists() and Path(fig).name in report
+    names = {Path(f).name for f in written["figures"]}
+    assert {"roc_by_age_group.png", "training_curves.png", "calibration.png",
+            "gradcam_examples.png"} <= names
