@@ -1,0 +1,68 @@
+"""benchmark.py smoke test: the smallest run of every section on the CPU writes the JSON it returns."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import benchmark
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_parse_variant() -> None:
+    v = benchmark.parse_variant("bf16+cl+compile")
+    assert v == {"name": "bf16+cl+compile", "precision": "bf16", "channels_last": True, "compile": True}
+    assert benchmark.parse_variant("fp32")["channels_last"] is False
+    with pytest.raises(ValueError, match="unknown token"):
+        benchmark.parse_variant("fp32+turbo")
+
+
+def test_benchmark_smallest_run(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = benchmark.get_args_parser().parse_args([
+        "--quick", "--device", "cpu", "--model", "cnn_demo", "--img-size", "32", "--batch-size", "2",
+        "--data-sizes", "32", "--phantom-patients", "1", "--phantom-size", "96", "--workers", "0",
+        "--sections", "data,flops,train,e2e", "--variants", "fp32,bf16+cl,fp32+compile",
+        # a one-second cap: the compile variant is skipped with a note (or, from a warm
+        # inductor cache, measured) but never fails the run
+        "--compile-timeout", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+    ])
+    result = benchmark.main(args)
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
+    assert result["sections"] == ["data", "flops", "train", "e2e"]
+    assert result["machine"]["device"] == "cpu"
+
+    rows = result["data"]["rows"]
+    assert {(r["img_size"], r["mode"]) for r in rows} == {(32, "uncached"), (32, "cached")}
+    assert all(_positive(r["images_per_s"]) for r in rows)
+    assert _positive(result["data"]["cached_speedup"]["32"])
+    assert _positive(result["data"]["cache_disk"]["32"]["mb_per_image"])
+
+    fl = result["flops"]
+    for key in ("forward_flops_per_image", "train_flops_per_image", "peak_tflops", "params_m"):
+        assert _positive(fl[key]), key
+    assert fl["train_flops_per_image"] > fl["forward_flops_per_image"]
+
+    train = {r["variant"]: r for r in result["train"]}
+    assert list(train) == ["fp32", "bf16+cl", "fp32+compile"]
+    for name in ("fp32", "bf16+cl"):
+        r = train[name]
+        for key in ("train_images_per_s", "infer_images_per_s", "peak_mem_mb", "achieved_tflops", "mfu"):
+            assert _positive(r[key]), (name, key)
+        assert r["batch_size"] == 2
+    compiled = train["fp32+compile"]
+    assert _positive(compiled.get("train_images_per_s")) or "skipped" in compiled["note"]
+
+    e2e = result["e2e"]
+    assert [(r["variant"], r["loader"]) for r in e2e["rows"]] == [("fp32", "uncached"), ("bf16+cl", "cached")]
+    assert all(_positive(r["images_per_s"]) for r in e2e["rows"])
+    assert _positive(e2e["speedup"])
+    assert _positive(result["wall_s"])
+    # on the CPU only the data targets apply (MFU and end-to-end are H100 targets)
+    assert "bf16_mfu" not in result["targets"]
