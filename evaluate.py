@@ -45,7 +45,7 @@ import torch
 
 import columns
 import metrics as M
-import predict as P
+import inference as P
 import report as R
 import unified_dataset as ud
 from config import print_config, save_config, to_dict, versions

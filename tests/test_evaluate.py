@@ -20,7 +20,8 @@ from torch import nn
 import evaluate
 import metrics as M
 import models
-import predict as P
+import inference as P
+import predict
 import unified_dataset as ud
 
 IMG = 48  # demo model input size in these tests
@@ -208,7 +209,7 @@ def _predict_args(paths, mdir, out, **kw) -> argparse.Namespace:
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
         argv += [flag] if v is True else [flag, str(v)]
-    return P.get_args_parser().parse_args(argv)
+    return predict.get_args_parser().parse_args(argv)
 
 
 def test_predict_png_and_dicom(run_dir, tmp_path):
@@ -219,7 +220,7 @@ def test_predict_png_and_dicom(run_dir, tmp_path):
     dcm = _write_dicom(tmp_path / "in" / "sub" / "wrist.dcm", _wrist_like(rng) // 16)
     mdir = run_dir / "saved_agegroup_models"
     out = tmp_path / "pred.csv"
-    res = P.main(_predict_args([png.parent], mdir, out, cam=tmp_path / "cams", tta=True))
+    res = predict.main(_predict_args([png.parent], mdir, out, cam=tmp_path / "cams", tta=True))
     df = pd.read_csv(out)
     assert sorted(Path(p).name for p in df.image_path) == ["wrist.dcm", "wrist.png"]
     probs = df[[f"age_group_prob_{g}" for g in range(3)]].to_numpy()
@@ -236,9 +237,9 @@ def test_predict_png_and_dicom(run_dir, tmp_path):
     # a threshold saved by evaluate.py is used; --threshold overrides it
     (mdir / "thresholds.json").write_text(json.dumps({"thresholds": {"hard": {"value": 0.25}}}))
     try:
-        P.main(_predict_args([png, dcm], mdir, out))
+        predict.main(_predict_args([png, dcm], mdir, out))
         assert (pd.read_csv(out).threshold == 0.25).all()
-        P.main(_predict_args([png], mdir, out, threshold=0.9))
+        predict.main(_predict_args([png], mdir, out, threshold=0.9))
         assert (pd.read_csv(out).threshold == 0.9).all()
     finally:
         (mdir / "thresholds.json").unlink()
@@ -249,11 +250,11 @@ def test_predict_errors_are_one_line(run_dir, tmp_path):
     bad = tmp_path / "empty.png"
     bad.write_bytes(b"")
     with pytest.raises(ud.DataError) as err:
-        P.main(_predict_args([bad], mdir, tmp_path / "p.csv"))
+        predict.main(_predict_args([bad], mdir, tmp_path / "p.csv"))
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
     good = tmp_path / "ok.png"
     cv2.imwrite(str(good), _wrist_like(np.random.default_rng(1)))
-    res = P.main(_predict_args([bad, good], mdir, tmp_path / "p.csv", skip_bad=True))
+    res = predict.main(_predict_args([bad, good], mdir, tmp_path / "p.csv", skip_bad=True))
     assert res["n_images"] == 1 and res["n_skipped"] == 1
     # a fracture checkpoint where the age classifier belongs
     wrong = tmp_path / "wrong_models"
@@ -261,7 +262,7 @@ def test_predict_errors_are_one_line(run_dir, tmp_path):
     (wrong / "age_classifier.pt").write_bytes(
         (mdir / "fracture_classifier_agegroup0.pt").read_bytes())
     with pytest.raises(models.CheckpointError, match="age_classifier.pt"):
-        P.main(_predict_args([good], wrong, tmp_path / "p.csv"))
+        predict.main(_predict_args([good], wrong, tmp_path / "p.csv"))
 
 
 # --------------------------------------------------------------------------- evaluate.py

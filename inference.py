@@ -1,0 +1,358 @@
+"""Routed inference: the age classifier picks the fracture model of each image.
+
+Shared by ``evaluate.py`` (stage 5) and ``predict.py`` (new images): loading the age
+classifier and the per-group fracture models from a models directory, routing each image
+to the fracture model of its predicted age group (hard) or mixing the group models by the
+age classifier's probabilities (soft), test-time horizontal flip, and Grad-CAM.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import columns
+import engine
+import models
+import unified_dataset as ud
+
+AGE_CKPT = "age_classifier.pt"
+POOLED_CKPT = "fracture_classifier_pooled.pt"
+THRESHOLDS_FILE = "thresholds.json"
+ROUTINGS = ("hard", "soft")
+
+
+def group_ckpt_name(group: int) -> str:
+    return f"fracture_classifier_agegroup{group}.pt"
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class LoadedModel:
+    """A model in eval mode plus the preprocessing its checkpoint prescribes."""
+
+    model: nn.Module
+    name: str
+    img_size: int
+    mean: float
+    std: float
+    num_classes: int
+    path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoutedModels:
+    """The age classifier, the group fracture models that exist, and the pooled model."""
+
+    age: LoadedModel
+    groups: dict[int, LoadedModel]
+    pooled: LoadedModel | None
+    age_bounds: tuple[float, ...] = columns.AGE_BOUNDS
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.age_bounds) + 1
+
+    def model_for_group(self, g: int) -> LoadedModel:
+        """The fracture model that serves age group ``g`` (pooled when ``g`` has none)."""
+        if g in self.groups:
+            return self.groups[g]
+        if self.pooled is None:
+            raise models.CheckpointError(
+                f"no fracture model for age group {g} ({group_ckpt_name(g)}) and no "
+                f"{POOLED_CKPT} to fall back to")
+        return self.pooled
+
+    def served_by(self) -> dict[int, str]:
+        return {g: self.model_for_group(g).name for g in range(self.n_groups)}
+
+
+def _scalar(v: Any, default: float) -> float:
+    if v is None:
+        return default
+    arr = np.asarray(v, dtype=float).reshape(-1)
+    return float(arr.mean()) if arr.size else default
+
+
+def load_model(path: str | os.PathLike, name: str, device: torch.device, kind: str,
+               num_classes: int | Sequence[int] | None = None) -> LoadedModel:
+    """Load a pipeline checkpoint of ``kind`` (age|fracture), check its class count, and
+    build the model in eval mode on ``device``. Raises ``models.CheckpointError``."""
+    path = Path(path)
+    ckpt = models.load_checkpoint(path, expect={"kind": kind})
+    allowed = (num_classes,) if isinstance(num_classes, int) else num_classes
+    nc = int(ckpt["num_classes"])
+    if allowed is not None and nc not in allowed:
+        raise models.CheckpointError(
+            f"{path}: checkpoint has {nc} classes, expected {' or '.join(map(str, allowed))} "
+            f"for the {name} model")
+    if int(ckpt.get("in_chans", 1)) != 1:
+        raise models.CheckpointError(f"{path}: in_chans {ckpt['in_chans']}, the pipeline feeds "
+                                     "1-channel radiographs")
+    model = models.build_from_checkpoint(ckpt, device=device, source=str(path))
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "scaler")}
+    return LoadedModel(model=model, name=name, img_size=int(ckpt["img_size"]),
+                       mean=_scalar(ckpt.get("mean"), 0.5), std=_scalar(ckpt.get("std"), 0.25),
+                       num_classes=nc, path=path, meta=meta)
+
+
+def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
+                       require_pooled: bool = False) -> RoutedModels:
+    """Load everything routing needs from ``models_dir``; say which group falls back."""
+    models_dir = Path(models_dir)
+    age_path = models_dir / AGE_CKPT
+    if not age_path.exists():
+        raise models.CheckpointError(f"{age_path}: age classifier checkpoint not found "
+                                     "(run train_age_classifier.py, or pass --models-dir)")
+    age = load_model(age_path, "age_classifier", device, "age")
+    bounds = tuple(float(b) for b in (age.meta.get("age_bounds") or columns.AGE_BOUNDS))
+    n_groups = len(bounds) + 1
+    if age.num_classes != n_groups:
+        raise models.CheckpointError(f"{age_path}: {age.num_classes} classes for {n_groups} age "
+                                     f"groups (bounds {bounds})")
+    groups: dict[int, LoadedModel] = {}
+    notes: list[str] = []
+    for g in range(n_groups):
+        p = models_dir / group_ckpt_name(g)
+        if p.exists():
+            groups[g] = load_model(p, f"agegroup{g}", device, "fracture", (1, 2))
+            trained_for = groups[g].meta.get("age_group")
+            if trained_for is not None and int(trained_for) != g:
+                raise models.CheckpointError(f"{p}: trained for age group {trained_for}, not {g}")
+            gb = groups[g].meta.get("age_bounds")
+            if gb is not None and tuple(float(b) for b in gb) != bounds:
+                raise models.CheckpointError(
+                    f"{p}: age bounds {tuple(gb)} differ from the age classifier's {bounds}")
+    pooled_path = models_dir / POOLED_CKPT
+    pooled = load_model(pooled_path, "pooled", device, "fracture", (1, 2)) if pooled_path.exists() else None
+    if require_pooled and pooled is None:
+        raise models.CheckpointError(f"{pooled_path}: pooled fracture model not found "
+                                     "(train_fracture_per_agegroup.py --pooled)")
+    names = columns.age_group_names(bounds)
+    for g in range(n_groups):
+        if g not in groups:
+            if pooled is None:
+                raise models.CheckpointError(
+                    f"{models_dir / group_ckpt_name(g)}: no fracture model for age group "
+                    f"{g} ({names[g]}) and no {POOLED_CKPT} to fall back to")
+            notes.append(f"age group {g} ({names[g]}) has no model of its own "
+                         f"({group_ckpt_name(g)} missing, e.g. skipped as too small): "
+                         "its images go to the pooled model")
+    return RoutedModels(age=age, groups=groups, pooled=pooled, age_bounds=bounds, notes=notes)
+
+
+# --------------------------------------------------------------------------- inference
+class HFlipTTA(nn.Module):
+    """Average the class probabilities of an image and its horizontal mirror.
+
+    Returns logits whose sigmoid/softmax is that average, so any code that turns logits
+    into probabilities (``engine.predict``, Grad-CAM targets) works unchanged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.model(x), self.model(torch.flip(x, dims=[-1]))
+        if a.ndim == 1 or a.shape[-1] == 1:
+            p = (torch.sigmoid(a) + torch.sigmoid(b)) / 2
+            return torch.logit(p, eps=1e-7)
+        p = (torch.softmax(a, -1) + torch.softmax(b, -1)) / 2
+        return torch.log(p.clamp_min(1e-12))
+
+
+def make_loader(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, num_workers: int = 0,
+                cache_dir: str | os.PathLike | None = None) -> DataLoader:
+    """An in-order loader of ``df``'s images prepared as ``lm``'s checkpoint prescribes."""
+    tf = ud.build_transforms(lm.img_size, train=False, mean=lm.mean, std=lm.std)
+    ds = ud.WristDataset(df, None, tf, lm.img_size, cache_dir=cache_dir)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      persistent_workers=False)
+
+
+def fracture_prob(out: np.ndarray) -> np.ndarray:
+    """The fracture probability from a binary model's output of shape (N,), (N,1) or (N,2)."""
+    out = np.asarray(out, dtype=float)
+    if out.ndim == 2 and out.shape[1] == 2:
+        return out[:, 1]
+    return out.reshape(-1)
+
+
+def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bool = False,
+                **loader_kw: Any) -> np.ndarray:
+    """Probabilities of ``lm`` on ``df``: (N, C) for the age model, (N,) for fracture models."""
+    if len(df) == 0:
+        return np.zeros((0, lm.num_classes)) if lm.num_classes > 2 else np.zeros(0)
+    model = HFlipTTA(lm.model) if tta else lm.model
+    probs = np.asarray(engine.predict(model, make_loader(lm, df, **loader_kw), device), float)
+    if lm.num_classes > 2:
+        return probs.reshape(len(df), lm.num_classes)
+    return fracture_prob(probs)
+
+
+def combine_routes(age_probs: np.ndarray, group_probs: np.ndarray, mode: str,
+                   true_group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fracture probability from per-group fracture probabilities.
+
+    ``group_probs[i, g]``: probability that the model serving group g gives image i.
+    hard: the predicted group's model; soft: the mix weighted by the age probabilities
+    (a wrong call near the 8- and 15-year boundaries then costs less); oracle: the true
+    group's model. Returns ``(prob, group_used)``; for soft, group_used is the argmax group.
+    """
+    age_probs, group_probs = np.asarray(age_probs, float), np.asarray(group_probs, float)
+    pred = age_probs.argmax(1)
+    rows = np.arange(len(pred))
+    if mode == "hard":
+        return group_probs[rows, pred], pred
+    if mode == "soft":
+        w = age_probs / age_probs.sum(1, keepdims=True)
+        return (w * group_probs).sum(1), pred
+    if mode == "oracle":
+        if true_group is None:
+            raise ValueError("oracle routing needs the true age groups")
+        g = np.asarray(true_group, dtype=int)
+        return group_probs[rows, g], g
+    raise ValueError(f"unknown routing {mode!r} (hard|soft|oracle)")
+
+
+def all_group_probs(routed: RoutedModels, df: pd.DataFrame, device: torch.device,
+                    tta: bool = False, **loader_kw: Any) -> np.ndarray:
+    """(N, n_groups): every group's serving model on every image (each model runs once)."""
+    out = np.zeros((len(df), routed.n_groups))
+    done: dict[int, np.ndarray] = {}
+    for g in range(routed.n_groups):
+        lm = routed.model_for_group(g)
+        if id(lm) not in done:
+            done[id(lm)] = model_probs(lm, df, device, tta, **loader_kw)
+        out[:, g] = done[id(lm)]
+    return out
+
+
+def route(routed: RoutedModels, df: pd.DataFrame, device: torch.device, mode: str = "hard",
+          tta: bool = False, **loader_kw: Any) -> pd.DataFrame:
+    """Routed prediction for each row of ``df``.
+
+    hard: the age classifier picks a group and only that group's model sees the image;
+    soft: every group model sees every image and their probabilities are mixed.
+    Returns a frame aligned with ``df``: age_group_label, age_group_prob_0..G-1,
+    fracture_prob, fracture_model (which model decided; the argmax group's for soft).
+    """
+    age_probs = model_probs(routed.age, df, device, tta, **loader_kw)
+    pred = age_probs.argmax(1) if len(df) else np.zeros(0, int)
+    prob = np.zeros(len(df))
+    if mode == "hard":
+        for lm_id in {id(routed.model_for_group(g)) for g in np.unique(pred)}:
+            gs = [g for g in np.unique(pred) if id(routed.model_for_group(g)) == lm_id]
+            idx = np.flatnonzero(np.isin(pred, gs))
+            prob[idx] = model_probs(routed.model_for_group(gs[0]), df.iloc[idx], device, tta,
+                                    **loader_kw)
+    elif mode == "soft":
+        prob, _ = combine_routes(age_probs, all_group_probs(routed, df, device, tta, **loader_kw),
+                                 "soft")
+    else:
+        raise ValueError(f"unknown routing {mode!r} (hard|soft)")
+    out = pd.DataFrame({"age_group_label": pred.astype(int)}, index=df.index)
+    for g in range(routed.n_groups):
+        out[f"age_group_prob_{g}"] = age_probs[:, g] if len(df) else []
+    out["fracture_prob"] = prob
+    out["fracture_model"] = [routed.model_for_group(int(g)).name for g in pred]
+    return out
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+def nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """timm 1.x Swin stages emit (B, H, W, C); Grad-CAM wants (B, C, H, W)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _is_swin(model: nn.Module) -> bool:
+    return "swin" in type(model).__name__.lower()
+
+
+def cam_target(model: nn.Module) -> tuple[nn.Module, Callable | None]:
+    """The layer Grad-CAM looks at and the reshape it needs.
+
+    Swin (timm 1.x): the last stage's last block's first norm, whose output is NHWC, hence
+    a permute (not the (B, L, C) reshape of timm 0.4). CNNs: the last convolutional stage
+    (timm's ``feature_info`` names it), else the last Conv2d.
+    """
+    inner = model.model if isinstance(model, HFlipTTA) else model
+    if _is_swin(inner) and hasattr(inner, "layers"):
+        return inner.layers[-1].blocks[-1].norm1, nhwc_to_nchw
+    info = getattr(inner, "feature_info", None)
+    if info is not None:
+        try:
+            name = info[-1]["module"] if isinstance(info, list) else info.module_name()[-1]
+            return inner.get_submodule(name), None
+        except (AttributeError, KeyError, IndexError):
+            pass
+    convs = [m for m in inner.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(inner).__name__}: no convolutional layer for Grad-CAM")
+    return convs[-1], None
+
+
+def gradcam(model: nn.Module, images: torch.Tensor, target_index: int | None = None) -> np.ndarray:
+    """Grad-CAM maps (B, H, W) in [0, 1] for the fracture output of ``model``.
+
+    ``target_index``: the output unit to explain (default: 0 for a one-logit model, 1 (the
+    fracture class) for a two-logit model).
+    """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer, reshape = cam_target(model)
+    if target_index is None:
+        with torch.no_grad():
+            n_out = model(images[:1].to(next(model.parameters()).device)).reshape(1, -1).shape[1]
+        target_index = 0 if n_out == 1 else 1
+    with GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+        maps = cam(input_tensor=images,
+                   targets=[ClassifierOutputTarget(target_index)] * images.shape[0])
+    model.eval()
+    return np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+
+
+def denormalise(x: torch.Tensor, mean: float, std: float) -> np.ndarray:
+    """A model input tensor [1, H, W] back to a displayable HxW image in [0, 1]."""
+    return np.clip(x.detach().cpu().numpy().reshape(x.shape[-2:]) * std + mean, 0, 1)
+
+
+def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
+                 tta: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(input image, CAM) pairs for the rows of ``df`` explained by model ``lm``."""
+    if len(df) == 0:
+        return []
+    loader = make_loader(lm, df, batch_size=8)
+    model = HFlipTTA(lm.model) if tta else lm.model
+    out = []
+    for x, _ in loader:
+        maps = gradcam(model, x.to(device))
+        out += [(denormalise(xi, lm.mean, lm.std), m) for xi, m in zip(x, maps)]
+    return out
+
+
+def overlay_png_bytes(image: np.ndarray, cam: np.ndarray) -> bytes:
+    """The CAM over the image as PNG bytes (jet colour map, 40% opacity)."""
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2).astype(np.float32)
+    vis = show_cam_on_image(rgb, cam, use_rgb=False, image_weight=0.6)  # BGR for OpenCV
+    ok, buf = cv2.imencode(".png", vis)
+    if not ok:
+        raise RuntimeError("PNG encoding of the Grad-CAM overlay failed")
+    return buf.tobytes()
+
+
+# --------------------------------------------------------------------------- inputs
