@@ -9,6 +9,7 @@
   (e.g. stage 3 adding predictions) should use ``fresh_splits``.
 - ``fresh_splits`` (function): a private copy of ``tiny_splits``.
 - ``shared_dir``: ``../shared`` next to the repository, or skip.
+- ``one_thread`` (autouse): torch runs single-threaded in every test.
 - ``real_metadata`` (session): the real GRAZPEDWRI-DX ``dataset.csv`` loaded and
   validated without looking at images (only two of them are in ``../shared``).
 """
@@ -26,6 +27,18 @@ if str(REPO) not in sys.path:  # flat top-level modules, importable however pyte
 
 TINY_PATIENTS = 40
 TINY_IMG_SIZE = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On 2 shared cores, intra-op threads fighting other processes make tiny models
+    ~20x slower; one thread keeps the suite fast and changes no result."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -22,15 +22,6 @@ META = {"model_name": "cnn_demo", "kind": "fracture", "class_names": list(CLASSE
 SETTINGS = {"model": "cnn_demo", "img_size": 16, "classes": list(CLASSES), "train data": "synthetic"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On 2 shared cores, intra-op threads fighting other processes make tiny models
-    # ~20x slower; one thread keeps these tests fast and changes no result
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _data(n: int = 48, seed: int = 0, learnable: bool = True) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)

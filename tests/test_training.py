@@ -20,14 +20,6 @@ CSVS = ("age_train_tmp.csv", "age_val_tmp.csv", "age_test.csv")
 FAST = ["--preset", "demo", "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: intra-op threads fighting other processes slow tiny models ~20x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _driver(argv: list[str]) -> dict:
     return run_all_training.main(run_all_training.get_args_parser().parse_args(argv))
