@@ -32,7 +32,7 @@ Outputs: ``<out-dir>/dataset.csv``, ``<out-dir>/images/<filestem>.png`` (uint16)
 
 Example::
 
-    python phantom.py --out-dir data/phantom --n-patients 600 --img-size 160 --seed 0
+    python phantom.py --out-dir data/phantom --n-patients 1500 --img-size 128 --seed 0
 """
 from __future__ import annotations
 
@@ -57,16 +57,21 @@ CSV_COLUMNS = (
 )
 FLAG_COLUMNS = ("initial_exam", "cast", "diagnosis_uncertain", "osteopenia", "fracture_visible", "metal")
 
-DEFAULT_N_PATIENTS = 600
-DEFAULT_IMG_SIZE = 160
+# The demo's default: about 5,000 images at 128 px generate in under 20 s on 2 CPU cores,
+# enough for every age group to train on (the smallest, >= 15 y, gets about 700 images).
+DEFAULT_N_PATIENTS = 1500
+DEFAULT_IMG_SIZE = 128
 ASPECT = 0.70  # width / height; real wrist images are portrait (494x727, 573x808)
 # How hard the phantom is. Skeletal maturity: girls run ahead by MATURITY_GIRLS years and
 # children scatter by MATURITY_SD years around their age; SIZE_SD scatters body size and
-# zoom (log scale); LESION_GAIN scales the size and contrast of every fracture sign.
+# zoom (log scale); LESION_GAIN scales the size and contrast of every fracture sign (a
+# patient's severity, 0.3-1, times the gain, capped at LESION_CAP so that strong lesions
+# stay anatomically plausible: a gain above 1 makes more lesions obvious, not bigger).
 MATURITY_GIRLS = 0.6
 MATURITY_SD = 0.4
 SIZE_SD = 0.04
-LESION_GAIN = 1.0
+LESION_GAIN = 1.2
+LESION_CAP = 1.5
 
 # Figures measured from the real dataset.csv (20,327 images, 6,091 patients).
 # Patients per whole year of age (age at first study), 0..19.
@@ -151,16 +156,16 @@ def _draw_lesion(rng: np.random.Generator, age: float) -> dict[str, Any]:
         code += "; 23u-E/7"
     elif ulna == "buckle":
         code += "; 23u-M/2.1"
-    # Severity 0..1: how large and how contrasted the lesion is (subtle ones exist).
+    # Severity 0.3..1 (times LESION_GAIN when drawn): how large and contrasted the lesion is.
     return {
         "kind": kind,
         "ulna": ulna,
         "code": code,
-        "severity": float(0.2 + 0.8 * rng.beta(2.0, 2.0)),
+        "severity": float(0.3 + 0.7 * rng.beta(2.0, 1.6)),
         "level": float(rng.uniform(0.45, 1.2)),  # distance from the physis, in radius widths
         "side": int(rng.choice([-1, 1, 0], p=[0.4, 0.4, 0.2])),  # ulnar, radial, both cortices
         "angle": float(rng.uniform(-25, 25)),
-        "extent": float(rng.uniform(0.45, 1.0)),
+        "extent": float(rng.uniform(0.55, 1.0)),
     }
 
 
@@ -201,7 +206,7 @@ def draw_metadata(n_patients: int, seed: int = 0) -> tuple[pd.DataFrame, list[di
                     side = "L" if side == "R" else "R"
             age_r = round(age, 1)
             initial = study == 1
-            follow_frac = fractured and not initial
+            healing = fractured and not initial
             cast = (not initial) and rng.random() < (0.72 if fractured else 0.06)
             metal_p = 0.0 if initial else (0.065 if fractured else 0.30)
             metal_p *= (0.45, 0.9, 2.3)[_age_group(age_r)]
@@ -230,7 +235,7 @@ def draw_metadata(n_patients: int, seed: int = 0) -> tuple[pd.DataFrame, list[di
                 })
                 hidden.append({
                     "age": age_r, "maturity_offset": maturity_offset, "anatomy_seed": anatomy_seed,
-                    "lesion": lesion if visible else None, "healing": follow_frac,
+                    "lesion": lesion if visible else None, "healing": healing,
                     "study": study, "image_seed": int(rng.integers(2**31)),
                 })
     df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
@@ -336,8 +341,15 @@ def _growth(ba: float) -> float:
     return 0.25 + 0.75 * min(max(ba, 0.0) / 17.5, 1.0) ** 0.8
 
 
-def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int) -> np.ndarray:
-    """Render one radiograph as uint16 (H = img_size, W about 0.7 * H)."""
+def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int,
+                 layers: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Render one radiograph as uint16 (H = img_size, W about 0.7 * H).
+
+    ``meta`` is a dataset.csv row and ``hidden`` its rendering parameters, both as returned
+    by :func:`draw_metadata`. If ``layers`` is a dict, the attenuation maps before exposure
+    (``soft``, ``bone``, ``extra`` = cast and metal; unrotated, left wrist) are put into it,
+    for inspection.
+    """
     rng = np.random.default_rng(hidden["image_seed"])
     arng = np.random.default_rng(hidden["anatomy_seed"])  # same child, same anatomy
     h = int(img_size)
@@ -364,7 +376,7 @@ def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int) ->
     lesion = hidden["lesion"]
     if lesion is not None:
         # Soft-tissue swelling over an acute fracture (less on follow-ups), a real indirect sign.
-        swell = LESION_GAIN * lesion["severity"] * (0.02 if hidden["healing"] else 0.05)
+        swell = min(LESION_GAIN * lesion["severity"], LESION_CAP) * (0.03 if hidden["healing"] else 0.07)
         half_t = half_t * (1.0 + swell * np.exp(-((ys - (yp + 0.35 * U)) / (0.45 * U)) ** 2))
     ct = x0 + (0.04 * U if lateral else 0.0) * hand
     soft += half_t[:, None] * np.sqrt(np.clip(1 - ((cv.x - ct[:, None]) / half_t[:, None]) ** 2, 0, None))
@@ -373,9 +385,9 @@ def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int) ->
     fuse = min(max((ba - 14.7) / 1.6, 0.0), 1.0)
     gap = U * (0.085 - 0.06 * min(ba / 14.0, 1.0)) * (1.0 - fuse)
     kind = lesion["kind"] if lesion else None
-    sev = lesion["severity"] * LESION_GAIN if lesion else 0.0
+    sev = min(lesion["severity"] * LESION_GAIN, LESION_CAP) if lesion else 0.0
     if kind == "physeal":
-        gap *= 1.0 + 1.2 * sev
+        gap *= 1.0 + 2.0 * sev
 
     # Radius.
     rs = 0.135 * U * float(np.exp(arng.normal(0, 0.04)))
@@ -391,34 +403,34 @@ def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int) ->
     if kind == "buckle":
         # A rounded bulge of the cortex, longer towards the physis than towards the shaft.
         reach = np.where(ys < yf, 0.4 * rs, 0.22 * rs)
-        bump = sev * 0.5 * rs * np.exp(-((ys - yf) / reach) ** 2)
-        if lesion["side"] <= 0 or lateral:
-            left = left + bump
-        if lesion["side"] >= 0 and not lateral:
-            right = right + bump
+        bump = sev * 0.45 * rs * np.exp(-((ys - yf) / reach) ** 2)
+        # A torus runs round the bone: one cortex bulges most, the other less.
+        left = left + bump * (1.0 if lesion["side"] <= 0 or lateral else 0.4)
+        right = right + bump * (1.0 if lesion["side"] >= 0 else 0.4)
     shift = np.zeros(h, np.float32)
     distal_shift = 0.0
     if kind == "break" and lesion["extent"] > 0.6:
         # The more complete the break, the more the distal fragment is displaced.
-        distal_shift = sev * 0.5 * rs * (lesion["extent"] - 0.5) * 2 * (1 if lesion["angle"] >= 0 else -1)
+        distal_shift = sev * 0.6 * rs * (lesion["extent"] - 0.5) * 2 * (1 if lesion["angle"] >= 0 else -1)
     if kind in ("break", "buckle"):
         # Angulation of the distal fragment, best seen on the lateral view (dorsal tilt).
-        tilt = (0.14 if lateral else 0.05) * sev
+        tilt = (0.2 if lateral else 0.07) * sev
         shift = np.where(ys < yf, distal_shift + (yf - ys) * tilt * (1 if lesion["side"] >= 0 else -1), 0.0)
         distal_shift = float(shift[max(int(yp), 0)]) if 0 <= int(yp) < h else distal_shift
     cv.long_bone(radius_layer, top_r, centre + shift, left, right, density=1.0)
     if kind == "buckle":
-        band = np.exp(-((cv.y - yf) / (0.07 * rs + 0.4)) ** 2) * (np.abs(cv.x - xr) < 1.2 * rs)
-        radius_layer += 0.5 * sev * rs * band
+        # Compressed trabeculae: a dense band across the metaphysis.
+        band = np.exp(-((cv.y - yf) / (0.12 * rs + 0.4)) ** 2) * (np.abs(cv.x - xr) < 1.2 * rs)
+        radius_layer += 1.2 * sev * rs * band
     if kind == "break":
         t = math.tan(math.radians(lesion["angle"]))
         dline = (cv.y - yf) - t * (cv.x - xr)
-        width = max(0.08 * rs * (0.5 + sev), h / 120)
+        width = max(0.2 * rs * (0.6 + sev), h / 85)
         across = (cv.x - (xr - 1.5 * rs)) / (3.0 * rs)
         if lesion["side"] > 0:
             across = 1.0 - across
         mask = np.exp(-(dline / width) ** 2) * (across < lesion["extent"])
-        radius_layer *= 1.0 - min(0.5 + 0.45 * sev, 0.97) * mask
+        radius_layer *= 1.0 - min(0.6 + 0.4 * sev, 0.97) * mask
     bone += radius_layer
 
     # Radial epiphysis (appears around 1 year), shifted in a physeal fracture.
@@ -429,11 +441,11 @@ def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int) ->
         ay = 0.45 * U * 0.12 * (0.5 + 0.7 * mat)
         ex = xr + (0.2 * (1 - mat) * top_w if not lateral else 0.0) + distal_shift
         if kind == "physeal":
-            ex += sev * 0.45 * top_w * (1 if lesion["side"] >= 0 else -1)
+            ex += sev * 0.7 * top_w * (1 if lesion["side"] >= 0 else -1)
         ey = yp - gap / 2 - ay * 0.9
         tilt = -12.0 * mat if not lateral else 8.0 * mat
         if kind == "physeal":
-            tilt += 15.0 * sev * (1 if lesion["side"] >= 0 else -1)
+            tilt += 25.0 * sev * (1 if lesion["side"] >= 0 else -1)
         cv.blob(bone, ex, ey, ax, ay, tilt, 1.0, power=2.0 + 1.6 * mat)
         if mat > 0.6 and not lateral:  # radial styloid
             cv.blob(bone, ex + 0.75 * ax, ey - 0.5 * ay, 0.25 * ax, 0.9 * ay, -20, 0.8)
@@ -478,7 +490,7 @@ def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int) ->
             continue
         grow = min(max((ba - onset - jit) / 6.0, 0.12), 1.0) ** 0.7
         roundness = 2.0 + 1.2 * grow  # young centres are round, mature ones angular
-        cx = x0 + dx * U * (1.0 + 0.25 * (1 - grow) * 0) + (0.02 * U if not lateral else 0.0)
+        cx = x0 + dx * U + (0.02 * U if not lateral else 0.0)
         cy = yp + dy * U - 0.04 * U * (1 - min(ba / 8, 1))  # cartilage keeps them apart when young
         ax_, ay_ = ax * U * (0.35 + 0.65 * grow), ay * U * (0.35 + 0.65 * grow)
         if ax < ay and grow < 0.5:  # early centres are round
@@ -508,7 +520,9 @@ def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int) ->
             cv.blob(bone, xr + sgn * 1.15 * rs, yf, 0.18 * rs * (0.5 + sev), 0.5 * rs, 0, 0.35 * sev, inner=0.0)
 
     # Trabecular texture and osteopenia (thinner, less dense bone).
-    tex = 1.0 + 0.10 * _smooth_noise(rng, h, w, max(1.5, h / 110)) + 0.06 * _smooth_noise(rng, h, w, max(3.0, h / 40))
+    # Trabeculae are finer than a pixel at low resolution, so their contrast averages out.
+    detail = min(max(h / 512, 0.25), 1.0)
+    tex = 1.0 + 0.10 * detail * _smooth_noise(rng, h, w, max(1.5, h / 110)) + 0.06 * _smooth_noise(rng, h, w, max(3.0, h / 40))
     density = 0.72 if meta["osteopenia"] == "1" else 1.0
     bone *= tex * density
 
@@ -551,6 +565,9 @@ def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int) ->
         cv2.polylines(fold, [pts.astype(np.int32)], False, 1.0, 1, cv2.LINE_AA)
         soft += fold * rng.choice([-1, 1]) * 0.03 * w * (soft > 0)
 
+    if layers is not None:
+        layers.update(soft=soft, bone=bone, extra=extra)
+
     # Exposure: Beer-Lambert, then a display curve, blur and quantum noise.
     k_soft = 1.15 * rng.uniform(0.85, 1.15)
     k_bone = 4.2 * rng.uniform(0.85, 1.15)
@@ -561,7 +578,7 @@ def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int) ->
     blur = rng.uniform(0.3, 0.9) * h / 256
     if blur > 0.35:
         img = cv2.GaussianBlur(img, (0, 0), blur)
-    sigma = rng.uniform(0.006, 0.025)
+    sigma = rng.uniform(0.006, 0.025) * math.sqrt(detail)  # bigger pixels average more quanta
     img = img + sigma * np.sqrt(img + 0.05) * rng.standard_normal((h, w)).astype(np.float32)
 
     if meta["laterality"] == "R":  # the drawing is a left wrist

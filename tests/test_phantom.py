@@ -1,0 +1,182 @@
+"""Tests of the wrist phantom: file layout, determinism, 16-bit pixels and metadata figures."""
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+import phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+STEM_RE = re.compile(r"^(\d{4})_(\d{10})_(\d{2})_WRI-([LR])([123])_([MFO])(\d{3})$")
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    # As strings, with empty cells kept empty, to see exactly what was written.
+    return pd.read_csv(path, encoding="utf-8-sig", dtype=str, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("phantom_a")
+    phantom.generate_phantom(out, n_patients=12, img_size=64, seed=3, progress=False)
+    return out
+
+
+def test_returns_csv_and_writes_images_and_montage(small: Path) -> None:
+    df = _read_csv(small / "dataset.csv")
+    assert len(df) > 12
+    for stem in df["filestem"]:
+        assert (small / "images" / f"{stem}.png").is_file()
+    montage = cv2.imread(str(small / "montage.png"), cv2.IMREAD_UNCHANGED)
+    assert montage is not None and montage.dtype == np.uint8 and montage.ndim == 2
+
+
+def test_same_seed_same_bytes_and_pixels(small: Path, tmp_path: Path) -> None:
+    csv_path = phantom.generate_phantom(tmp_path / "b", n_patients=12, img_size=64, seed=3, progress=False)
+    assert csv_path == tmp_path / "b" / "dataset.csv"
+    assert csv_path.read_bytes() == (small / "dataset.csv").read_bytes()
+    for stem in _read_csv(csv_path)["filestem"]:
+        a = cv2.imread(str(small / "images" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        b = cv2.imread(str(tmp_path / "b" / "images" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_other_seed_other_data(small: Path, tmp_path: Path) -> None:
+    csv_path = phantom.generate_phantom(tmp_path / "c", n_patients=12, img_size=64, seed=4, progress=False)
+    assert csv_path.read_bytes() != (small / "dataset.csv").read_bytes()
+
+
+def test_csv_layout_matches_grazpedwri(small: Path) -> None:
+    raw = (small / "dataset.csv").read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")  # UTF-8 byte-order mark, as the real file
+    header = raw[3:].split(b"\r\n", 1)[0].decode()
+    assert header.split(",") == list(phantom.CSV_COLUMNS)
+    assert raw.count(b"\r\n") == raw.count(b"\n")  # CRLF line ends, as the real file
+    df = _read_csv(small / "dataset.csv")
+    for col in phantom.FLAG_COLUMNS:
+        assert set(df[col]) <= {"1", ""}, col
+    assert set(df["projection"]) <= {"1", "2", "3"}
+    assert set(df["laterality"]) <= {"L", "R"}
+    assert set(df["pixel_spacing"]) <= {"0.144", "0.143"}
+    # A visible fracture always has an AO code.
+    assert (df.loc[df["fracture_visible"] == "1", "ao_classification"] != "").all()
+
+
+def test_filestem_encodes_the_row(small: Path) -> None:
+    df = _read_csv(small / "dataset.csv")
+    assert df["filestem"].is_unique
+    for row in df.itertuples():
+        m = STEM_RE.match(row.filestem)
+        assert m, row.filestem
+        pid, th, study, side, proj, sex, age = m.groups()
+        assert int(pid) == int(row.patient_id)
+        assert int(th) == int(row.timehash)
+        assert int(study) == int(row.study_number)
+        assert (side, proj, sex) == (row.laterality, row.projection, row.gender)
+        assert int(age) == math.floor(float(row.age))
+
+
+def test_real_loader_reads_phantom_like_the_real_csv(small: Path) -> None:
+    # The real dataset.csv parses with the same call; flags come back as 1.0/NaN.
+    df = pd.read_csv(small / "dataset.csv", encoding="utf-8-sig")
+    assert df["fracture_visible"].dropna().eq(1).all()
+    assert df["age"].between(0, 19.5).all()
+
+
+def test_images_are_16_bit_portrait_with_more_than_8_bits(small: Path) -> None:
+    df = _read_csv(small / "dataset.csv")
+    for stem in df["filestem"][:6]:
+        img = cv2.imread(str(small / "images" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        assert img.dtype == np.uint16 and img.ndim == 2
+        h, w = img.shape
+        assert h == 64 and 0.6 < w / h < 0.8
+        assert int(img.max()) - int(img.min()) > 16 * 256
+        assert len(np.unique(img & 0xFF)) > 16  # the low byte carries information too
+
+
+@pytest.fixture(scope="module")
+def meta() -> pd.DataFrame:
+    df, _ = phantom.draw_metadata(2500, seed=0)
+    df = df.copy()
+    df["age_f"] = df["age"].astype(float)
+    df["group"] = np.where(df["age_f"] < 8, 0, np.where(df["age_f"] < 15, 1, 2))
+    df["fx"] = df["fracture_visible"] == "1"
+    return df
+
+
+def test_images_per_patient_near_real(meta: pd.DataFrame) -> None:
+    per_patient = meta.groupby("patient_id").size().mean()
+    assert 3.0 <= per_patient <= 3.6  # real: 3.3
+    counts = meta["projection"].value_counts(normalize=True)
+    assert 0.4 < counts[1] < 0.6 and 0.4 < counts[2] < 0.6
+
+
+def test_fracture_rate_falls_with_age_group(meta: pd.DataFrame) -> None:
+    rates = meta.groupby("group")["fx"].mean()
+    assert rates[0] > rates[1] > rates[2]
+    for g, real in enumerate((0.82, 0.67, 0.44)):
+        assert abs(rates[g] - real) < 0.08, (g, rates[g])
+    assert abs(meta["fx"].mean() - 0.667) < 0.06
+
+
+def test_age_distribution_and_flags_near_real(meta: pd.DataFrame) -> None:
+    assert abs(meta["age_f"].mean() - 10.9) < 0.6
+    shares = meta["group"].value_counts(normalize=True)
+    for g, real in enumerate((4304 / 20327, 13202 / 20327, 2821 / 20327)):
+        assert abs(shares[g] - real) < 0.05
+    cast = meta["cast"] == "1"
+    assert 0.2 < cast.mean() < 0.36  # real 0.28
+    assert meta.loc[cast, "fx"].mean() > 0.9  # the cast shortcut (real 0.959)
+    assert 0.015 < (meta["metal"] == "1").mean() < 0.06  # real 0.035
+    # Some fractures are not visible on one projection.
+    hidden = (meta["ao_classification"] != "") & ~meta["fx"]
+    assert 0.02 < hidden.mean() < 0.1
+
+
+def test_fracture_is_a_small_local_change() -> None:
+    df, hidden = phantom.draw_metadata(60, seed=1)
+    rows = [i for i, h in enumerate(hidden) if h["lesion"] is not None and df["cast"][i] == ""]
+    assert rows
+    for i in rows[:5]:
+        meta = df.iloc[i].to_dict()
+        with_fx = phantom.render_image(meta, hidden[i], 192).astype(float)
+        without = phantom.render_image(meta, dict(hidden[i], lesion=None), 192).astype(float)
+        changed = np.abs(with_fx - without) > 0.03 * 65535
+        assert changed.any()  # the lesion is drawn
+        assert changed.mean() < 0.1  # and stays a small part of the image
+
+
+def test_bones_grow_and_ossify_with_age() -> None:
+    df, hidden = phantom.draw_metadata(400, seed=2)
+    df = df.assign(age_f=df["age"].astype(float))
+    ap = df["projection"] == 1
+    young = list(df.index[ap & (df["age_f"] < 4)][:5])
+    old = list(df.index[ap & (df["age_f"] > 14)][:5])
+    assert young and old
+
+    def bone_share(i: int) -> float:
+        layers: dict[str, np.ndarray] = {}
+        phantom.render_image(df.iloc[i].to_dict(), dict(hidden[i], lesion=None), 128, layers=layers)
+        return float((layers["bone"] > 0.5).mean())
+
+    # Older wrists fill more of the field of view with bone (size, carpals, epiphyses).
+    assert min(bone_share(i) for i in old) > max(bone_share(i) for i in young)
+
+
+def test_cli_help_and_run(tmp_path: Path) -> None:
+    help_out = subprocess.run([sys.executable, str(ROOT / "phantom.py"), "--help"],
+                              capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "--n-patients" in help_out.stdout and "--img-size" in help_out.stdout
+    run = subprocess.run([sys.executable, str(ROOT / "phantom.py"), "--out-dir", str(tmp_path / "cli"),
+                          "--n-patients", "3", "--img-size", "48", "--seed", "1", "--quiet"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    assert "images/s" in run.stdout
+    assert (tmp_path / "cli" / "dataset.csv").is_file()
