@@ -671,9 +671,10 @@ def frame_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
 def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.DataFrame, target_col: str,
                      class_names: Sequence[str], files: RunFiles, device: torch.device, age_bounds: Sequence[float],
                      cache_dir: str | Path | None = None, extra_meta: Mapping[str, Any] | None = None,
-                     title: str = "") -> dict[str, Any]:
+                     title: str = "", init_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Build data, model, loss, optimizer and schedule from ``cfg`` (presets.resolve_config)
-    and :func:`fit` them. Returns fit's result dict."""
+    and :func:`fit` them. ``init_state`` (a state dict of the same architecture) replaces the
+    initial weights. Returns fit's result dict."""
     seed_everything(cfg.seed + distributed.get_rank())
     num_classes = len(class_names)
     datasets = {}
@@ -701,6 +702,8 @@ def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.
     model = create_model(cfg.model, num_classes=num_classes, in_chans=1, img_size=cfg.img_size,
                          pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
                          drop_path_rate=cfg.drop_path, grad_checkpointing=cfg.grad_checkpointing)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     criterion = make_criterion(cfg.loss, num_classes, cfg.focal_alpha, cfg.focal_gamma)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs, warmup_epochs=cfg.warmup_epochs,

@@ -221,10 +221,10 @@ def _run_stage(stage: int, argv: list[str], args: argparse.Namespace, out: Path,
         res = train("train_age_classifier")
         csvs = [out / n for n in ("age_train_tmp.csv", "age_val_tmp.csv", "age_test.csv")]
         return res, [models / "age_classifier.pt", *csvs]
+    # Pooled first: with --init-from-pooled the group models start from its weights.
+    pooled = {"models": {}} if args.no_pooled else train("train_fracture_per_agegroup", ("--pooled",))
     res = train("train_fracture_per_agegroup")
-    if not args.no_pooled:
-        pooled = train("train_fracture_per_agegroup", ("--pooled",))
-        res = {**res, "models": {**res["models"], **pooled["models"]}}
+    res = {**res, "models": {**pooled["models"], **res["models"]}}
     return res, [Path(m["checkpoint"]) for m in res["models"].values() if "checkpoint" in m]
 
 

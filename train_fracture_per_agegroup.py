@@ -7,7 +7,9 @@ For each group g (``--groups``, default all), the train and val rows whose
 ImbalancedDatasetSampler; a distributed equivalent under torchrun), AdamW, a plateau or
 cosine schedule, early stopping on validation F1 (``--metric auroc`` for AUROC).
 ``--pooled`` trains one model on all rows instead, the baseline that evaluation compares
-routing against. A group with too few rows, or only one class in its training rows, is
+routing against. With ``--init-from-pooled`` (the demo preset's default) each group model
+starts from the pooled model's weights, and the pooled model is trained first if it is
+not there yet: small groups then learn what all groups share from all the data. A group with too few rows, or only one class in its training rows, is
 skipped with a message, not a crash.
 
 Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv (with
@@ -33,6 +35,7 @@ import engine
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES
 from config import print_config, to_dict
 from io_utils import write_json
+from models import load_checkpoint
 from presets import add_data_args, add_training_args, resolve_config, resolve_paths
 from unified_dataset import DataError, read_split_csv
 
@@ -75,6 +78,11 @@ def skip_reason(train_df: pd.DataFrame, val_df: pd.DataFrame, min_rows: int) -> 
     return None
 
 
+def _finished(path) -> bool:
+    """A best checkpoint that its run marked finished (an interrupted run's is not)."""
+    return path.is_file() and bool(load_checkpoint(path).get("finished"))
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = resolve_paths(resolve_config(args, "fracture"))
     with distributed.session(cfg.device, cfg.out_dir) as info:
@@ -93,6 +101,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                      rows_of_group(train_all, cfg.group_column, g), rows_of_group(val_all, cfg.group_column, g))
                     for g in groups]
 
+            pooled_ckpt = cfg.models_dir / "fracture_classifier_pooled.pt"
+            if cfg.init_from_pooled and not _finished(pooled_ckpt):
+                engine.log("group models start from the pooled model (--init-from-pooled): training it first")
+                jobs.insert(0, ("pooled", "all age groups", train_all, val_all))
         models: dict[str, Any] = {}
         for key, label, train_df, val_df in jobs:
             reason = skip_reason(train_df, val_df, cfg.min_rows)
@@ -104,11 +116,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 engine.log(f"{label}: validation rows hold one class only; AUROC is undefined for it")
             files = engine.RunFiles.from_stem(cfg.models_dir, f"fracture_classifier_{key}")
             group = None if key == "pooled" else int(key.removeprefix("agegroup"))
+            init = None
+            if group is not None and cfg.init_from_pooled:
+                init = load_checkpoint(pooled_ckpt, expect={"kind": "fracture", "model_name": cfg.model,
+                                                            "img_size": cfg.img_size})["model"]
             result = engine.train_classifier(
                 cfg, kind="fracture", train_df=train_df, val_df=val_df, target_col=TARGET,
                 class_names=CLASS_NAMES, files=files, device=info.device, age_bounds=AGE_BOUNDS,
                 cache_dir=cfg.cache_dir, extra_meta={"age_group": group, "group_column": cfg.group_column},
-                title=f"fracture classifier, {label}")
+                title=f"fracture classifier, {label}", init_state=init)
             result.pop("history")
             models[key] = {**result, "config": str(files.config_json), "train_rows": len(train_df),
                            "val_rows": len(val_df)}

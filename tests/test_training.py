@@ -111,3 +111,26 @@ def test_failing_stage_stops_the_run_with_its_error(tiny_phantom: Path, tmp_path
     state = json.loads((out / "run_state.json").read_text())
     assert state["stages"]["1"]["status"] == "failed" and "2" not in state["stages"]
     assert not (out / ".run.lock").exists()
+
+
+def test_group_models_start_from_the_pooled_model(fresh_splits: Path, capsys):
+    base = ["--out-dir", str(fresh_splits), "--img-size", "32", "--epochs", "1", "--quiet"]
+    # Without a pooled model, stage 4 trains it first (at a real learning rate).
+    first = stage4.main(stage4.get_args_parser().parse_args(
+        [*base, "--groups", "0", "--group-column", "age_group", "--init-from-pooled"]))
+    assert "training it first" in capsys.readouterr().out
+    pooled = load_checkpoint(first["models"]["pooled"]["checkpoint"])
+    assert pooled["finished"]
+    name = next(k for k in pooled["model"] if k.endswith("weight") and pooled["model"][k].dim() == 4)
+
+    # lr ~0 keeps a model at its starting weights, so they reveal where it started.
+    frozen = [*base, "--lr", "1e-12", "--groups", "1", "--group-column", "age_group"]
+    routed = stage4.main(stage4.get_args_parser().parse_args([*frozen, "--init-from-pooled"]))
+    assert "pooled" not in routed["models"]  # finished already: not retrained
+    group = load_checkpoint(routed["models"]["agegroup1"]["checkpoint"])["model"][name]
+    torch.testing.assert_close(group, pooled["model"][name], rtol=0, atol=1e-6)
+
+    scratch = stage4.main(stage4.get_args_parser().parse_args(
+        [*frozen, "--no-init-from-pooled", "--models-dir", str(fresh_splits / "scratch")]))
+    other = load_checkpoint(scratch["models"]["agegroup1"]["checkpoint"])["model"][name]
+    assert not torch.allclose(other, pooled["model"][name], atol=1e-4)
