@@ -33,6 +33,7 @@ from typing import Any
 
 import pandas as pd
 
+import errors
 import columns as C
 import phantom
 from config import print_config, save_config, to_dict
@@ -230,4 +231,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.run(main, get_args_parser())

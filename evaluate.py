@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import errors
 import columns
 import metrics as M
 import inference as P
@@ -595,4 +596,4 @@ def print_summary(result: Mapping[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.run(main, get_args_parser())

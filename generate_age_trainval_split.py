@@ -27,6 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import errors
 import columns as C
 from config import print_config, save_config, to_dict
 from io_utils import RunLock, write_json
@@ -157,4 +158,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.run(main, get_args_parser())

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+import errors
 import columns
 import unified_dataset as ud
 from config import print_config, to_dict
@@ -187,4 +188,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.run(main, get_args_parser())

@@ -46,21 +46,19 @@ from typing import Any
 
 import pandas as pd
 
+import errors
 from config import print_config, to_dict
 from distributed import LOCK_HELD_ENV
 from engine import ResumeError
-from io_utils import LockError, RunLock, write_json
-from models import CheckpointError, PretrainedWeightsError, to_jsonable
+from io_utils import RunLock, write_json
+from models import to_jsonable
 from presets import add_training_args, chosen_preset, explicit_training_argv
-from unified_dataset import DataError
 
 STATE_FILE = "run_state.json"
 HERE = Path(__file__).resolve().parent
 MODELS_SUBDIR = "saved_agegroup_models"
 NAMES = {1: "split test set", 2: "split train/val", 3: "age classifier", 4: "fracture classifiers",
          5: "evaluation"}
-# Errors that are the user's to fix: their one-line message is the whole story
-EXPECTED_ERRORS = (DataError, CheckpointError, PretrainedWeightsError, LockError, FileNotFoundError, ResumeError)
 
 
 class StageFailed(RuntimeError):
@@ -313,7 +311,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(1) from None
             except Exception as exc:  # noqa: BLE001 - any stage error ends the run with its message
                 state.mark(stage, "failed", argv, error=f"{type(exc).__name__}: {exc}")
-                if not isinstance(exc, (StageFailed, *EXPECTED_ERRORS)):
+                if not isinstance(exc, (StageFailed, *errors.EXPECTED_ERRORS)):
                     traceback.print_exc()
                 msg = str(exc) if isinstance(exc, StageFailed) else str(StageFailed(stage, str(exc)))
                 if isinstance(exc, ResumeError):
@@ -328,4 +326,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.run(main, get_args_parser())

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import errors
 import distributed
 import engine
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES, PREDICTION_COLUMNS
@@ -99,4 +100,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.run(main, get_args_parser())

@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+import errors
 import distributed
 import engine
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES
@@ -135,4 +136,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    errors.run(main, get_args_parser())
