@@ -367,11 +367,21 @@ class EarlyStopping:
 
 
 # --------------------------------------------------------------------------- optimizer, schedule
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW via timm: no weight decay on biases, norms and the model's ``no_weight_decay`` set."""
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW via timm: no weight decay on biases, norms and the model's ``no_weight_decay`` set.
+
+    ``fused`` (default: when every parameter is on CUDA) uses PyTorch's single-kernel AdamW;
+    torch still defaults to the multi-kernel foreach version, which reads and writes the
+    optimizer state once per elementwise operation. CPU runs keep the default.
+    """
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay)
+    if fused is None:
+        params = list(model.parameters())
+        fused = bool(params) and all(p.is_cuda for p in params)
+    extra = {"fused": True} if fused else {}
+    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, **extra)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, *, warmup_epochs: int = 0,
@@ -701,7 +711,8 @@ def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.
                              seed=cfg.seed, device=device)
     model = create_model(cfg.model, num_classes=num_classes, in_chans=1, img_size=cfg.img_size,
                          pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
-                         drop_path_rate=cfg.drop_path, grad_checkpointing=cfg.grad_checkpointing)
+                         drop_path_rate=cfg.drop_path, grad_checkpointing=cfg.grad_checkpointing,
+                         fused_attn=cfg.fused_attn)
     if init_state is not None:
         model.load_state_dict(init_state)
     criterion = make_criterion(cfg.loss, num_classes, cfg.focal_alpha, cfg.focal_gamma)

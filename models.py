@@ -333,6 +333,7 @@ def create_model(
     pretrained_file: Optional[PathLike] = None,
     drop_path_rate: float = 0.0,
     grad_checkpointing: bool = False,
+    fused_attn: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build timm model ``name`` (legacy names accepted) for ``num_classes`` classes.
@@ -345,6 +346,7 @@ def create_model(
         pretrained_file: load weights from this file instead; implies ``pretrained``.
         drop_path_rate: stochastic depth rate (timm).
         grad_checkpointing: trade compute for memory (timm ``set_grad_checkpointing``).
+        fused_attn: attention through ``scaled_dot_product_attention`` (see :func:`use_fused_attention`).
         **kwargs: passed to the timm model constructor (e.g. ``device="meta"``).
 
     Raises:
@@ -389,7 +391,26 @@ def create_model(
             _check_pretrained_coverage(model, overlay["file"], resolved)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if fused_attn:
+        use_fused_attention(model)
     return model
+
+
+def use_fused_attention(model: nn.Module, enable: bool = True) -> int:
+    """Route every timm attention block of ``model`` through ``F.scaled_dot_product_attention``.
+
+    timm leaves it off for Swin's window attention (flagged experimental there): the
+    relative-position bias, plus the shift mask, become SDPA's additive mask. It is the same
+    function (tests compare outputs and the bias table's gradient). On an H100, Swin-L 384
+    bf16 training runs 17% faster eager and 8% faster compiled, in a third less memory, and
+    inference 38% faster (benchmarks/h100_swin_large_384_fused_attn.log); on the CPU it
+    makes no measurable difference. The trainers' default (``--no-fused-attn`` turns it off).
+    Returns the number of blocks switched (0 for CNNs).
+    """
+    blocks = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    for m in blocks:
+        m.fused_attn = bool(enable)
+    return len(blocks)
 
 
 def _timm_create(name: str, model_kwargs: dict[str, Any], **pretrained_kwargs: Any) -> nn.Module:
@@ -658,11 +679,14 @@ def build_from_checkpoint(
     ckpt: Mapping[str, Any] | PathLike,
     device: str | torch.device = "cpu",
     source: Optional[str] = None,
+    fused_attn: bool = True,
 ) -> nn.Module:
     """The checkpoint's model with its weights, on ``device``, in eval mode.
 
     ``ckpt`` is a dict from :func:`load_checkpoint` or a path (then loaded here). ``source``
-    names the file in messages when a dict is given. Raises :class:`CheckpointError` (one line)
+    names the file in messages when a dict is given. ``fused_attn``: see
+    :func:`use_fused_attention` (the same function; Swin-L 384 inference on an H100 runs
+    at 640 instead of 462 images/s). Raises :class:`CheckpointError` (one line)
     when the architecture cannot be built or the weights do not fit it.
     """
     if isinstance(ckpt, (str, os.PathLike)):
@@ -675,7 +699,7 @@ def build_from_checkpoint(
         img_size = tuple(img_size)
     try:
         model = create_model(name, num_classes=num_classes, in_chans=ckpt.get("in_chans", 1), img_size=img_size,
-                             pretrained=False, **dict(ckpt.get(_MODEL_KWARGS_KEY) or {}))
+                             pretrained=False, fused_attn=fused_attn, **dict(ckpt.get(_MODEL_KWARGS_KEY) or {}))
     except Exception as exc:
         raise CheckpointError(f"{src}: cannot build model {name!r}: {_first_line(exc)}") from None
     desc = f"{name} (num_classes={num_classes}, in_chans={ckpt.get('in_chans')}, img_size={img_size})"

@@ -86,6 +86,43 @@ def test_swin_demo_forward_backward_on_64px():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
+def test_fused_attention_is_the_same_function():
+    # 128 px gives swin_demo shifted 8x8 windows, so the shift mask goes through SDPA too
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AtenOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = models.create_model("swin_demo", num_classes=2, img_size=128)
+    assert any(getattr(b, "shift_size", (0, 0)) != (0, 0) for b in model.modules())
+    x = torch.randn(2, 1, 128, 128)
+    runs = []
+    for fused in (False, True):
+        assert models.use_fused_attention(model, fused) == 6
+        model.zero_grad()
+        with AtenOps() as ops:
+            out = model(x)
+            out.sum().backward()
+        bias_grad = torch.cat([p.grad.flatten() for n, p in model.named_parameters()
+                               if "relative_position_bias_table" in n])
+        runs.append((out.detach(), bias_grad, ops.seen))
+    (out0, g0, ops0), (out1, g1, ops1) = runs
+    assert ops0 != ops1  # the switch really changes the kernels that run
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)
+    assert g0.abs().max() > 0
+    built = models.create_model("swin_demo", num_classes=2, img_size=128, fused_attn=True)
+    assert all(b.fused_attn for b in built.modules() if hasattr(b, "fused_attn"))
+    assert models.use_fused_attention(models.create_model("cnn_demo", num_classes=2)) == 0
+
+
 # --------------------------------------------------------------------------- pretrained weights
 
 
@@ -211,6 +248,7 @@ def test_checkpoint_round_trip_weights_only(tmp_path):
                                                   "model_name": "swin_demo", "age_bounds": (8.0, 15.0)})
     rebuilt = models.build_from_checkpoint(loaded)
     assert not rebuilt.training
+    models.use_fused_attention(model)  # as rebuilt is: compare the weights, not two kernels' rounding
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), rebuilt(x))
