@@ -32,7 +32,10 @@ Each timing is the median over at least ``--steps`` calls and ``--min-time`` sec
 disturb it little.
 
 A variant is ``+``-joined tokens: a precision (``fp32``, ``bf16`` autocast, ``fp16``
-autocast with a GradScaler), ``cl`` (channels_last) and ``compile`` (torch.compile).
+autocast with a GradScaler), ``cl`` (channels_last), ``compile`` (torch.compile), ``fa``
+(attention through SDPA, the trainers' ``--fused-attn``) and ``foreach`` (AdamW's multi-kernel
+version instead of the fused kernel the trainers use on CUDA), optionally ending in ``@N``
+for a batch of N instead of ``--batch-size`` (``bf16+cl+compile@96``).
 Compiled variants run last; a failure, or a compile still running after
 ``--compile-timeout`` s, is recorded as a note, not an error. A cold compile of the demo
 model takes 1-2 minutes on 2 CPU cores, so the CPU default leaves it out.
@@ -95,9 +98,18 @@ def _sync(device: torch.device) -> None:
 
 
 def parse_variant(spec: str) -> dict[str, Any]:
-    """``"bf16+cl+compile"`` -> {"name", "precision", "channels_last", "compile"}."""
-    tokens = [t.strip().lower() for t in spec.split("+") if t.strip()]
-    out = {"name": "+".join(tokens), "precision": "fp32", "channels_last": False, "compile": False}
+    """``"bf16+cl+compile@96"`` -> {"name", "precision", "channels_last", "compile",
+    "fused_attn", "fused_opt", "batch"}; ``fused_opt`` None = the trainers' default and
+    ``batch`` None = ``--batch-size``."""
+    body, _, batch = spec.strip().lower().partition("@")
+    tokens = [t.strip() for t in body.split("+") if t.strip()]
+    out: dict[str, Any] = {"name": "+".join(tokens) + (f"@{batch}" if batch else ""), "precision": "fp32",
+                           "channels_last": False, "compile": False, "fused_attn": False,
+                           "fused_opt": None, "batch": None}
+    if batch:
+        if not batch.isdigit() or int(batch) < 1:
+            raise ValueError(f"--variants: batch {batch!r} in {spec!r} is not a positive integer")
+        out["batch"] = int(batch)
     for tok in tokens:
         if tok in PRECISIONS:
             out["precision"] = tok
@@ -105,9 +117,14 @@ def parse_variant(spec: str) -> dict[str, Any]:
             out["channels_last"] = True
         elif tok in ("compile", "compiled"):
             out["compile"] = True
+        elif tok in ("fa", "fused_attn"):
+            out["fused_attn"] = True
+        elif tok == "foreach":
+            out["fused_opt"] = False
         else:
             raise ValueError(f"--variants: unknown token {tok!r} in {spec!r} "
-                             f"(use {'/'.join(PRECISIONS)}, cl, compile joined by '+')")
+                             f"(use {'/'.join(PRECISIONS)}, cl, compile, fa, foreach joined by '+', "
+                             "optionally @BATCH)")
     return out
 
 
@@ -285,11 +302,12 @@ def _image_shape(path: str) -> list[int]:
 # model: FLOPs, matmul peak, training and inference
 
 
-def _build_model(args: argparse.Namespace, device: torch.device, channels_last: bool) -> torch.nn.Module:
+def _build_model(args: argparse.Namespace, device: torch.device, channels_last: bool,
+                 fused_attn: bool = False) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     model = models.create_model(args.model, num_classes=args.num_classes, in_chans=1,
                                 img_size=args.img_size, pretrained=False,
-                                grad_checkpointing=args.grad_checkpointing)
+                                grad_checkpointing=args.grad_checkpointing, fused_attn=fused_attn)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -307,10 +325,10 @@ def _batch(args: argparse.Namespace, device: torch.device, batch: int,
 
 
 def _train_step_fn(model: torch.nn.Module, step_model: Callable, device: torch.device,
-                   precision: str, num_classes: int) -> Callable:
+                   precision: str, num_classes: int, fused_opt: bool | None = None) -> Callable:
     """The training step of engine.train_one_epoch: the project's optimizer and focal loss."""
     criterion = engine.make_criterion("focal", num_classes)
-    opt = engine.build_optimizer(model, lr=1e-5, weight_decay=0.05)
+    opt = engine.build_optimizer(model, lr=1e-5, weight_decay=0.05, fused=fused_opt)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
@@ -383,7 +401,7 @@ def matmul_peak(device: torch.device, n: int, seconds: float) -> dict[str, float
 def bench_variant(args: argparse.Namespace, device: torch.device, spec: dict[str, Any],
                   flops: dict[str, float] | None, peak_tflops: float | None) -> dict[str, Any]:
     """Train + inference speed of one variant; on CUDA OOM the batch is halved and retried."""
-    batch = args.batch_size
+    batch = spec.get("batch") or args.batch_size
     notes: list[str] = []
     while True:
         try:
@@ -417,7 +435,7 @@ def _bench_variant_once(args: argparse.Namespace, device: torch.device, spec: di
     cl = spec["channels_last"]
     _cleanup(device)
     _reset_peak_memory(device)
-    model = _build_model(args, device, cl)
+    model = _build_model(args, device, cl, spec.get("fused_attn", False))
     model.train()
     step_model: Callable = model
     row: dict[str, Any] = {"variant": spec["name"], "batch_size": batch}
@@ -426,7 +444,8 @@ def _bench_variant_once(args: argparse.Namespace, device: torch.device, spec: di
 
         dynamo.reset()
         step_model = torch.compile(model)
-    step = _train_step_fn(model, step_model, device, spec["precision"], args.num_classes)
+    step = _train_step_fn(model, step_model, device, spec["precision"], args.num_classes,
+                          spec.get("fused_opt"))
     x, y = _batch(args, device, batch, cl)
     try:
         with _time_limit(args.compile_timeout if spec["compile"] else 0):
@@ -476,9 +495,10 @@ def bench_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, 
     loader = engine.make_loader(ds, batch, train=True, sampler="random", workers=args.workers,
                                 seed=args.seed, device=device, persistent=False)
     _cleanup(device)
-    model = _build_model(args, device, cl)
+    model = _build_model(args, device, cl, spec.get("fused_attn", False))
     model.train()
-    step = _train_step_fn(model, model, device, spec["precision"], args.num_classes)
+    step = _train_step_fn(model, model, device, spec["precision"], args.num_classes,
+                          spec.get("fused_opt"))
     t_start = time.perf_counter()
     t0, timed = None, 0
     for i, (x, y) in enumerate(loader):
@@ -611,14 +631,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=2, help="classifier outputs")
     p.add_argument("--grad-checkpointing", action="store_true", help="timm gradient checkpointing")
     p.add_argument("--variants", default="auto",
-                   help="comma list of '+'-joined tokens fp32|bf16|fp16, cl, compile; auto: "
+                   help="comma list of '+'-joined tokens fp32|bf16|fp16, cl, compile, fa, foreach, "
+                        "each optionally @BATCH; auto: "
                         f"{DEFAULT_VARIANTS['cuda']} on CUDA, {DEFAULT_VARIANTS['cpu']} on the CPU "
                         "(a cold torch.compile takes about 2 min on 2 cores)")
     p.add_argument("--sections", default="auto",
                    help="comma list of data,flops,train,e2e; auto = all, e2e on CUDA only")
     p.add_argument("--data-sizes", default="auto",
                    help=f"comma list of sizes for the data section; auto: --img-size and {PAPER_SIZE}")
-    p.add_argument("--fast-variant", default="bf16+cl", help="e2e fast path (fed from the cache)")
+    p.add_argument("--fast-variant", default="bf16+cl",
+                   help="e2e fast path (fed from the cache); 'best': the fastest uncompiled variant "
+                        "of the train section")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per measurement")
     p.add_argument("--steps", type=int, default=6, help="timed steps per measurement (at least)")
     p.add_argument("--min-time", type=float, default=1.0, help="timed seconds per measurement (at least)")
@@ -738,7 +761,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, work_dir: Path,
              result: dict[str, Any]) -> dict[str, Any]:
-    base, fast = parse_variant("fp32"), parse_variant(args.fast_variant)
+    base, fast = parse_variant("fp32"), parse_variant(_fast_variant(args.fast_variant, result))
     # the same batch for both; the largest that fitted fp32 in the train section, if known
     batch = args.batch_size
     for r in result.get("train") or []:
@@ -757,6 +780,17 @@ def _run_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, w
             r["achieved_tflops"] = fl["train_flops_per_image"] * r["images_per_s"] / 1e12
             r["mfu"] = r["achieved_tflops"] / fl["peak_tflops"]
     return {"rows": rows, "speedup": rows[1]["images_per_s"] / rows[0]["images_per_s"]}
+
+
+def _fast_variant(name: str, result: dict[str, Any]) -> str:
+    """``name``, or for 'best' the uncompiled train variant with the most images/s."""
+    if name != "best":
+        return name
+    measured = [r for r in result.get("train") or []
+                if r.get("train_images_per_s") and "compile" not in r["variant"]]
+    if not measured:
+        raise SystemExit("--fast-variant best: no uncompiled variant was measured in the train section")
+    return max(measured, key=lambda r: r["train_images_per_s"])["variant"].partition("@")[0]
 
 
 if __name__ == "__main__":

@@ -16,10 +16,15 @@ def _positive(x: object) -> bool:
 
 def test_parse_variant() -> None:
     v = benchmark.parse_variant("bf16+cl+compile")
-    assert v == {"name": "bf16+cl+compile", "precision": "bf16", "channels_last": True, "compile": True}
+    assert v == {"name": "bf16+cl+compile", "precision": "bf16", "channels_last": True, "compile": True,
+                 "fused_attn": False, "fused_opt": None, "batch": None}
     assert benchmark.parse_variant("fp32")["channels_last"] is False
+    v = benchmark.parse_variant("BF16+fa+foreach@96")
+    assert (v["name"], v["fused_attn"], v["fused_opt"], v["batch"]) == ("bf16+fa+foreach@96", True, False, 96)
     with pytest.raises(ValueError, match="unknown token"):
         benchmark.parse_variant("fp32+turbo")
+    with pytest.raises(ValueError, match="positive integer"):
+        benchmark.parse_variant("fp32@0")
 
 
 def test_benchmark_smallest_run(tmp_path: Path) -> None:
@@ -27,7 +32,8 @@ def test_benchmark_smallest_run(tmp_path: Path) -> None:
     args = benchmark.get_args_parser().parse_args([
         "--quick", "--device", "cpu", "--model", "cnn_demo", "--img-size", "32", "--batch-size", "2",
         "--data-sizes", "32", "--phantom-patients", "1", "--phantom-size", "96", "--workers", "0",
-        "--sections", "data,flops,train,e2e", "--variants", "fp32,bf16+cl,fp32+compile",
+        "--sections", "data,flops,train,e2e", "--variants", "fp32,bf16+cl,fp32+fa@3,fp32+compile",
+        "--fast-variant", "best",
         # a one-second cap: the compile variant is skipped with a note (or, from a warm
         # inductor cache, measured) but never fails the run
         "--compile-timeout", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out),
@@ -50,17 +56,19 @@ def test_benchmark_smallest_run(tmp_path: Path) -> None:
     assert fl["train_flops_per_image"] > fl["forward_flops_per_image"]
 
     train = {r["variant"]: r for r in result["train"]}
-    assert list(train) == ["fp32", "bf16+cl", "fp32+compile"]
-    for name in ("fp32", "bf16+cl"):
+    assert list(train) == ["fp32", "bf16+cl", "fp32+fa@3", "fp32+compile"]
+    for name in ("fp32", "bf16+cl", "fp32+fa@3"):
         r = train[name]
         for key in ("train_images_per_s", "infer_images_per_s", "peak_mem_mb", "achieved_tflops", "mfu"):
             assert _positive(r[key]), (name, key)
-        assert r["batch_size"] == 2
+        assert r["batch_size"] == (3 if name.endswith("@3") else 2)
     compiled = train["fp32+compile"]
     assert _positive(compiled.get("train_images_per_s")) or "skipped" in compiled["note"]
 
     e2e = result["e2e"]
-    assert [(r["variant"], r["loader"]) for r in e2e["rows"]] == [("fp32", "uncached"), ("bf16+cl", "cached")]
+    fastest = max((r for r in result["train"] if "compile" not in r["variant"]),
+                  key=lambda r: r["train_images_per_s"])["variant"].partition("@")[0]
+    assert [(r["variant"], r["loader"]) for r in e2e["rows"]] == [("fp32", "uncached"), (fastest, "cached")]
     assert all(_positive(r["images_per_s"]) for r in e2e["rows"])
     assert _positive(e2e["speedup"])
     assert _positive(result["wall_s"])
