@@ -1,4 +1,4 @@
-"""torch.distributed helpers for running the trainers under ``torchrun``.
+"""torch.distributed helpers for running the trainers and evaluation under ``torchrun``.
 
 Single-process runs need nothing: without the ``RANK``/``WORLD_SIZE`` variables that
 ``torchrun`` sets, :func:`init_distributed` returns a one-process :class:`DistInfo` and
@@ -212,9 +212,10 @@ class DistributedBalancedSampler(Sampler[int]):
 
 @contextlib.contextmanager
 def session(device: str, lock_dir: str | os.PathLike) -> Iterator[DistInfo]:
-    """What a training script runs inside: the process group (if under torchrun), the
+    """What a training or evaluation script runs inside: the process group (if under torchrun), the
     output directory's lock (rank 0 only; skipped when a launching driver holds it),
-    Ctrl-C as exit status 130, and a clean exit from the process group."""
+    Ctrl-C as exit status 130, and a clean exit from the process group. The body may leave
+    the group early with :func:`cleanup` (all ranks at once), e.g. to let rank 0 go on alone."""
     info = init_distributed(device)
     held = os.environ.get(LOCK_HELD_ENV) == str(Path(lock_dir).resolve())
     lock = RunLock(lock_dir) if info.is_main and not held else contextlib.nullcontext()

@@ -28,8 +28,14 @@ Outputs
   <out>/report/report.md       tables + figures (ROC, confusion matrices, training curves,
                                calibration, Grad-CAM) as PNG beside it
 
+Under ``torchrun`` the model inference (every model on validation and test) is sharded over
+the processes and gathered back in row order; rank 0 alone then computes the bootstrap
+metrics, writes every file and prints, while the other ranks leave as soon as inference is
+done. A single process needs no flags.
+
 Example
   python evaluate.py --out-dir runs/demo --n-boot 1000
+  torchrun --nproc_per_node 8 evaluate.py --out-dir runs/real --amp bf16
 """
 from __future__ import annotations
 
@@ -45,13 +51,14 @@ import torch
 
 import errors
 import columns
+import distributed
+import engine
 import metrics as M
 import inference as P
 import report as R
 import unified_dataset as ud
 from config import print_config, save_config, to_dict, versions
-from distributed import resolve_device
-from io_utils import RunLock, write_csv, write_json, write_text
+from io_utils import write_csv, write_json, write_text
 
 SYSTEMS: dict[str, str] = {
     "hard": "(a) routed by predicted age group (hard)",
@@ -383,7 +390,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="decode every image (no cache)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (under torchrun, cuda means each rank's local GPU)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
+                   help="mixed-precision inference (auto: bf16 on CUDA, off on the CPU)")
+    p.add_argument("--result-json", type=Path, default=None,
+                   help="also write the returned summary as JSON (used by run_all_training.py)")
     return p
 
 
@@ -399,14 +411,17 @@ def _paths(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate; returns the written files and a summary on rank 0 (and in a single
+    process), an empty dict on the other torchrun ranks."""
     t0 = time.perf_counter()
     paths = _paths(args)
     method = "sensitivity" if args.target_sensitivity is not None else args.threshold_method
     target = args.target_sensitivity if args.target_sensitivity is not None else 0.95
     cfg = to_dict(args)
-    print_config(cfg, "evaluate")
-    with RunLock(paths["out"]):
-        device = resolve_device(args.device)
+    with distributed.session(args.device, paths["out"]) as info:
+        if info.is_main:
+            print_config(cfg, "evaluate")
+        device = info.device
         test_df = ud.read_split_csv(paths["test_csv"])
         val_df = ud.read_split_csv(paths["val_csv"])
         routed = P.load_routed_models(paths["models_dir"], device)
@@ -416,7 +431,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         bounds = routed.age_bounds
         names = columns.age_group_names(bounds)
         cache = None if args.no_cache else (args.cache_dir or paths["out"] / "image.cache")
-        loader_kw = dict(batch_size=args.batch_size, num_workers=args.workers, cache_dir=cache)
+        amp = engine.resolve_amp(args.amp, device)
+        infer_kw = dict(batch_size=args.batch_size, num_workers=args.workers, cache_dir=cache, amp=amp)
 
         true = {}
         for split, df in (("test", test_df), ("val", val_df)):
@@ -427,10 +443,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                              f"bounds {bounds} for {n_diff} rows; the bounds were used")
             true[split] = g
 
-        print(f"inference: validation ({len(val_df)} images), test ({len(test_df)} images) "
-              f"on {device}")
-        inf_val = infer(routed, val_df, device, args.tta, **loader_kw)
-        inf_test = infer(routed, test_df, device, args.tta, **loader_kw)
+        engine.log(f"inference: validation ({len(val_df)} images), test ({len(test_df)} images) "
+                   f"on {device} (amp {amp})"
+                   + (f", sharded over {info.world_size} processes" if info.distributed else ""))
+        inf_val = infer(routed, val_df, device, args.tta, **infer_kw)
+        inf_test = infer(routed, test_df, device, args.tta, **infer_kw)
+        # The rest (bootstrap, figures, Grad-CAM) is rank 0's alone and may outlast the
+        # collective timeout: leave the process group now (barrier first, see
+        # distributed.cleanup), so the other ranks exit instead of waiting for rank 0.
+        distributed.cleanup()
+        if not info.is_main:
+            return {}
         val_sys = system_probs(inf_val, true["val"])
         test_sys = system_probs(inf_test, true["test"])
         y_val = val_df["fracture"].to_numpy(int)
@@ -536,6 +559,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result = {
             "inputs": {k: str(v) for k, v in paths.items()},
             "config": cfg, "versions": versions(), "device": str(device),
+            "world_size": info.world_size,
             "n_test_images": int(len(test_df)), "n_test_patients": int(pd.Series(pid).nunique()),
             "test_prevalence": float(y.mean()), "n_val_images": int(len(val_df)),
             "age_bounds": list(bounds), "age_group_names": list(names),
@@ -563,6 +587,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for s, r in systems.items()})
         written["conclusion"] = text
         written["wall_time_s"] = result["wall_time_s"]
+        if args.result_json:
+            write_json(_clean(written), args.result_json)
 
     print_summary(result)
     for k in ("test_predictions", "metrics", "thresholds", "report"):

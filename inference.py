@@ -4,6 +4,10 @@ Shared by ``evaluate.py`` (stage 5) and ``predict.py`` (new images): loading the
 classifier and the per-group fracture models from a models directory, routing each image
 to the fracture model of its predicted age group (hard) or mixing the group models by the
 age classifier's probabilities (soft), test-time horizontal flip, and Grad-CAM.
+
+Under ``torchrun`` every model's inference is sharded: each rank predicts its
+``DistributedSampler`` share of the rows and ``engine.predict`` gathers them back, so every
+rank gets the same probabilities, in row order, as a single process would.
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 import columns
+import distributed
 import engine
 import models
 import unified_dataset as ud
@@ -164,7 +169,8 @@ class HFlipTTA(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.model(x), self.model(torch.flip(x, dims=[-1]))
+        # float32 before averaging: under fp16 autocast the clamp and logit epsilons underflow
+        a, b = self.model(x).float(), self.model(torch.flip(x, dims=[-1])).float()
         if a.ndim == 1 or a.shape[-1] == 1:
             p = (torch.sigmoid(a) + torch.sigmoid(b)) / 2
             return torch.logit(p, eps=1e-7)
@@ -173,12 +179,18 @@ class HFlipTTA(nn.Module):
 
 
 def make_loader(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, num_workers: int = 0,
-                cache_dir: str | os.PathLike | None = None) -> DataLoader:
-    """An in-order loader of ``df``'s images prepared as ``lm``'s checkpoint prescribes."""
+                cache_dir: str | os.PathLike | None = None, shard: bool = True) -> DataLoader:
+    """An in-order loader of ``df``'s images prepared as ``lm``'s checkpoint prescribes.
+
+    Under torchrun (and ``shard``) it yields only this rank's share, for ``engine.predict``,
+    which gathers the shares; ``shard=False`` gives every row, for code that runs on one
+    rank without gathering (Grad-CAM).
+    """
     tf = ud.build_transforms(lm.img_size, train=False, mean=lm.mean, std=lm.std)
     ds = ud.WristDataset(df, None, tf, lm.img_size, cache_dir=cache_dir)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      persistent_workers=False)
+    sampler = DistributedSampler(ds, shuffle=False) if shard and distributed.is_dist() else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler,
+                      num_workers=num_workers, persistent_workers=False)
 
 
 def fracture_prob(out: np.ndarray) -> np.ndarray:
@@ -190,12 +202,17 @@ def fracture_prob(out: np.ndarray) -> np.ndarray:
 
 
 def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bool = False,
-                **loader_kw: Any) -> np.ndarray:
-    """Probabilities of ``lm`` on ``df``: (N, C) for the age model, (N,) for fracture models."""
+                amp: str = "off", **loader_kw: Any) -> np.ndarray:
+    """Probabilities of ``lm`` on ``df``: (N, C) for the age model, (N,) for fracture models.
+
+    ``amp``: off, bf16 or fp16 autocast (``engine.resolve_amp`` turns auto into one).
+    Under torchrun every rank must call this with the same ``df``: the ranks share the work.
+    """
     if len(df) == 0:
         return np.zeros((0, lm.num_classes)) if lm.num_classes > 2 else np.zeros(0)
     model = HFlipTTA(lm.model) if tta else lm.model
-    probs = np.asarray(engine.predict(model, make_loader(lm, df, **loader_kw), device), float)
+    probs = np.asarray(engine.predict(model, make_loader(lm, df, **loader_kw), device, amp=amp),
+                       float)
     if lm.num_classes > 2:
         return probs.reshape(len(df), lm.num_classes)
     return fracture_prob(probs)
@@ -247,6 +264,7 @@ def route(routed: RoutedModels, df: pd.DataFrame, device: torch.device, mode: st
     soft: every group model sees every image and their probabilities are mixed.
     Returns a frame aligned with ``df``: age_group_label, age_group_prob_0..G-1,
     fracture_prob, fracture_model (which model decided; the argmax group's for soft).
+    ``loader_kw`` go on to :func:`model_probs` (``amp``) and :func:`make_loader`.
     """
     age_probs = model_probs(routed.age, df, device, tta, **loader_kw)
     pred = age_probs.argmax(1) if len(df) else np.zeros(0, int)
@@ -334,7 +352,7 @@ def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
     """(input image, CAM) pairs for the rows of ``df`` explained by model ``lm``."""
     if len(df) == 0:
         return []
-    loader = make_loader(lm, df, batch_size=8)
+    loader = make_loader(lm, df, batch_size=8, shard=False)
     model = HFlipTTA(lm.model) if tta else lm.model
     out = []
     for x, _ in loader:

@@ -2,7 +2,7 @@
 evaluate; then print what it produced.
 
 Stages (each one's ``main`` is called in this process, or through ``torchrun`` for the
-training stages with ``--nproc-per-node N``):
+training and evaluation stages with ``--nproc-per-node N``):
   1  age_split_testset.py            dataset -> age_test.csv (fixed), age_pool.csv
   2  generate_age_trainval_split.py  pool -> age_train_tmp.csv, age_val_tmp.csv
   3  train_age_classifier.py         -> age_classifier.pt; age_group_label in all three CSVs
@@ -88,7 +88,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--min-rows", type=int, default=None, help="stage 4: smallest group that is trained")
     g.add_argument("--n-boot", type=int, default=None, help="evaluation bootstrap resamples (evaluate.py's default)")
     g.add_argument("--nproc-per-node", type=int, default=1,
-                   help="processes (GPUs) per node for the training stages, launched through torchrun")
+                   help="processes (GPUs) per node for the training and evaluation stages, "
+                        "launched through torchrun")
     g.add_argument("--force", action="store_true",
                    help="redo every stage from scratch, re-drawing the fixed test set too")
     add_training_args(parser, resume_flags=False)
@@ -193,6 +194,13 @@ def _torchrun(module: str, argv: list[str], nproc: int, out: Path, stage: int) -
         result_path.unlink(missing_ok=True)
 
 
+def _launch(module: str, argv: list[str], args: argparse.Namespace, out: Path, stage: int) -> dict[str, Any]:
+    """Run ``module``'s main here, or under torchrun when ``--nproc-per-node`` asks for more."""
+    if args.nproc_per_node > 1:
+        return _torchrun(module, argv, args.nproc_per_node, out, stage)
+    return _call_main(module, argv)
+
+
 def _run_stage(stage: int, argv: list[str], args: argparse.Namespace, out: Path, resume: bool,
                redo: bool) -> tuple[dict[str, Any], list[Path]]:
     """Run one stage; returns its result and the files it is responsible for."""
@@ -205,15 +213,13 @@ def _run_stage(stage: int, argv: list[str], args: argparse.Namespace, out: Path,
         res = _call_main("generate_age_trainval_split", argv + force)
         return res, [out / "age_train_tmp.csv", out / "age_val_tmp.csv"]
     if stage == 5:
-        res = _call_main("evaluate", argv)
+        res = _launch("evaluate", argv, args, out, stage)
         return res, [out / "metrics.json", out / "test_predictions.csv"]
 
     extra = ["--resume"] if resume else []
 
     def train(module: str, more: tuple[str, ...] = ()) -> dict[str, Any]:
-        if args.nproc_per_node > 1:
-            return _torchrun(module, argv + list(more) + extra, args.nproc_per_node, out, stage)
-        return _call_main(module, argv + list(more) + extra)
+        return _launch(module, argv + list(more) + extra, args, out, stage)
 
     if stage == 3:
         res = train("train_age_classifier")

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -25,6 +29,7 @@ import predict
 import unified_dataset as ud
 
 IMG = 48  # demo model input size in these tests
+REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -187,6 +192,16 @@ def test_combine_routes_oracle_and_hard():
     assert used_o.tolist() == [1, 1, 2]
 
 
+def test_model_probs_under_bf16_autocast_stay_close(run_dir):
+    device = torch.device("cpu")
+    routed = P.load_routed_models(run_dir / "saved_agegroup_models", device)
+    df = ud.read_split_csv(run_dir / "age_test.csv").head(8)
+    for lm in (routed.age, routed.pooled):
+        for tta in (False, True):
+            full = P.model_probs(lm, df, device, tta)
+            np.testing.assert_allclose(P.model_probs(lm, df, device, tta, amp="bf16"), full, atol=0.01)
+
+
 # --------------------------------------------------------------------------- Grad-CAM
 @pytest.mark.parametrize("arch", ["cnn_demo", "swin_demo"])
 def test_gradcam_has_input_shape_and_is_finite(arch):
@@ -311,3 +326,52 @@ def test_evaluate_end_to_end(run_dir):
     names = {Path(f).name for f in written["figures"]}
     assert {"roc_by_age_group.png", "training_curves.png", "calibration.png",
             "gradcam_examples.png"} <= names
+
+
+def _odd_copy(run_dir: Path, dest: Path) -> Path:
+    """The inputs of ``run_dir`` (no outputs of earlier runs) with one test and one val row
+    dropped: odd row counts, so DistributedSampler pads one rank with a duplicate."""
+    outputs = ("thresholds.json", "report", "metrics.json", "test_predictions.csv", "image.cache",
+               ".run.lock")
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns(*outputs))
+    for name in ("age_test.csv", "age_val_tmp.csv"):
+        df = pd.read_csv(dest / name)
+        df.iloc[:-1].to_csv(dest / name, index=False)
+    return dest
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and "image.cache" not in p.parts)
+
+
+def test_evaluate_under_torchrun_matches_one_process(run_dir, tmp_path):
+    flags = ["--n-boot", "20", "--n-cam", "1", "--batch-size", "8", "--device", "cpu"]
+    single = _odd_copy(run_dir, tmp_path / "single")
+    evaluate.main(evaluate.get_args_parser().parse_args(["--out-dir", str(single), *flags]))
+
+    multi = _odd_copy(run_dir, tmp_path / "multi")
+    result_json = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "evaluate.py"), "--out-dir", str(multi), *flags, "--result-json", str(result_json)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+
+    test = pd.read_csv(multi / "age_test.csv")
+    assert len(test) % 2 == 1 and len(pd.read_csv(multi / "age_val_tmp.csv")) % 2 == 1
+    pred = pd.read_csv(multi / "test_predictions.csv")
+    assert pred.image_path.tolist() == test.image_path.tolist()  # every row once, in order
+    # the same probabilities (and so thresholds, labels, routing) as one process
+    pd.testing.assert_frame_equal(pred, pd.read_csv(single / "test_predictions.csv"),
+                                  check_exact=False, rtol=1e-6, atol=1e-7)
+
+    assert _files(multi) == _files(single)  # rank 1 wrote nothing of its own
+    assert "gradcam_examples.png" in _files(multi / "report")
+    assert json.loads((multi / "metrics.json").read_text())["world_size"] == 2
+    assert Path(json.loads(result_json.read_text())["test_predictions"]) == multi / "test_predictions.csv"
+    for line in ("evaluate: effective config", "sharded over 2 processes",
+                 "== Fracture detection on the test set", "wrote " + str(multi / "metrics.json")):
+        assert log.count(line) == 1, line  # rank 0 alone prints
+    assert not (multi / ".run.lock").exists()
