@@ -569,15 +569,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
                 best_metrics = {f"val_{k}" if k != "confusion_matrix" else "val_confusion_matrix": v
                                 for k, v in vm.items()}
                 best_metrics.update({"train_loss": tr["loss"], "train_acc": tr["acc"], "train_f1": tr["f1"]})
-            log(f"[Epoch {epoch}] Train Loss {_fmt(tr['loss'])} | Acc {_fmt(tr['acc'])} | F1 {_fmt(tr['f1'])}"
-                f" | lr {lr:.3g} | {tr['images_per_s']:.1f} img/s")
-            log(f"[Epoch {epoch}] Val Loss {_fmt(vm['loss'])} | Acc {_fmt(vm['acc'])} | F1 {_fmt(vm['f1'])}"
-                f" | AUROC {_fmt(vm['auroc'])} | n {vm['n']}"
-                + (" | new best" if is_best else f" | best {_fmt(stopper.best)} at epoch {stopper.best_epoch}"))
-            log(format_confusion(vm["confusion_matrix"], class_names))
-            if len(class_names) > 2:
-                log(classification_report(ev.labels, ev.probs.argmax(1), labels=list(range(len(class_names))),
-                                          target_names=list(class_names), digits=3, zero_division=0))
+            # saved before the epoch is reported: a Ctrl-C after its Val line keeps it
             if distributed.is_main():
                 if is_best:
                     save_checkpoint(files.best, checkpoint(epoch, best_metrics, finished=False))
@@ -588,6 +580,15 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
                     scaler=scaler.state_dict(), early_stopping=stopper.state_dict(), rng=rng_state(),
                     sampler_epoch=epoch, history=history, best_metrics=best_metrics))
             saved_epoch = epoch
+            log(f"[Epoch {epoch}] Train Loss {_fmt(tr['loss'])} | Acc {_fmt(tr['acc'])} | F1 {_fmt(tr['f1'])}"
+                f" | lr {lr:.3g} | {tr['images_per_s']:.1f} img/s")
+            log(f"[Epoch {epoch}] Val Loss {_fmt(vm['loss'])} | Acc {_fmt(vm['acc'])} | F1 {_fmt(vm['f1'])}"
+                f" | AUROC {_fmt(vm['auroc'])} | n {vm['n']}"
+                + (" | new best" if is_best else f" | best {_fmt(stopper.best)} at epoch {stopper.best_epoch}"))
+            log(format_confusion(vm["confusion_matrix"], class_names))
+            if len(class_names) > 2:
+                log(classification_report(ev.labels, ev.probs.argmax(1), labels=list(range(len(class_names))),
+                                          target_names=list(class_names), digits=3, zero_division=0))
             if stop:
                 stopped_early = True
                 log(f"Early stopping at epoch {epoch}: no {monitor_col} improvement for "
@@ -715,6 +716,7 @@ def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.
                          fused_attn=cfg.fused_attn)
     if init_state is not None:
         model.load_state_dict(init_state)
+    model = model.to(device)  # before the optimizer, which picks fused AdamW for CUDA parameters
     criterion = make_criterion(cfg.loss, num_classes, cfg.focal_alpha, cfg.focal_gamma)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs, warmup_epochs=cfg.warmup_epochs,

@@ -148,6 +148,23 @@ def test_resume_after_interrupt_gives_the_uninterrupted_result(tmp_path, capsys)
     assert load_checkpoint(files.best)["settings"]["img_size"] == 32
 
 
+def test_ctrl_c_right_after_an_epoch_is_reported_keeps_that_epoch(tmp_path, monkeypatch, capsys):
+    # the H100 smoke run once lost a reported epoch: SIGINT landed between its Val line and
+    # its save. Ctrl-C at the moment epoch 2's Val line is printed must keep epoch 2.
+    printed = engine.log
+
+    def log_then_interrupt(*parts: object) -> None:
+        printed(*parts)
+        if str(parts[0]).startswith("[Epoch 2] Val"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "log", log_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, epochs=3)
+    assert "State of epoch 2 is saved" in capsys.readouterr().out
+    assert load_checkpoint(engine.RunFiles.from_stem(tmp_path, "m").last)["epoch"] == 2
+
+
 def test_metrics_match_sklearn():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 200)
