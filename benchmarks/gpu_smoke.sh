@@ -9,15 +9,7 @@
 # About 2-3 minutes on an H100. Run from the repository root: bash benchmarks/gpu_smoke.sh
 # (WHEELS=0 DEVICE=cpu PY=.venv/bin/python for a dry run on a CPU machine).
 set -u -o pipefail
-OUT=${OUT:-$PWD/smoke_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-if [ "${WHEELS:-1}" = 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 1; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$(dirname "$0")/device_env.sh" smoke_out
 DEV=${DEVICE:-cuda}
 RUN=${RUN_DIR:-/tmp/smoke/run}
 rm -rf "$(dirname "$RUN")"

@@ -11,15 +11,7 @@
 # Wheels of packages the GPU image lacks (albumentations and its needs) may sit in .whl/.
 # WHEELS=0 skips them; DEVICE/MODEL/IMG/BATCH/BIG override the defaults for a dry run on a CPU machine.
 set -u -o pipefail
-OUT=${OUT:-$PWD/bench_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-if [ "${WHEELS:-1}" = 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || { echo "wheel install failed"; exit 1; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source "$(dirname "$0")/device_env.sh" bench_out
 BATCH=${BATCH:-64}
 BIG=${BIG:-96}
 COMMON=(--device "${DEVICE:-cuda}" --model "${MODEL:-swin_large_patch4_window12_384}" --img-size "${IMG:-384}"
