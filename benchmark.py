@@ -687,7 +687,10 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str], list[di
             raise SystemExit(f"--sections: unknown {bad}; choose from {known}")
     if args.variants == "auto":
         args.variants = DEFAULT_VARIANTS["cuda" if device.type == "cuda" else "cpu"]
-    variants = [parse_variant(v) for v in args.variants.split(",") if v.strip()]
+    try:
+        variants = [parse_variant(v) for v in args.variants.split(",") if v.strip()]
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     # compiling changes global dynamo state and can take minutes: run those last
     variants.sort(key=lambda v: v["compile"])
     return device, sections, variants

@@ -52,7 +52,7 @@ from config import save_config, to_dict
 from io_utils import write_csv
 from losses import FocalLoss
 from models import create_model, load_checkpoint, make_checkpoint, resolve_model_name, save_checkpoint
-from presets import model_note
+from presets import AMP_MODES, model_note
 from unified_dataset import DataError, WristDataset, build_transforms, validate_frame
 
 HISTORY_COLUMNS: tuple[str, ...] = (
@@ -91,8 +91,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
         return "off"
-    if amp not in ("bf16", "fp16", "off"):
-        raise ValueError(f"amp must be auto, bf16, fp16 or off, got {amp!r}")
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
     return amp
 
 

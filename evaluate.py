@@ -59,6 +59,7 @@ import report as R
 import unified_dataset as ud
 from config import print_config, save_config, to_dict, versions
 from io_utils import write_csv, write_json, write_text
+from presets import AMP_MODES
 
 SYSTEMS: dict[str, str] = {
     "hard": "(a) routed by predicted age group (hard)",
@@ -392,7 +393,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (under torchrun, cuda means each rank's local GPU)")
-    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
+    p.add_argument("--amp", choices=AMP_MODES, default="off",
                    help="mixed-precision inference (auto: bf16 on CUDA, off on the CPU)")
     p.add_argument("--result-json", type=Path, default=None,
                    help="also write the returned summary as JSON (used by run_all_training.py)")

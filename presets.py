@@ -48,6 +48,9 @@ DEMO_RECIPE: dict[str, Any] = {
 GRAY_MEAN = 0.449
 GRAY_STD = 0.226
 
+# Mixed-precision choices of every script (engine.resolve_amp turns auto into one of the others).
+AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
+
 # What both presets share: the design's loss, sampler and optimizer settings.
 _COMMON: dict[str, Any] = {
     "weight_decay": 0.05,
@@ -148,7 +151,7 @@ _OPTIONS: tuple[tuple[str, str, Any, tuple | None, str], ...] = (
      "attention through scaled_dot_product_attention: the same function, and on an H100 Swin-L 384 "
      "trains 8-17%% faster in a third less memory (timm leaves it off for Swin)"),
     ("--workers", "workers", int, None, "DataLoader worker processes per training process"),
-    ("--amp", "amp", str, ("auto", "bf16", "fp16", "off"),
+    ("--amp", "amp", str, AMP_MODES,
      "mixed precision: auto = bf16 autocast on CUDA, off on CPU; fp16 uses a grad scaler"),
     ("--channels-last", "channels_last", bool, None, "channels_last memory format"),
     ("--compile", "compile", bool, None, "torch.compile the model"),

@@ -37,3 +37,13 @@ def test_bad_row_is_one_line_naming_file_and_row(tiny_phantom: Path, tmp_path: P
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: {bad}:5: age") and lines[0].endswith("is negative")
+
+
+@pytest.mark.parametrize("variant", ["fp32+turbo", "bf16@0"])
+def test_bad_benchmark_variant_is_one_line(variant: str, tmp_path: Path):
+    proc = _run("benchmark.py", "--device", "cpu", "--sections", "train", "--variants", variant,
+                "--out", str(tmp_path / "b.json"))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert proc.stderr.startswith("error: --variants:") and repr(variant.split("+")[-1].split("@")[-1]) in proc.stderr
+    assert not (tmp_path / "b.json").exists()
