@@ -56,7 +56,7 @@ from presets import AMP_MODES, model_note
 from unified_dataset import DataError, WristDataset, build_transforms, validate_frame
 
 HISTORY_COLUMNS: tuple[str, ...] = (
-    "epoch", "lr", "train_loss", "train_acc", "train_f1",
+    "epoch", "lr", "train_loss", "train_acc", "train_f1", "train_images",
     "val_loss", "val_acc", "val_f1", "val_auroc", "seconds", "images_per_s",
 )
 # --metric -> (history column, direction)
@@ -553,7 +553,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
                           channels_last=opts.channels_last, progress=progress, desc=f"epoch {epoch} val")
             vm = ev.metrics
             row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                   "train_f1": tr["f1"], "val_loss": vm["loss"], "val_acc": vm["acc"], "val_f1": vm["f1"],
+                   "train_f1": tr["f1"], "train_images": tr["n"], "val_loss": vm["loss"], "val_acc": vm["acc"], "val_f1": vm["f1"],
                    "val_auroc": vm["auroc"], "seconds": time.perf_counter() - t0,
                    "images_per_s": tr["images_per_s"]}
             history.append(row)
@@ -605,7 +605,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
         # The best checkpoint, marked finished, is what --resume checks to not retrain; the
         # resumable state (optimizer etc., several times the model's size) is no longer needed.
         best = load_checkpoint(files.best)
-        best.update(finished=True, epochs_run=epoch, stopped_early=stopped_early, history=history)
+        best.update(finished=True, epochs_run=epoch, stopped_early=stopped_early, history=history,
+                    epochs_max=opts.epochs, images_seen=images_seen(history))
         save_checkpoint(files.best, best)
         files.last.unlink(missing_ok=True)
     distributed.barrier()  # the best checkpoint exists for every rank after this
@@ -613,11 +614,20 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
     return _result(files, stopper.best_epoch, best_metrics, epoch, stopped_early, history)
 
 
+def images_seen(history: Sequence[Mapping[str, Any]]) -> int | None:
+    """Training images processed over all epochs of a run (its training budget); None for a
+    history written before the per-epoch count was recorded."""
+    counts = [row.get("train_images") for row in history]
+    if not counts or any(c is None or c != c for c in counts):
+        return None
+    return int(sum(counts))
+
+
 def _result(files: RunFiles, best_epoch: int | None, best_metrics: Mapping[str, Any], epochs_run: int,
             stopped_early: bool, history: list) -> dict[str, Any]:
     return {"checkpoint": str(files.best), "last": str(files.last), "metrics_csv": str(files.metrics_csv),
             "best_epoch": best_epoch, "best_metrics": dict(best_metrics), "epochs_run": epochs_run,
-            "stopped_early": stopped_early, "history": list(history)}
+            "stopped_early": stopped_early, "images_seen": images_seen(history), "history": list(history)}
 
 
 # --------------------------------------------------------------------------- the recipe both trainers use
@@ -673,6 +683,13 @@ def make_criterion(loss: str, num_classes: int, focal_alpha: float | None = 0.25
     return FocalLoss(alpha=alpha, gamma=focal_gamma)
 
 
+def weights_origin(cfg: Any) -> dict[str, Any]:
+    """Where a model's initial weights come from when no checkpoint is given."""
+    if cfg.pretrained:
+        return {"kind": "pretrained", "source": str(cfg.pretrained_file or resolve_model_name(cfg.model))}
+    return {"kind": "random", "seed": int(cfg.seed)}
+
+
 def frame_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
     """Short identity of the rows a model trains on (for the resume check)."""
     digest = hashlib.sha256(df[list(columns)].to_csv(index=False).encode()).hexdigest()
@@ -682,10 +699,13 @@ def frame_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
 def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.DataFrame, target_col: str,
                      class_names: Sequence[str], files: RunFiles, device: torch.device, age_bounds: Sequence[float],
                      cache_dir: str | Path | None = None, extra_meta: Mapping[str, Any] | None = None,
-                     title: str = "", init_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                     title: str = "", init_state: Mapping[str, torch.Tensor] | None = None,
+                     init_from: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Build data, model, loss, optimizer and schedule from ``cfg`` (presets.resolve_config)
     and :func:`fit` them. ``init_state`` (a state dict of the same architecture) replaces the
-    initial weights. Returns fit's result dict."""
+    initial weights, and ``init_from`` says where it came from (stored as the checkpoint's
+    ``init``, so a comparison of models can state each one's training budget). Returns fit's
+    result dict."""
     seed_everything(cfg.seed + distributed.get_rank())
     num_classes = len(class_names)
     datasets = {}
@@ -724,7 +744,7 @@ def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.
     config = to_dict(cfg)
     meta = {"model_name": cfg.model, "kind": kind, "class_names": list(class_names), "img_size": cfg.img_size,
             "in_chans": 1, "mean": cfg.mean, "std": cfg.std, "age_bounds": list(age_bounds), "config": config,
-            **dict(extra_meta or {})}
+            "init": dict(init_from) if init_from is not None else weights_origin(cfg), **dict(extra_meta or {})}
     settings = {
         "model": resolve_model_name(cfg.model), "img_size": int(cfg.img_size), "classes": list(class_names),
         "train data": frame_fingerprint(train_df, ["image_path", target_col]),

@@ -1,32 +1,48 @@
 """Stage 5: evaluate the age-routed fracture system on the fixed test set.
 
-Four systems are scored side by side on ``age_test.csv``:
+Systems scored side by side on ``age_test.csv``:
 
-  (a) hard    the age classifier's predicted group picks the group's fracture model (the design)
-  (b) soft    the group models' probabilities weighted by the age classifier's probabilities
-  (c) oracle  the true age group picks the model: what routing would give with a perfect
-              age classifier, so (c) - (a) is the price of routing errors
-  (d) pooled  one fracture model trained on all ages (``train_fracture_per_agegroup.py --pooled``)
+  (a) hard      the age classifier's predicted group picks the group's fracture model (the design)
+  (b) soft      the group models' probabilities weighted by the age classifier's probabilities
+  (c) oracle    the true age group picks the model: what routing would give with a perfect
+                age classifier, so (c) - (a) is the price of routing errors
+  (d) pooled    one fracture model trained on all ages (``train_fracture_per_agegroup.py --pooled``)
+  (e) pooled, continued   the pooled model trained further on all ages with the group models'
+                settings, when the group models started from the pooled model
+                (``--init-from-pooled``): the equal-budget control for routing
+  and (a)-(c) again with one threshold per group model ("per-group thresholds").
 
-Each system's operating threshold is chosen on the VALIDATION CSV (Youden's J, or the
-highest threshold reaching ``--target-sensitivity``) and applied unchanged to the test set.
-Metrics (accuracy, F1, sensitivity, specificity, PPV, NPV, AUROC, AUPRC, Brier, confusion
-matrix) are reported overall, per TRUE age group and with/without a cast (the known
-shortcut), each with a 95 % confidence interval from a bootstrap that resamples patients.
-Differences between systems use paired resamples. A group without its own model (skipped in
-training as too small) is served by the pooled model, and the report says so.
+Like with like: each model's checkpoint records where its weights started, the epochs it ran
+and the images it saw. The Answer compares routing with the pooled system whose training
+budget equals the routed system's (same start, same schedule and epoch cap, the same number
+of training images within 10 %), and says so; with no such system it says plainly that the
+comparison is not equal-budget and never that routing "helped".
+
+Each operating threshold is chosen on the VALIDATION CSV (Youden's J, or the highest
+threshold reaching ``--target-sensitivity``) and applied unchanged to the test set; the
+per-group variants choose one threshold per group model on the validation images routed to
+it. Metrics (accuracy, F1, sensitivity, specificity, PPV, NPV, AUROC, AUPRC, Brier, confusion
+matrix) are reported per image (overall, per TRUE age group, with/without a cast), per study
+(the images of one study, ``patient_id`` + ``--study-col``, aggregated by their max and their
+mean probability; a study is positive if any image is), and AUROC per X-ray device and per
+projection (subsets under 30 images or with one class are listed, not scored). Every interval
+is a 95 % percentile bootstrap over PATIENTS; differences between systems use paired
+resamples, and where an interval includes 0 the report gives the smallest difference this
+test set could detect. Calibration: a temperature per model fitted on validation, applied to
+test, with the expected calibration error (ECE) before and after. A group without its own
+model (skipped in training as too small) is served by the pooled model, and the report says so.
 
 Inputs (all derived from --out-dir unless given)
   <out>/age_test.csv, <out>/age_val_tmp.csv
   <out>/saved_agegroup_models/{age_classifier, fracture_classifier_agegroup{0,1,2},
-                               fracture_classifier_pooled}.pt  (+ <stem>_metrics.csv beside)
+                               fracture_classifier_pooled[_continued]}.pt  (+ <stem>_metrics.csv)
 Outputs
   <out>/test_predictions.csv   per test image: true/predicted age group, every system's
-                               fracture probability, label and threshold
+                               fracture probability (and calibrated), label and threshold
   <out>/metrics.json           every number, for machines (NaN written as null)
-  <models-dir>/thresholds.json the validation thresholds, read by predict.py
-  <out>/report/report.md       tables + figures (ROC, confusion matrices, training curves,
-                               calibration, Grad-CAM) as PNG beside it
+  <models-dir>/thresholds.json the validation thresholds (single and per group), read by predict.py
+  <out>/report/report.md       the Answer, tables and figures (ROC, confusion matrices, training
+                               curves, calibration before/after, Grad-CAM) as PNG beside it
 
 Under ``torchrun`` the model inference (every model on validation and test) is sharded over
 the processes and gathered back in row order; rank 0 alone then computes the bootstrap
@@ -42,6 +58,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -49,35 +66,61 @@ import numpy as np
 import pandas as pd
 import torch
 
-import errors
 import columns
 import distributed
 import engine
-import metrics as M
-import inference as P
-import report as R
-import unified_dataset as ud
+import errors
+import inference
+import metrics
+import report
+import unified_dataset
 from config import print_config, save_config, to_dict, versions
-from io_utils import write_csv, write_json, write_text
+from io_utils import write_csv, write_json
 from presets import AMP_MODES
 
+# Every system, in table order. The per-group variants share their base system's
+# probabilities (so its AUROC) and differ only in the thresholds.
 SYSTEMS: dict[str, str] = {
     "hard": "(a) routed by predicted age group (hard)",
+    "hard_per_group": "(a) hard, per-group thresholds",
     "soft": "(b) soft routing (group models weighted by age probabilities)",
+    "soft_per_group": "(b) soft, per-group thresholds",
     "oracle": "(c) routed by true age group (oracle)",
+    "oracle_per_group": "(c) oracle, per-group thresholds",
     "pooled": "(d) one pooled model",
+    "pooled_continued": "(e) pooled, continued like the group models",
 }
-TABLE_METRICS = ("auroc", "auprc", "f1", "sensitivity", "specificity", "ppv", "npv", "accuracy")
+ROUTED = ("hard", "soft", "oracle")
+BASE_SYSTEMS = ("hard", "soft", "oracle", "pooled", "pooled_continued")
+PER_GROUP = "_per_group"
+# Which group's threshold (model) applies to an image, per routed system.
+GROUP_BY = {"hard": "predicted age group", "soft": "predicted age group (the largest weight)",
+            "oracle": "true age group"}
+# Subgroups scored by AUROC where the CSV has the column; smaller subsets are only listed.
+SUBGROUP_COLUMNS = ("device_manufacturer", "projection")
+MIN_SUBSET_IMAGES = 30
+# The training settings that must agree for two systems to have the same training budget.
+SCHEDULE_KEYS = ("model", "img_size", "epochs", "lr", "scheduler", "warmup_epochs", "batch_size",
+                 "sampler", "loss", "focal_alpha", "focal_gamma", "weight_decay")
+# Images seen in training may differ this much (relative) and still count as the same budget:
+# the class-balanced sampler draws one epoch of rows per epoch, and early stopping and dropped
+# last batches move the totals a little.
+IMAGES_TOLERANCE = 0.10
+CALIBRATION_BINS = 10
 
 
-# --------------------------------------------------------------------------- pieces
+def base_system(name: str) -> str:
+    """``hard_per_group`` -> ``hard``; base systems are their own base."""
+    return name.removesuffix(PER_GROUP)
+
+
 def threshold_from_validation(
     val_y: Sequence[int], val_prob: Sequence[float], test_y: Sequence[int],
     test_prob: Sequence[float], method: str = "youden", target_sensitivity: float = 0.95,
 ) -> tuple[float, dict[str, Any]]:
     """Choose the threshold on validation data; return it and the test metrics at it."""
-    thr = M.choose_threshold(val_y, val_prob, method, target_sensitivity)
-    return thr, M.binary_metrics(test_y, test_prob, thr)
+    thr = metrics.choose_threshold(val_y, val_prob, method, target_sensitivity)
+    return thr, metrics.binary_metrics(test_y, test_prob, thr)
 
 
 def find_history(ckpt: Path, pattern: str = "{stem}_metrics.csv") -> Path | None:
@@ -86,26 +129,42 @@ def find_history(ckpt: Path, pattern: str = "{stem}_metrics.csv") -> Path | None
     return hits[0] if hits else None
 
 
-def infer(routed: P.RoutedModels, df: pd.DataFrame, device: torch.device, tta: bool = False,
+# --------------------------------------------------------------------------- inference
+def infer(routed: inference.RoutedModels, df: pd.DataFrame, device: torch.device, tta: bool = False,
           **loader_kw: Any) -> dict[str, np.ndarray | None]:
-    """Age probabilities, every group's fracture probabilities and the pooled model's."""
-    age_probs = P.model_probs(routed.age, df, device, tta, **loader_kw)
-    group = P.all_group_probs(routed, df, device, tta, **loader_kw)
+    """Age probabilities, every group's fracture probabilities and the pooled models'."""
+    age_probs = inference.model_probs(routed.age, df, device, tta, **loader_kw)
+    group = inference.all_group_probs(routed, df, device, tta, **loader_kw)
     pooled = None
     if routed.pooled is not None:
         served = [g for g in range(routed.n_groups) if routed.model_for_group(g) is routed.pooled]
         pooled = (group[:, served[0]].copy() if served
-                  else P.model_probs(routed.pooled, df, device, tta, **loader_kw))
-    return {"age_probs": age_probs, "group_probs": group, "pooled": pooled}
+                  else inference.model_probs(routed.pooled, df, device, tta, **loader_kw))
+    control = None
+    if routed.pooled_continued is not None:
+        control = inference.model_probs(routed.pooled_continued, df, device, tta, **loader_kw)
+    return {"age_probs": age_probs, "group_probs": group, "pooled": pooled, "pooled_continued": control}
 
 
-def system_probs(inf: Mapping[str, Any], true_group: np.ndarray) -> dict[str, np.ndarray]:
-    """Fracture probability of each system from :func:`infer`'s output."""
-    out = {m: P.combine_routes(inf["age_probs"], inf["group_probs"], m, true_group)[0]
-           for m in ("hard", "soft", "oracle")}
-    if inf["pooled"] is not None:
-        out["pooled"] = np.asarray(inf["pooled"], float)
-    return out
+@dataclass
+class SplitOutputs:
+    """Every base system's fracture probability on one split, and for the routed systems the
+    group whose model decided each image (the group whose threshold applies)."""
+
+    prob: dict[str, np.ndarray]
+    group: dict[str, np.ndarray]
+
+
+def system_probs(inf: Mapping[str, Any], true_group: np.ndarray) -> SplitOutputs:
+    """The systems' probabilities from :func:`infer`'s output."""
+    prob, group = {}, {}
+    for mode in ROUTED:
+        prob[mode], group[mode] = inference.combine_routes(inf["age_probs"], inf["group_probs"], mode,
+                                                           true_group)
+    for key in ("pooled", "pooled_continued"):
+        if inf.get(key) is not None:
+            prob[key] = np.asarray(inf[key], float)
+    return SplitOutputs(prob=prob, group=group)
 
 
 def subsets(df: pd.DataFrame, true_group: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -118,6 +177,287 @@ def subsets(df: pd.DataFrame, true_group: np.ndarray, names: Sequence[str]) -> d
         out["cast"] = cast
         out["no cast"] = ~cast
     return out
+
+
+# --------------------------------------------------------------------------- thresholds
+def choose_thresholds(y: np.ndarray, out: SplitOutputs, n_groups: int, method: str, target: float,
+                      notes: list[str], unit: str = "images") -> dict[str, dict[str, Any]]:
+    """Each system's operating point(s), chosen on validation ``y``/``out``.
+
+    Base systems get one threshold; each routed system also gets a per-group variant with
+    one threshold per group model, chosen on the validation rows that model decided.
+    """
+    chosen: dict[str, dict[str, Any]] = {}
+    for s, prob in out.prob.items():
+        try:
+            t = metrics.choose_threshold(y, prob, method, target)
+        except ValueError as exc:
+            t = 0.5
+            notes.append(f"{s}: no validation threshold ({exc}); 0.5 used")
+        chosen[s] = {"value": t, "method": method, "target_sensitivity": target if method == "sensitivity" else None,
+                     "val_metrics": metrics.binary_metrics(y, prob, t)}
+        if s not in out.group:
+            continue
+        per, fell_back = metrics.choose_group_thresholds(y, prob, out.group[s], n_groups, t, method, target)
+        if fell_back:
+            notes.append(f"{s}, per-group thresholds ({unit}): the validation {unit} of group(s) "
+                         f"{', '.join(map(str, fell_back))} hold one class, so they use the single threshold")
+        chosen[s + PER_GROUP] = {
+            "values": per, "group_by": GROUP_BY[s], "method": method, "fallback_groups": fell_back,
+            "val_n_by_group": np.bincount(out.group[s], minlength=n_groups).tolist(),
+            "val_metrics": metrics.binary_metrics(y, prob, metrics.per_row_thresholds(out.group[s], per))}
+    return {s: chosen[s] for s in SYSTEMS if s in chosen}
+
+
+def row_thresholds(chosen: Mapping[str, Mapping[str, Any]], out: SplitOutputs) -> dict[str, float | np.ndarray]:
+    """Each system's threshold for every row of a split: one value, or one per row."""
+    return {s: (metrics.per_row_thresholds(out.group[base_system(s)], t["values"]) if "values" in t
+                else t["value"]) for s, t in chosen.items()}
+
+
+# --------------------------------------------------------------------------- scoring
+def score_systems(y: np.ndarray, out: SplitOutputs, thresholds: Mapping[str, float | np.ndarray],
+                  masks: Mapping[str, np.ndarray], patients: np.ndarray, boot: Mapping[str, Any]) -> dict[str, Any]:
+    """Every system's metrics, with patient-bootstrap intervals, on every subset (row mask)."""
+    scored: dict[str, Any] = {}
+    for s, thr in thresholds.items():
+        prob = out.prob[base_system(s)]
+        scored[s] = {"description": SYSTEMS[s], "threshold": float(thr) if np.ndim(thr) == 0 else None}
+        for sub, mask in masks.items():
+            t = thr if np.ndim(thr) == 0 else thr[mask]
+            scored[s][sub] = metrics.bootstrap_binary_metrics(y[mask], prob[mask], patients[mask], t, **boot)
+    return scored
+
+
+def compare_systems(y: np.ndarray, out: SplitOutputs, thresholds: Mapping[str, float | np.ndarray],
+                    patients: np.ndarray, pairs: Sequence[tuple[str, str]], boot: Mapping[str, Any],
+                    mask: np.ndarray | None = None) -> dict[str, Any]:
+    """Paired patient-bootstrap differences ``a - b`` (same resamples) for each pair present."""
+    m = np.ones(len(y), bool) if mask is None else mask
+    found = {}
+    for a, b in pairs:
+        if a not in thresholds or b not in thresholds or f"{a}_minus_{b}" in found:
+            continue
+        ta, tb = (thresholds[s] if np.ndim(thresholds[s]) == 0 else thresholds[s][m] for s in (a, b))
+        found[f"{a}_minus_{b}"] = metrics.paired_bootstrap_difference(
+            y[m], out.prob[base_system(a)][m], out.prob[base_system(b)][m], patients[m], ta, tb, **boot)
+    return found
+
+
+def comparison_pairs(reference: str | None) -> list[tuple[str, str]]:
+    """The differences the report gives: routing against the equal-budget pooled system first."""
+    pairs = [("hard", reference), ("soft", reference)] if reference else []
+    pairs += [("hard", "pooled"), ("soft", "pooled"), ("pooled_continued", "pooled"), ("soft", "hard"),
+              ("oracle", "hard"), ("hard_per_group", "hard")]
+    return [(a, b) for a, b in pairs if a != b]
+
+
+def study_outputs(df: pd.DataFrame, y: np.ndarray, out: SplitOutputs, study_col: str | None,
+                  how: str) -> tuple[pd.DataFrame, SplitOutputs]:
+    """The split aggregated to one row per study, with the systems' study probabilities; a
+    study's group is the group that decided most of its images."""
+    keys = ["patient_id"] + ([study_col] if study_col else [])
+    frame = pd.DataFrame({"patient_id": df["patient_id"].astype(str).to_numpy(), "fracture": y})
+    if study_col:
+        frame[study_col] = df[study_col].astype(str).to_numpy()
+    for s, p in out.prob.items():
+        frame[f"prob_{s}"] = p
+    for s, g in out.group.items():
+        frame[f"group_{s}"] = g
+    studies = metrics.aggregate_studies(frame, [f"prob_{s}" for s in out.prob], how, keys,
+                                        [f"group_{s}" for s in out.group])
+    agg = SplitOutputs(prob={s: studies[f"prob_{s}"].to_numpy(float) for s in out.prob},
+                       group={s: studies[f"group_{s}"].to_numpy(int) for s in out.group})
+    return studies, agg
+
+
+def score_studies(val: tuple[pd.DataFrame, np.ndarray, SplitOutputs], test: tuple[pd.DataFrame, np.ndarray, SplitOutputs],
+                  study_col: str | None, n_groups: int, method: str, target: float, reference: str | None,
+                  boot: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Study-level results per aggregation (max, mean): thresholds chosen on validation
+    studies, every system scored on test studies, and routing against ``reference``."""
+    result: dict[str, Any] = {"unit": "patient_id + " + study_col if study_col else "patient_id (one study per patient)",
+                              "aggregations": {}}
+    for how in ("max", "mean"):
+        val_studies, val_out = study_outputs(*val, study_col, how)
+        test_studies, test_out = study_outputs(*test, study_col, how)
+        y_val, y_test = val_studies["fracture"].to_numpy(int), test_studies["fracture"].to_numpy(int)
+        chosen = choose_thresholds(y_val, val_out, n_groups, method, target, notes, unit=f"studies ({how})")
+        thr = row_thresholds(chosen, test_out)
+        patients = test_studies["patient_id"].to_numpy()
+        whole = {"overall": np.ones(len(y_test), bool)}
+        result["aggregations"][how] = {
+            "n_studies": int(len(test_studies)), "n_patients": int(pd.unique(patients).size),
+            "prevalence": float(y_test.mean()) if len(y_test) else float("nan"),
+            "thresholds": chosen,
+            "systems": {s: r["overall"] | {"threshold": r["threshold"]}
+                        for s, r in score_systems(y_test, test_out, thr, whole, patients, boot).items()},
+            "comparisons": compare_systems(y_test, test_out, thr, patients, comparison_pairs(reference)[:2], boot),
+        }
+    return result
+
+
+def score_subgroups(df: pd.DataFrame, y: np.ndarray, out: SplitOutputs, patients: np.ndarray,
+                    boot: Mapping[str, Any]) -> dict[str, Any]:
+    """AUROC (with CI) of every base system per value of each subgroup column the CSV has;
+    subsets of fewer than MIN_SUBSET_IMAGES images or with one class are listed, not scored."""
+    found: dict[str, Any] = {}
+    for col in SUBGROUP_COLUMNS:
+        if col not in df.columns:
+            continue
+        values = df[col].astype(str).str.strip().replace("", "(missing)").to_numpy()
+        found[col] = {}
+        for value in sorted(set(values)):
+            mask = values == value
+            n, n_pos = int(mask.sum()), int(y[mask].sum())
+            entry: dict[str, Any] = {"n": n, "n_pos": n_pos, "n_patients": int(pd.unique(patients[mask]).size)}
+            if n < MIN_SUBSET_IMAGES or not 0 < n_pos < n:
+                entry["too_small"] = (f"fewer than {MIN_SUBSET_IMAGES} images" if n < MIN_SUBSET_IMAGES
+                                      else "one class only")
+            else:
+                entry["auroc"] = {}
+                for s in out.prob:
+                    m = metrics.bootstrap_binary_metrics(y[mask], out.prob[s][mask], patients[mask], 0.5, **boot)
+                    entry["auroc"][s] = {"value": m["auroc"], "ci": m["ci"].get("auroc")}
+            found[col][value] = entry
+    return found
+
+
+# --------------------------------------------------------------------------- calibration
+def calibrate(inf_val: Mapping[str, Any], inf_test: Mapping[str, Any], y_val: np.ndarray, y_test: np.ndarray,
+              true_val: np.ndarray, true_test: np.ndarray, routed: inference.RoutedModels) -> tuple[dict[str, Any], SplitOutputs]:
+    """Temperature scaling: one temperature per model, fitted on validation, applied to test.
+
+    A group's model is fitted on the validation images routed to that group (the images it
+    decides in hard routing); the pooled models on all validation images; the age classifier
+    on the true groups (its argmax, so hard routing, is unchanged by it). Returns the
+    temperatures with each system's test ECE and Brier score before and after, and the
+    calibrated test probabilities.
+    """
+    pred_val = inf_val["age_probs"].argmax(1)
+    temps = {"age_classifier": metrics.fit_temperature(true_val, inf_val["age_probs"])}
+    for g in range(routed.n_groups):
+        mask = pred_val == g
+        temps[f"agegroup{g}"] = metrics.fit_temperature(y_val[mask], inf_val["group_probs"][mask, g])
+    for key in ("pooled", "pooled_continued"):
+        if inf_test.get(key) is not None:
+            temps[key] = metrics.fit_temperature(y_val, inf_val[key])
+    scaled = {
+        "age_probs": metrics.apply_temperature(inf_test["age_probs"], temps["age_classifier"]),
+        "group_probs": np.stack([metrics.apply_temperature(inf_test["group_probs"][:, g], temps[f"agegroup{g}"])
+                                 for g in range(routed.n_groups)], 1),
+        **{key: metrics.apply_temperature(inf_test[key], temps[key])
+           for key in ("pooled", "pooled_continued") if inf_test.get(key) is not None},
+    }
+    before, after = system_probs(inf_test, true_test), system_probs(scaled, true_test)
+    ece = {s: {"ece_before": metrics.expected_calibration_error(y_test, before.prob[s], CALIBRATION_BINS),
+               "ece_after": metrics.expected_calibration_error(y_test, after.prob[s], CALIBRATION_BINS),
+               "brier_before": float(np.mean((before.prob[s] - y_test) ** 2)),
+               "brier_after": float(np.mean((after.prob[s] - y_test) ** 2))}
+           for s in before.prob}
+    age = {"ece_before": metrics.top_label_calibration_error(true_test, inf_test["age_probs"], CALIBRATION_BINS),
+           "ece_after": metrics.top_label_calibration_error(true_test, scaled["age_probs"], CALIBRATION_BINS)}
+    result = {"method": "temperature scaling (one temperature per model, fitted on validation by NLL)",
+              "n_bins": CALIBRATION_BINS, "temperatures": temps, "systems": ece, "age_classifier": age}
+    return result, after
+
+
+# --------------------------------------------------------------------------- training budgets
+def model_budget(lm: inference.LoadedModel) -> dict[str, Any]:
+    """What one model's training cost, from its checkpoint: start, epochs, images, settings."""
+    meta = lm.meta
+    cfg = meta.get("config") or {}
+    return {"model": lm.name, "file": lm.path.name if lm.path else None, "init": meta.get("init"),
+            "epochs_run": meta.get("epochs_run"), "epochs_max": meta.get("epochs_max", cfg.get("epochs")),
+            "best_epoch": meta.get("epoch"), "images_seen": meta.get("images_seen"),
+            "schedule": {k: cfg.get(k) for k in SCHEDULE_KEYS}}
+
+
+def _init_key(init: Mapping[str, Any] | None) -> tuple:
+    if not init:
+        return ("unknown",)
+    return (init.get("kind"), init.get("checkpoint") or init.get("source") or init.get("seed"))
+
+
+def system_budgets(routed: inference.RoutedModels) -> dict[str, dict[str, Any]]:
+    """Per system (``routed`` for hard/soft/oracle, ``pooled``, ``pooled_continued``): its
+    models' budgets and the images they saw in training (None if a model did not record it)."""
+    serving = list({id(m): m for m in (routed.model_for_group(g) for g in range(routed.n_groups))}.values())
+    budgets = {"routed": {"models": [model_budget(m) for m in serving],
+                          "groups_served_by_pooled": [g for g in range(routed.n_groups)
+                                                      if routed.model_for_group(g) is routed.pooled]}}
+    for key in ("pooled", "pooled_continued"):
+        lm = getattr(routed, key)
+        if lm is not None:
+            budgets[key] = {"models": [model_budget(lm)], "groups_served_by_pooled": []}
+    for b in budgets.values():
+        seen = [m["images_seen"] for m in b["models"]]
+        b["images_seen"] = None if any(v is None for v in seen) else int(sum(seen))
+        inits = {_init_key(m["init"]) for m in b["models"]}
+        b["init"] = b["models"][0]["init"] if len(inits) == 1 else None
+        b["epochs_max"] = max((m["epochs_max"] or 0) for m in b["models"])
+    return budgets
+
+
+def budget_differences(routed_budget: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
+    """Why two systems' training budgets differ; empty when they are equal."""
+    why = []
+    if routed_budget["groups_served_by_pooled"]:
+        why.append(f"age group(s) {routed_budget['groups_served_by_pooled']} are served by the pooled model")
+    if routed_budget["init"] is None:
+        why.append("the group models do not share one starting point")
+    elif _init_key(routed_budget["init"]) != _init_key(other["init"]):
+        why.append(f"they start from different weights ({report.describe_init(routed_budget['init'])} vs "
+                   f"{report.describe_init(other['init'])})")
+    ref = other["models"][0]["schedule"]
+    for m in routed_budget["models"]:
+        diff = [f"{k} {m['schedule'].get(k)} vs {ref.get(k)}" for k in SCHEDULE_KEYS
+                if m["schedule"].get(k) != ref.get(k)]
+        if diff:
+            why.append(f"{m['model']} trained with other settings ({', '.join(diff)})")
+    a, b = routed_budget["images_seen"], other["images_seen"]
+    if a is None or b is None:
+        why.append("a checkpoint does not record the images it saw in training")
+    elif abs(a - b) > IMAGES_TOLERANCE * max(a, b):
+        why.append(f"they saw {a:,} vs {b:,} training images")
+    return why
+
+
+def equal_budget_reference(budgets: Mapping[str, Any]) -> tuple[str | None, dict[str, list[str]]]:
+    """The pooled system trained on the routed system's budget (the continued control first),
+    or None; and, per pooled system, why its budget differs (empty: equal)."""
+    why = {key: budget_differences(budgets["routed"], budgets[key])
+           for key in ("pooled_continued", "pooled") if key in budgets}
+    reference = next((key for key, reasons in why.items() if not reasons), None)
+    return reference, why
+
+
+# --------------------------------------------------------------------------- routing
+def summarise_routing(test_df: pd.DataFrame, y: np.ndarray, inf_test: Mapping[str, Any], true_group: np.ndarray,
+                      test: SplitOutputs, thresholds: Mapping[str, Any], names: Sequence[str],
+                      boot: Mapping[str, Any], notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The age classifier on test (with a patient-bootstrap CI of macro-F1) and what the
+    misrouted images cost."""
+    pred_group = inf_test["age_probs"].argmax(1)
+    age = metrics.multiclass_summary(true_group, pred_group, range(len(names)), names)
+    age_df = pd.DataFrame({"patient_id": test_df["patient_id"].astype(str).to_numpy(), "t": true_group, "p": pred_group})
+    _, lo, hi = metrics.patient_bootstrap_ci(age_df, lambda d: metrics.macro_f1(d["t"], d["p"], range(len(names))),
+                                             **boot)
+    age["macro_f1_ci"] = [lo, hi]
+    if "age_group_label" in test_df.columns:
+        csv_pred = pd.to_numeric(test_df["age_group_label"], errors="coerce").to_numpy()
+        age["agreement_with_csv_age_group_label"] = float((csv_pred == pred_group).mean())
+        if age["agreement_with_csv_age_group_label"] < 1:
+            notes.append("age_group_label in the test CSV (stage 3) differs from this run's age predictions "
+                         f"for {int((csv_pred != pred_group).sum())} images; this run's predictions were used")
+    mis = pred_group != true_group
+    misrouted = {"n": int(mis.sum()), "n_total": int(len(mis)), "fraction": float(mis.mean()) if len(mis) else 0.0,
+                 "metrics": {}}
+    if mis.any():
+        for s in ("hard", "oracle"):
+            m = metrics.binary_metrics(y[mis], test.prob[s][mis], thresholds[s]["value"])
+            misrouted["metrics"][s] = {k: m[k] for k in ("n", "accuracy", "auroc", "f1")}
+    return age, misrouted
 
 
 def _clean(obj: Any) -> Any:
@@ -135,205 +475,49 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def _pm(x: float) -> str:
-    return f"{x:+.3f}"
-
-
-def conclusion(comparisons: Mapping[str, Any], systems: Mapping[str, Any],
-               age: Mapping[str, Any], misrouted: Mapping[str, Any], n_boot: int,
-               group_column: str | None = None) -> str:
-    """Plain-language answer: did routing help, and what do routing errors cost."""
-    parts = []
-    hp = comparisons.get("hard_minus_pooled")
-    if hp is None:
-        parts.append("No pooled model was found, so routing cannot be compared with one model.")
-    else:
-        d = hp["auroc"]
-        a, p = systems["hard"]["overall"], systems["pooled"]["overall"]
-        head = (f"hard-routed AUROC {R.fmt_ci(a['auroc'], a['ci'].get('auroc'))} vs pooled "
-                f"{R.fmt_ci(p['auroc'], p['ci'].get('auroc'))}; difference {_pm(d['diff'])} "
-                f"(95% CI {_pm(d['lo'])} to {_pm(d['hi'])}, paired patient bootstrap, "
-                f"{n_boot} resamples)")
-        if d["lo"] > 0:
-            parts.append(f"Routing helped: {head}.")
-        elif d["hi"] < 0:
-            parts.append(f"Routing hurt: {head}.")
-        else:
-            parts.append(f"No evidence that routing helped: {head}; the interval includes 0.")
-        f = hp["f1"]
-        parts.append(f"At the validation thresholds, F1 differs by {_pm(f['diff'])} "
-                     f"(95% CI {_pm(f['lo'])} to {_pm(f['hi'])}).")
-        sp = comparisons.get("soft_minus_pooled")
-        if sp is not None:
-            parts.append(f"Soft routing vs pooled: AUROC {_pm(sp['auroc']['diff'])} "
-                         f"(95% CI {_pm(sp['auroc']['lo'])} to {_pm(sp['auroc']['hi'])}).")
-    oh = comparisons["oracle_minus_hard"]
-    d = oh["auroc"]
-    parts.append(
-        f"Routing errors: the age classifier sends {misrouted['n']} of {misrouted['n_total']} "
-        f"test images ({100 * misrouted['fraction']:.1f}%) to another group's model (test "
-        f"macro-F1 {age['macro_f1']:.3f}). Routing by the true group instead (oracle minus "
-        f"hard): AUROC {_pm(d['diff'])} (95% CI {_pm(d['lo'])} to {_pm(d['hi'])}), F1 "
-        f"{_pm(oh['f1']['diff'])} (95% CI {_pm(oh['f1']['lo'])} to {_pm(oh['f1']['hi'])}).")
-    if d["lo"] > 0:
-        parts.append(f"By AUROC, the routing errors cost about {d['diff']:.3f}.")
-    elif d["hi"] < 0 and group_column in (None, "age_group_label"):
-        parts.append("By AUROC the oracle is worse: the group models were trained on the images the age "
-                     "classifier routed to them (age_group_label), so they fit its routing "
-                     "better than the true groups.")
-    elif d["hi"] < 0:
-        parts.append(f"By AUROC the oracle is worse than hard routing (group models trained on "
-                     f"{group_column}).")
-    else:
-        parts.append("By AUROC, the routing errors have no measurable cost at this test-set size "
-                     "(threshold metrics such as F1 also depend on how well each system's "
-                     "validation threshold transfers).")
-    return " ".join(parts)
-
-
-# --------------------------------------------------------------------------- report
-def _metric_rows(systems: Mapping[str, Any], subset: str) -> list[dict[str, str]]:
-    rows = []
-    for s, res in systems.items():
-        m = res[subset]
-        row = {"system": SYSTEMS.get(s, s), "n": f"{m['n']} ({m['n_patients']} pat.)",
-               "threshold": f"{res['threshold']:.3f}"}
-        row.update({k: R.fmt_ci(m[k], m["ci"].get(k)) for k in TABLE_METRICS})
-        rows.append(row)
-    return rows
-
-
-def _subset_rows(systems: Mapping[str, Any], keys: Sequence[str]) -> list[dict[str, str]]:
-    rows = []
-    for sub in keys:
-        for s, res in systems.items():
-            m = res[sub]
-            rows.append({"subset": sub, "system": s, "n": m["n"],
-                         "fracture rate": f"{m['prevalence']:.2f}" if m["n"] else "n/a",
-                         **{k: R.fmt_ci(m[k], m["ci"].get(k))
-                            for k in ("auroc", "f1", "sensitivity", "specificity")}})
-    return rows
-
-
-def _comparison_rows(comparisons: Mapping[str, Any]) -> list[dict[str, str]]:
-    rows = []
-    for name, comp in comparisons.items():
-        for k in ("auroc", "auprc", "f1", "sensitivity", "specificity"):
-            c = comp[k]
-            rows.append({"comparison": name.replace("_minus_", " - "), "metric": k,
-                         "difference": _pm(c["diff"]) if np.isfinite(c["diff"]) else "n/a",
-                         "95% CI": (f"{_pm(c['lo'])} to {_pm(c['hi'])}"
-                                    if np.isfinite(c["lo"]) else "n/a")})
-    return rows
-
-
-def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[str, Path]) -> Path:
-    """report.md: the answer, tables, and links to the figures."""
-    sysres = result["systems"]
-    age = result["age_classifier"]
-    names = age["names"]
-    lines = [
-        "# Evaluation: age-routed fracture detection on the fixed test set", "",
-        "## Answer", "", result["conclusion"], "",
-        f"Test set: `{result['inputs']['test_csv']}`: {result['n_test_images']} images of "
-        f"{result['n_test_patients']} patients, fracture rate {result['test_prevalence']:.2f}. "
-        f"Thresholds chosen on `{result['inputs']['val_csv']}` "
-        f"({result['threshold_method']}) and applied unchanged to test. 95% CIs: percentile "
-        f"bootstrap over patients, {result['n_boot']} resamples, seed {result['seed']}. "
-        f"Evaluation wall time {result['wall_time_s']:.1f} s on {result['device']}.", "",
-    ]
-    if result["notes"]:
-        lines += ["**Notes:**", ""] + [f"- {n}" for n in result["notes"]] + [""]
-    lines += ["## Fracture detection, whole test set", "",
-              R.markdown_table(_metric_rows(sysres, "overall")),
-              "## By true age group and by cast", "",
-              "A group's numbers come from the images whose TRUE age is in that group, whichever "
-              "model the system sent them to. Cast images are an easy shortcut (a cast goes with "
-              "a fracture most of the time), so the no-cast rows are the harder test.", "",
-              R.markdown_table(_subset_rows(sysres, [k for k in result["subsets"] if k != "overall"])),
-              "## Paired differences (same patient resamples)", "",
-              R.markdown_table(_comparison_rows(result["comparisons"])),
-              "## Age-group classifier (router) on the test set", "",
-              f"Accuracy {age['accuracy']:.3f}, macro-F1 "
-              f"{R.fmt_ci(age['macro_f1'], age.get('macro_f1_ci'))}, balanced accuracy "
-              f"{age['balanced_accuracy']:.3f}. Rows: true group; columns: predicted group.", ""]
-    cm = pd.DataFrame(age["confusion_matrix"], columns=[f"pred {n}" for n in names])
-    cm.insert(0, "true", names)
-    lines.append(R.markdown_table(cm))
-    rep = age["classification_report"]
-    lines.append(R.markdown_table([
-        {"group": n, "precision": rep[n]["precision"], "recall": rep[n]["recall"],
-         "f1": rep[n]["f1-score"], "support": int(rep[n]["support"])} for n in names]))
-    mis = result["misrouted"]
-    lines += [f"Misrouted test images: {mis['n']} of {mis['n_total']}.", ""]
-    if mis.get("metrics"):
-        lines.append(R.markdown_table([
-            {"system on misrouted images": s, "n": v["n"], "accuracy": v["accuracy"],
-             "auroc": v["auroc"]} for s, v in mis["metrics"].items()]))
-    lines += ["## Thresholds (chosen on validation)", "",
-              R.markdown_table([{"system": s, "threshold": f"{t['value']:.4f}",
-                                 "val sensitivity": t["val_metrics"]["sensitivity"],
-                                 "val specificity": t["val_metrics"]["specificity"],
-                                 "val AUROC": t["val_metrics"]["auroc"]}
-                                for s, t in result["thresholds"].items()]),
-              "## Figures", ""]
-    captions = {
-        "roc": "ROC curves, overall and per true age group (dots: validation threshold)",
-        "roc_cast": "ROC curves with and without a cast",
-        "confusion": "Fracture confusion matrices at the validation thresholds",
-        "age_confusion": "Age-group classifier confusion matrix",
-        "calibration": "Calibration (reliability) of the fracture probabilities",
-        "training": "Training curves from each model's per-epoch metrics CSV",
-        "gradcam": "Grad-CAM of the hard-routed fracture model on test images",
-    }
-    for key, path in figures.items():
-        lines += [f"### {captions.get(key, key)}", "", R.figure_link(path, report_dir, key), ""]
-    lines += ["## Models", "", R.markdown_table([
-        {"role": role, "file": info["path"], "model": info["model_name"], "img_size": info["img_size"],
-         "epoch": info["epoch"]} for role, info in result["models"].items()])]
-    return write_text("\n".join(lines), report_dir / "report.md")
-
-
-def make_figures(report_dir: Path, y: np.ndarray, sys_probs: Mapping[str, np.ndarray],
-                 thresholds: Mapping[str, float], masks: Mapping[str, np.ndarray],
-                 age_summary: Mapping[str, Any], routed: P.RoutedModels,
+# --------------------------------------------------------------------------- figures
+def make_figures(report_dir: Path, y: np.ndarray, test: SplitOutputs, calibrated: SplitOutputs,
+                 thresholds: Mapping[str, float | np.ndarray], masks: Mapping[str, np.ndarray],
+                 age_summary: Mapping[str, Any], routed: inference.RoutedModels,
                  history_pattern: str) -> dict[str, Path]:
     figs: dict[str, Path] = {}
-    shown = [s for s in ("hard", "soft", "oracle", "pooled") if s in sys_probs]
+    shown = [s for s in BASE_SYSTEMS if s in test.prob]
     panel_keys = [k for k in masks if k == "overall" or k.startswith("age ")]
-    panels = {k: {s: (y[masks[k]], sys_probs[s][masks[k]], thresholds[s]) for s in shown}
+    panels = {k: {s: (y[masks[k]], test.prob[s][masks[k]], thresholds[s]) for s in shown}
               for k in panel_keys}
-    figs["roc"] = R.plot_roc_panels(panels, report_dir / "roc_by_age_group.png",
-                                    "Test ROC: overall and per true age group")
+    figs["roc"] = report.plot_roc_panels(panels, report_dir / "roc_by_age_group.png",
+                                         "Test ROC: overall and per true age group")
     if "cast" in masks:
-        cast_panels = {k: {s: (y[masks[k]], sys_probs[s][masks[k]], thresholds[s]) for s in shown}
+        cast_panels = {k: {s: (y[masks[k]], test.prob[s][masks[k]], thresholds[s]) for s in shown}
                        for k in ("cast", "no cast")}
-        figs["roc_cast"] = R.plot_roc_panels(cast_panels, report_dir / "roc_cast.png",
-                                             "Test ROC with and without a cast")
+        figs["roc_cast"] = report.plot_roc_panels(cast_panels, report_dir / "roc_cast.png",
+                                                  "Test ROC with and without a cast")
     cms = {SYSTEMS[s].split(" ", 1)[0] + " " + s:
-           M.binary_metrics(y, sys_probs[s], thresholds[s])["confusion_matrix"] for s in shown}
-    figs["confusion"] = R.plot_confusion_matrices(
+           metrics.binary_metrics(y, test.prob[base_system(s)], thresholds[s])["confusion_matrix"]
+           for s in thresholds}
+    figs["confusion"] = report.plot_confusion_matrices(
         cms, report_dir / "confusion_fracture.png", ("no fracture", "fracture"),
-        "Fracture, test set, at the validation threshold")
-    figs["age_confusion"] = R.plot_confusion_matrices(
+        "Fracture, test set, at the validation threshold(s)")
+    figs["age_confusion"] = report.plot_confusion_matrices(
         {"age-group classifier (test)": age_summary["confusion_matrix"]},
         report_dir / "confusion_age.png", age_summary["names"])
-    figs["calibration"] = R.plot_calibration({s: (y, sys_probs[s]) for s in shown},
-                                             report_dir / "calibration.png")
+    figs["calibration"] = report.plot_calibration(
+        {s: (y, test.prob[s]) for s in shown}, report_dir / "calibration.png",
+        after={s: (y, calibrated.prob[s]) for s in shown})
     histories = {}
-    for lm in [routed.age, *routed.groups.values(), routed.pooled]:
+    for lm in [routed.age, *routed.groups.values(), routed.pooled, routed.pooled_continued]:
         if lm is not None and lm.path is not None:
             h = find_history(lm.path, history_pattern)
             if h is not None:
                 histories[lm.path.stem] = h
     if histories:
-        figs["training"] = R.plot_training_curves(histories, report_dir / "training_curves.png")
+        figs["training"] = report.plot_training_curves(histories, report_dir / "training_curves.png")
     return figs
 
 
 def cam_figure(report_dir: Path, df: pd.DataFrame, y: np.ndarray, prob: np.ndarray,
                thr: float, pred_group: np.ndarray, true_group: np.ndarray,
-               routed: P.RoutedModels, device: torch.device, n: int) -> Path | None:
+               routed: inference.RoutedModels, device: torch.device, n: int) -> Path | None:
     """Grad-CAM of the hard-routed model on a mix of TP, FN, FP and TN test images."""
     if n <= 0 or len(df) == 0:
         return None
@@ -353,12 +537,12 @@ def cam_figure(report_dir: Path, df: pd.DataFrame, y: np.ndarray, prob: np.ndarr
     items = []
     for i, kind in picked:
         lm = routed.model_for_group(int(pred_group[i]))
-        (img, cam), = P.cam_examples(lm, df.iloc[[i]], device)
+        (img, cam), = inference.cam_examples(lm, df.iloc[[i]], device)
         items.append({"image": img, "cam": cam,
                       "caption": f"{kind}: p={prob[i]:.2f}, label {int(y[i])}\n"
                                  f"age {df['age'].iloc[i]:.1f} y ({names[true_group[i]]})\n"
                                  f"model {lm.name}"})
-    return R.plot_cam_grid(items, report_dir / "gradcam_examples.png",
+    return report.plot_cam_grid(items, report_dir / "gradcam_examples.png",
                            "Grad-CAM, hard-routed fracture model (test images)")
 
 
@@ -372,12 +556,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--val-csv", default=None, help="default: <out-dir>/age_val_tmp.csv")
     p.add_argument("--models-dir", default=None, help="default: <out-dir>/saved_agegroup_models")
     p.add_argument("--report-dir", default=None, help="default: <out-dir>/report")
-    p.add_argument("--routing", choices=P.ROUTINGS, default="hard",
+    p.add_argument("--routing", choices=inference.ROUTINGS, default="hard",
                    help="system whose output fills fracture_prob/fracture_pred in the CSV")
     p.add_argument("--threshold-method", choices=("youden", "sensitivity"), default="youden")
     p.add_argument("--target-sensitivity", type=float, default=None,
                    help="choose the highest threshold with this validation sensitivity "
                         "(implies --threshold-method sensitivity)")
+    p.add_argument("--study-col", default="study_number",
+                   help="column that, with patient_id, identifies a study (the images read together); "
+                        "without it in the CSV, each patient is one study")
     p.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level")
@@ -411,6 +598,23 @@ def _paths(args: argparse.Namespace) -> dict[str, Path]:
     }
 
 
+def true_groups(df: pd.DataFrame, bounds: Sequence[float], split: str, notes: list[str]) -> np.ndarray:
+    """True age groups from ``age`` with the age classifier's bounds (noting CSV disagreement)."""
+    g = np.asarray(columns.age_to_group(df["age"].to_numpy(float), bounds))
+    stated = pd.to_numeric(df["age_group"], errors="coerce").to_numpy()
+    if (n_diff := int((stated != g).sum())):
+        notes.append(f"{split}: age_group in the CSV differs from the age classifier's bounds {bounds} "
+                     f"for {n_diff} rows; the bounds were used")
+    return g
+
+
+def study_column(df: pd.DataFrame, name: str | None, notes: list[str]) -> str | None:
+    if name and name in df.columns:
+        return name
+    notes.append(f"no {name!r} column: each patient counts as one study")
+    return None
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate; returns the written files and a summary on rank 0 (and in a single
     process), an empty dict on the other torchrun ranks."""
@@ -418,32 +622,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     paths = _paths(args)
     method = "sensitivity" if args.target_sensitivity is not None else args.threshold_method
     target = args.target_sensitivity if args.target_sensitivity is not None else 0.95
+    boot = {"n_boot": args.n_boot, "seed": args.seed, "alpha": args.alpha}
     cfg = to_dict(args)
     with distributed.session(args.device, paths["out"]) as info:
         if info.is_main:
             print_config(cfg, "evaluate")
         device = info.device
-        test_df = ud.read_split_csv(paths["test_csv"])
-        val_df = ud.read_split_csv(paths["val_csv"])
-        routed = P.load_routed_models(paths["models_dir"], device)
+        test_df = unified_dataset.read_split_csv(paths["test_csv"])
+        val_df = unified_dataset.read_split_csv(paths["val_csv"])
+        routed = inference.load_routed_models(paths["models_dir"], device)
         notes = list(routed.notes)
         if routed.pooled is None:
             notes.append("no fracture_classifier_pooled.pt: the pooled baseline (d) is missing")
         bounds = routed.age_bounds
         names = columns.age_group_names(bounds)
+        true_val, true_test = (true_groups(df, bounds, split, notes) for split, df in (("val", val_df), ("test", test_df)))
         cache = None if args.no_cache else (args.cache_dir or paths["out"] / "image.cache")
         amp = engine.resolve_amp(args.amp, device)
         infer_kw = dict(batch_size=args.batch_size, num_workers=args.workers, cache_dir=cache, amp=amp)
-
-        true = {}
-        for split, df in (("test", test_df), ("val", val_df)):
-            g = np.asarray(columns.age_to_group(df["age"].to_numpy(float), bounds))
-            stated = pd.to_numeric(df["age_group"], errors="coerce").to_numpy()
-            if (n_diff := int((stated != g).sum())):
-                notes.append(f"{split}: age_group in the CSV differs from the age classifier's "
-                             f"bounds {bounds} for {n_diff} rows; the bounds were used")
-            true[split] = g
-
         engine.log(f"inference: validation ({len(val_df)} images), test ({len(test_df)} images) "
                    f"on {device} (amp {amp})"
                    + (f", sharded over {info.world_size} processes" if info.distributed else ""))
@@ -455,171 +651,115 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         distributed.cleanup()
         if not info.is_main:
             return {}
-        val_sys = system_probs(inf_val, true["val"])
-        test_sys = system_probs(inf_test, true["test"])
-        y_val = val_df["fracture"].to_numpy(int)
-        y = test_df["fracture"].to_numpy(int)
-        pid = test_df["patient_id"].astype(str).to_numpy()
+        y_val, y = val_df["fracture"].to_numpy(int), test_df["fracture"].to_numpy(int)
+        patients = test_df["patient_id"].astype(str).to_numpy()
+        val_out, test_out = system_probs(inf_val, true_val), system_probs(inf_test, true_test)
 
-        thresholds: dict[str, dict[str, Any]] = {}
-        for s, pv in val_sys.items():
-            try:
-                t = M.choose_threshold(y_val, pv, method, target)
-            except ValueError as exc:
-                t = 0.5
-                notes.append(f"{s}: no validation threshold ({exc}); 0.5 used")
-            thresholds[s] = {"value": t, "method": method,
-                             "target_sensitivity": target if method == "sensitivity" else None,
-                             "val_metrics": M.binary_metrics(y_val, pv, t)}
-        thr = {s: v["value"] for s, v in thresholds.items()}
-
-        masks = subsets(test_df, true["test"], names)
+        chosen = choose_thresholds(y_val, val_out, routed.n_groups, method, target, notes)
+        thr = row_thresholds(chosen, test_out)
+        budgets = system_budgets(routed)
+        reference, budget_why = equal_budget_reference(budgets)
+        masks = subsets(test_df, true_test, names)
         print(f"metrics with {args.n_boot} patient-bootstrap resamples ...")
-        systems: dict[str, Any] = {}
-        for s, prob in test_sys.items():
-            systems[s] = {"description": SYSTEMS[s], "threshold": thr[s]}
-            for sub, mask in masks.items():
-                systems[s][sub] = M.bootstrap_binary_metrics(
-                    y[mask], prob[mask], pid[mask], thr[s], args.n_boot, args.seed, args.alpha)
+        systems = score_systems(y, test_out, thr, masks, patients, boot)
+        pairs = comparison_pairs(reference)
+        comparisons = compare_systems(y, test_out, thr, patients, pairs, boot)
+        by_group = {sub: compare_systems(y, test_out, thr, patients, pairs[:1], boot, mask=masks[sub])
+                    for sub in masks if sub.startswith("age ") and masks[sub].any()}
+        study_col = study_column(test_df, args.study_col, notes)
+        studies = score_studies((val_df, y_val, val_out), (test_df, y, test_out), study_col, routed.n_groups,
+                                method, target, reference, boot, notes)
+        subgroups = score_subgroups(test_df, y, test_out, patients, boot)
+        calibration, calibrated = calibrate(inf_val, inf_test, y_val, y, true_val, true_test, routed)
+        age, misrouted = summarise_routing(test_df, y, inf_test, true_test, test_out, chosen, names, boot, notes)
 
-        pairs = [("hard", "pooled"), ("soft", "pooled"), ("soft", "hard"), ("oracle", "hard")]
-        comparisons = {}
-        for a, b in pairs:
-            if a in test_sys and b in test_sys:
-                comparisons[f"{a}_minus_{b}"] = M.paired_bootstrap_difference(
-                    y, test_sys[a], test_sys[b], pid, thr[a], thr[b], args.n_boot, args.seed,
-                    args.alpha)
-        by_group = {}
-        for sub in [k for k in masks if k.startswith("age ")]:
-            mk = masks[sub]
-            if "pooled" in test_sys and mk.any():
-                by_group[sub] = M.paired_bootstrap_difference(
-                    y[mk], test_sys["hard"][mk], test_sys["pooled"][mk], pid[mk], thr["hard"],
-                    thr["pooled"], args.n_boot, args.seed, args.alpha)
-
-        pred_group = inf_test["age_probs"].argmax(1)
-        age = M.multiclass_summary(true["test"], pred_group, range(len(names)), names)
-        age_df = pd.DataFrame({"patient_id": pid, "t": true["test"], "p": pred_group})
-        _, lo, hi = M.patient_bootstrap_ci(
-            age_df, lambda d: M.macro_f1(d["t"], d["p"], range(len(names))),
-            n_boot=args.n_boot, seed=args.seed, alpha=args.alpha)
-        age["macro_f1_ci"] = [lo, hi]
-        if "age_group_label" in test_df.columns:
-            csv_pred = pd.to_numeric(test_df["age_group_label"], errors="coerce").to_numpy()
-            age["agreement_with_csv_age_group_label"] = float((csv_pred == pred_group).mean())
-            if age["agreement_with_csv_age_group_label"] < 1:
-                notes.append("age_group_label in the test CSV (stage 3) differs from this run's "
-                             f"age predictions for {int((csv_pred != pred_group).sum())} images; "
-                             "this run's predictions were used")
-        mis = pred_group != true["test"]
-        misrouted = {"n": int(mis.sum()), "n_total": int(len(mis)),
-                     "fraction": float(mis.mean()) if len(mis) else 0.0, "metrics": {}}
-        if mis.any():
-            for s in ("hard", "oracle"):
-                m = M.binary_metrics(y[mis], test_sys[s][mis], thr[s])
-                misrouted["metrics"][s] = {k: m[k] for k in ("n", "accuracy", "auroc", "f1")}
-
-        group_cols = {lm.meta.get("group_column") or (lm.meta.get("config") or {}).get("group_column")
-                      for lm in routed.groups.values()} - {None}
-        text = conclusion(comparisons, systems, age, misrouted, args.n_boot,
-                          ", ".join(sorted(map(str, group_cols))) or None)
-
-        # ---- files
-        pred_df = test_df.reset_index(drop=True).copy()
-        pred_df["age_group"] = true["test"]
-        pred_df["age_group_label"] = pred_group
-        for g in range(len(names)):
-            pred_df[f"age_group_prob_{g}"] = inf_test["age_probs"][:, g]
-        pred_df["routed_model"] = [routed.model_for_group(int(g)).name for g in pred_group]
-        for s, prob in test_sys.items():
-            pred_df[f"prob_{s}"] = prob
-            pred_df[f"pred_{s}"] = (prob >= thr[s]).astype(int)
-            pred_df[f"threshold_{s}"] = thr[s]
-        pred_df["routing"] = args.routing
-        pred_df["fracture_prob"] = test_sys[args.routing]
-        pred_df["fracture_pred"] = pred_df[f"pred_{args.routing}"]
-        pred_df["threshold"] = thr[args.routing]
-        written = {"test_predictions": write_csv(pred_df, paths["out"] / "test_predictions.csv")}
-        written["thresholds"] = write_json(_clean({
-            "thresholds": thresholds, "method": method, "val_csv": str(paths["val_csv"]),
-            "note": "chosen on validation by evaluate.py; read by predict.py"}),
-            paths["models_dir"] / P.THRESHOLDS_FILE)
-
-        report_dir = paths["report_dir"]
-        figures = make_figures(report_dir, y, test_sys, thr, masks, age, routed,
-                               args.history_pattern)
-        try:
-            cam = cam_figure(report_dir, test_df, y, test_sys["hard"], thr["hard"], pred_group,
-                             true["test"], routed, device, args.n_cam)
-            if cam is not None:
-                figures["gradcam"] = cam
-        except Exception as exc:  # a failed explanation must not cost the evaluation
-            notes.append(f"Grad-CAM figure skipped: {type(exc).__name__}: {exc}")
-
-        wall = time.perf_counter() - t0
         result = {
             "inputs": {k: str(v) for k, v in paths.items()},
-            "config": cfg, "versions": versions(), "device": str(device),
-            "world_size": info.world_size,
-            "n_test_images": int(len(test_df)), "n_test_patients": int(pd.Series(pid).nunique()),
+            "config": cfg, "versions": versions(), "device": str(device), "world_size": info.world_size,
+            "n_test_images": int(len(test_df)), "n_test_patients": int(pd.unique(patients).size),
             "test_prevalence": float(y.mean()), "n_val_images": int(len(val_df)),
             "age_bounds": list(bounds), "age_group_names": list(names),
-            "threshold_method": method if method == "youden"
-            else f"sensitivity >= {target}",
+            "threshold_method": method if method == "youden" else f"sensitivity >= {target}",
             "n_boot": args.n_boot, "seed": args.seed, "alpha": args.alpha, "tta": args.tta,
             "routing_served_by": routed.served_by(),
             "models": {lm.name: {"path": str(lm.path), "model_name": lm.meta.get("model_name"),
                                  "img_size": lm.img_size, "epoch": lm.meta.get("epoch"),
-                                 "train_metrics": lm.meta.get("metrics")}
-                       for lm in [routed.age, *routed.groups.values(), routed.pooled] if lm},
-            "thresholds": thresholds, "subsets": list(masks), "systems": systems,
-            "comparisons": comparisons, "comparisons_by_age_group_hard_minus_pooled": by_group,
+                                 "train_metrics": lm.meta.get("metrics"), "budget": model_budget(lm)}
+                       for lm in [routed.age, *routed.groups.values(), routed.pooled, routed.pooled_continued] if lm},
+            "budgets": budgets, "equal_budget": {"reference": reference, "differences": budget_why,
+                                                 "images_tolerance": IMAGES_TOLERANCE},
+            "thresholds": chosen, "subsets": list(masks), "systems": systems,
+            "comparisons": comparisons, "comparisons_by_age_group": by_group,
+            "study_level": studies, "subgroups": subgroups, "calibration": calibration,
             "age_classifier": age, "misrouted": misrouted, "notes": notes,
-            "conclusion": text, "wall_time_s": wall,
         }
-        written["report"] = write_report(report_dir, result, figures)
-        written["figures"] = list(figures.values())
-        save_config(cfg, report_dir / "evaluate_config.json")
-        result["wall_time_s"] = time.perf_counter() - t0
-        written["metrics"] = write_json(_clean(result), paths["out"] / "metrics.json")
-        written["summary"] = _clean({
-            s: {k: [r["overall"][k], *r["overall"]["ci"].get(k, [None, None])]
-                for k in ("auroc", "f1", "sensitivity", "specificity")}
-            for s, r in systems.items()})
-        written["conclusion"] = text
-        written["wall_time_s"] = result["wall_time_s"]
-        if args.result_json:
-            write_json(_clean(written), args.result_json)
-
-    print_summary(result)
+        group_cols = {lm.meta.get("group_column") for lm in routed.groups.values()} - {None}
+        result["conclusion"] = report.answer(result, ", ".join(sorted(map(str, group_cols))) or None)
+        written = write_outputs(args, paths, result, test_df, inf_test, test_out, calibrated, thr, masks,
+                                routed, device, t0)
+    report.print_summary(result)
     for k in ("test_predictions", "metrics", "thresholds", "report"):
         print(f"wrote {written[k]}")
-    print(f"wrote {len(figures)} figures to {report_dir}")
+    print(f"wrote {len(written['figures'])} figures to {paths['report_dir']}")
     return written
 
 
-def print_summary(result: Mapping[str, Any]) -> None:
-    """The side-by-side table, per-group AUROC, the router, and the answer."""
-    sysres = result["systems"]
-    print("\n== Fracture detection on the test set (95% CI, patient bootstrap) ==")
-    rows = [{"system": s, "thr": f"{r['threshold']:.3f}",
-             **{k: R.fmt_ci(r["overall"][k], r["overall"]["ci"].get(k))
-                for k in ("auroc", "f1", "sensitivity", "specificity")}}
-            for s, r in sysres.items()]
-    print(R.text_table(rows))
-    print("\n== AUROC by true age group / cast ==")
-    subs = [k for k in result["subsets"] if k != "overall"]
-    rows = [{"system": s, **{k: R.fmt_ci(r[k]["auroc"], r[k]["ci"].get("auroc")) for k in subs}}
-            for s, r in sysres.items()]
-    print(R.text_table(rows))
-    age = result["age_classifier"]
-    print(f"\nage classifier (test): accuracy {age['accuracy']:.3f}, macro-F1 "
-          f"{R.fmt_ci(age['macro_f1'], age.get('macro_f1_ci'))}; confusion (rows true): "
-          f"{age['confusion_matrix']}")
-    for note in result["notes"]:
-        print(f"note: {note}")
-    print(f"\n{result['conclusion']}")
-    print(f"evaluation wall time: {result['wall_time_s']:.1f} s")
+def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: dict[str, Any], test_df: pd.DataFrame,
+                  inf_test: Mapping[str, Any], test_out: SplitOutputs, calibrated: SplitOutputs,
+                  thr: Mapping[str, float | np.ndarray], masks: Mapping[str, np.ndarray],
+                  routed: inference.RoutedModels, device: torch.device, t0: float) -> dict[str, Any]:
+    """test_predictions.csv, thresholds.json, the figures, report.md, metrics.json."""
+    y = test_df["fracture"].to_numpy(int)
+    pred_group = inf_test["age_probs"].argmax(1)
+    pred_df = test_df.reset_index(drop=True).copy()
+    pred_df["age_group"] = columns.age_to_group(test_df["age"].to_numpy(float), routed.age_bounds)
+    pred_df["age_group_label"] = pred_group
+    for g in range(routed.n_groups):
+        pred_df[f"age_group_prob_{g}"] = inf_test["age_probs"][:, g]
+    pred_df["routed_model"] = [routed.model_for_group(int(g)).name for g in pred_group]
+    for s in thr:
+        prob = test_out.prob[base_system(s)]
+        if s in test_out.prob:
+            pred_df[f"prob_{s}"] = prob
+            pred_df[f"prob_{s}_calibrated"] = calibrated.prob[s]
+        pred_df[f"pred_{s}"] = (prob >= thr[s]).astype(int)
+        pred_df[f"threshold_{s}"] = thr[s]
+    pred_df["routing"] = args.routing
+    pred_df["fracture_prob"] = test_out.prob[args.routing]
+    pred_df["fracture_pred"] = pred_df[f"pred_{args.routing}"]
+    pred_df["threshold"] = thr[args.routing]
+    written: dict[str, Any] = {"test_predictions": write_csv(pred_df, paths["out"] / "test_predictions.csv")}
+    written["thresholds"] = write_json(_clean({
+        "thresholds": result["thresholds"], "method": result["threshold_method"], "val_csv": str(paths["val_csv"]),
+        "note": "chosen on validation by evaluate.py; read by predict.py"}),
+        paths["models_dir"] / inference.THRESHOLDS_FILE)
+
+    report_dir = paths["report_dir"]
+    figures = make_figures(report_dir, y, test_out, calibrated, thr, masks, result["age_classifier"], routed,
+                           args.history_pattern)
+    try:
+        cam = cam_figure(report_dir, test_df, y, test_out.prob["hard"], thr["hard"], pred_group,
+                         test_out.group["oracle"], routed, device, args.n_cam)
+        if cam is not None:
+            figures["gradcam"] = cam
+    except Exception as exc:  # a failed explanation must not cost the evaluation
+        result["notes"].append(f"Grad-CAM figure skipped: {type(exc).__name__}: {exc}")
+
+    result["wall_time_s"] = time.perf_counter() - t0
+    written["report"] = report.write_report(report_dir, result, figures)
+    written["figures"] = list(figures.values())
+    save_config(result["config"], report_dir / "evaluate_config.json")
+    result["wall_time_s"] = time.perf_counter() - t0
+    written["metrics"] = write_json(_clean(result), paths["out"] / "metrics.json")
+    written["summary"] = _clean({
+        s: {k: [r["overall"][k], *r["overall"]["ci"].get(k, [None, None])]
+            for k in ("auroc", "f1", "sensitivity", "specificity")}
+        for s, r in result["systems"].items()})
+    written["conclusion"] = result["conclusion"]
+    written["wall_time_s"] = result["wall_time_s"]
+    if args.result_json:
+        write_json(_clean(written), args.result_json)
+    return written
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import unified_dataset as ud
 
 AGE_CKPT = "age_classifier.pt"
 POOLED_CKPT = "fracture_classifier_pooled.pt"
+# The pooled model trained further like the group models: routing's equal-budget control.
+CONTROL_CKPT = "fracture_classifier_pooled_continued.pt"
 THRESHOLDS_FILE = "thresholds.json"
 ROUTINGS = ("hard", "soft")
 
@@ -56,13 +58,15 @@ class LoadedModel:
 
 @dataclass
 class RoutedModels:
-    """The age classifier, the group fracture models that exist, and the pooled model."""
+    """The age classifier, the group fracture models that exist, the pooled model and, when it
+    was trained, the pooled model continued with the group models' budget (``pooled_continued``)."""
 
     age: LoadedModel
     groups: dict[int, LoadedModel]
     pooled: LoadedModel | None
     age_bounds: tuple[float, ...] = columns.AGE_BOUNDS
     notes: list[str] = field(default_factory=list)
+    pooled_continued: LoadedModel | None = None
 
     @property
     def n_groups(self) -> int:
@@ -143,6 +147,9 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
     if require_pooled and pooled is None:
         raise models.CheckpointError(f"{pooled_path}: pooled fracture model not found "
                                      "(train_fracture_per_agegroup.py --pooled)")
+    control_path = models_dir / CONTROL_CKPT
+    control = (load_model(control_path, "pooled_continued", device, "fracture", (1, 2))
+               if control_path.exists() else None)
     names = columns.age_group_names(bounds)
     for g in range(n_groups):
         if g not in groups:
@@ -153,7 +160,8 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
             notes.append(f"age group {g} ({names[g]}) has no model of its own "
                          f"({group_ckpt_name(g)} missing, e.g. skipped as too small): "
                          "its images go to the pooled model")
-    return RoutedModels(age=age, groups=groups, pooled=pooled, age_bounds=bounds, notes=notes)
+    return RoutedModels(age=age, groups=groups, pooled=pooled, age_bounds=bounds, notes=notes,
+                        pooled_continued=control)
 
 
 # --------------------------------------------------------------------------- inference

@@ -20,7 +20,7 @@ Conventions:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -64,12 +64,14 @@ def _as_prob(prob: Iterable, n: int) -> np.ndarray:
     return p
 
 
-def binary_metrics(y_true: Iterable, prob: Iterable, threshold: float = 0.5) -> dict[str, Any]:
+def binary_metrics(y_true: Iterable, prob: Iterable, threshold: float | np.ndarray = 0.5) -> dict[str, Any]:
     """Threshold and ranking metrics of a binary classifier (scikit-learn).
 
     Returns accuracy, f1, sensitivity, specificity, ppv, npv, auroc, auprc, brier,
     ``confusion_matrix`` ``[[tn, fp], [fn, tp]]``, ``n``, ``n_pos``, ``prevalence`` and the
     ``threshold``. Never raises on a single class present: the undefined entries are NaN.
+    ``threshold`` may be one value per row (per-group thresholds); ``threshold`` is then
+    reported as None.
     """
     y = _as_binary(y_true)
     p = _as_prob(prob, y.shape[0])
@@ -77,7 +79,7 @@ def binary_metrics(y_true: Iterable, prob: Iterable, threshold: float = 0.5) -> 
     n, n_pos = int(y.size), int(y.sum())
     nan = float("nan")
     out: dict[str, Any] = {"n": n, "n_pos": n_pos, "prevalence": n_pos / n if n else nan,
-                           "threshold": float(threshold)}
+                           "threshold": float(threshold) if np.ndim(threshold) == 0 else None}
     if n == 0:
         out.update({k: nan for k in BINARY_METRICS})
         out["confusion_matrix"] = [[0, 0], [0, 0]]
@@ -201,7 +203,7 @@ def patient_bootstrap_ci(
 
 
 def weighted_binary_metrics(
-    y_true: Iterable, prob: Iterable, threshold: float, weights: np.ndarray
+    y_true: Iterable, prob: Iterable, threshold: float | np.ndarray, weights: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Every metric of :data:`BINARY_METRICS` for each row of ``weights`` (B, n_images).
 
@@ -257,7 +259,7 @@ def _chunks(n_boot: int, n_images: int) -> Iterable[slice]:
 def bootstrap_samples(
     y_true: Iterable,
     probs: Sequence[Iterable],
-    thresholds: Sequence[float],
+    thresholds: Sequence[float | np.ndarray],
     patient_ids: Iterable,
     n_boot: int = 1000,
     seed: int = 0,
@@ -285,7 +287,7 @@ def bootstrap_binary_metrics(
     y_true: Iterable,
     prob: Iterable,
     patient_ids: Iterable,
-    threshold: float,
+    threshold: float | np.ndarray,
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
@@ -311,16 +313,17 @@ def paired_bootstrap_difference(
     prob_a: Iterable,
     prob_b: Iterable,
     patient_ids: Iterable,
-    threshold_a: float,
-    threshold_b: float,
+    threshold_a: float | np.ndarray,
+    threshold_b: float | np.ndarray,
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
 ) -> dict[str, dict[str, float]]:
     """Metric(a) - metric(b) on the same images, with a paired patient-bootstrap interval.
 
-    Returns metric -> {"diff", "lo", "hi", "p_le_0"} where ``p_le_0`` is the fraction of
-    resamples in which a did not beat b (a one-sided bootstrap p-value for "a > b").
+    Returns metric -> {"diff", "lo", "hi", "se", "p_le_0"}: ``se`` is the standard deviation
+    of the resampled differences and ``p_le_0`` the fraction of resamples in which a did not
+    beat b (a one-sided bootstrap p-value for "a > b"). Thresholds may be per row.
     """
     y = _as_binary(y_true)
     ma, mb = binary_metrics(y, prob_a, threshold_a), binary_metrics(y, prob_b, threshold_b)
@@ -332,6 +335,7 @@ def paired_bootstrap_difference(
         lo, hi, _ = _percentile_ci(d, alpha)
         ok = d[np.isfinite(d)]
         out[k] = {"diff": float(ma[k] - mb[k]), "lo": lo, "hi": hi,
+                  "se": float(ok.std(ddof=1)) if ok.size > 1 else float("nan"),
                   "p_le_0": float((ok <= 0).mean()) if ok.size else float("nan")}
     return out
 
@@ -367,3 +371,156 @@ def macro_f1(y_true: Iterable, y_pred: Iterable, labels: Sequence[int] = (0, 1, 
     """Macro-averaged F1 over ``labels`` (absent classes count as F1 0)."""
     return float(f1_score(np.asarray(y_true), np.asarray(y_pred), labels=list(labels),
                           average="macro", zero_division=0))
+
+
+# --------------------------------------------------------------------------- per-group thresholds
+def choose_group_thresholds(
+    y_true: Iterable,
+    prob: Iterable,
+    groups: Iterable,
+    n_groups: int,
+    fallback: float,
+    method: str = "youden",
+    target_sensitivity: float = 0.95,
+) -> tuple[dict[int, float], list[int]]:
+    """One threshold per group, each chosen (:func:`choose_threshold`) on that group's rows.
+
+    ``groups`` says which group (model) decided each row. A group whose rows hold one class
+    only (or no rows) cannot choose a threshold and gets ``fallback``; the second value
+    lists those groups, so the caller can say so.
+    """
+    y = _as_binary(y_true)
+    p = _as_prob(prob, y.shape[0])
+    g = np.asarray(groups, dtype=int).reshape(-1)
+    if g.shape[0] != y.shape[0]:
+        raise ValueError(f"groups has {g.shape[0]} values for {y.shape[0]} labels")
+    out: dict[int, float] = {}
+    fell_back: list[int] = []
+    for k in range(n_groups):
+        mask = g == k
+        if 0 < y[mask].sum() < mask.sum():
+            out[k] = choose_threshold(y[mask], p[mask], method, target_sensitivity)
+        else:
+            out[k] = float(fallback)
+            fell_back.append(k)
+    return out, fell_back
+
+
+def per_row_thresholds(groups: Iterable, thresholds: Mapping[int, float]) -> np.ndarray:
+    """The threshold of each row's group (``thresholds`` maps group -> threshold)."""
+    g = np.asarray(groups, dtype=int).reshape(-1)
+    table = np.array([thresholds[k] for k in range(max(thresholds) + 1)], dtype=float)
+    return table[g]
+
+
+# --------------------------------------------------------------------------- study level
+def aggregate_studies(frame: pd.DataFrame, prob_cols: Sequence[str], how: str = "max",
+                      study_cols: Sequence[str] = ("patient_id", "study_number"),
+                      group_cols: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per study from one row per image.
+
+    A study is the unique combination of ``study_cols`` (patient id first). Each column in
+    ``prob_cols`` becomes the ``how`` (``max`` or ``mean``) of its image probabilities; the
+    label ``fracture`` is 1 if any image of the study is positive; ``patient_id`` is kept for
+    the patient bootstrap and ``n_images`` counts the study's images. Each ``group_cols``
+    column becomes the most frequent value among the study's images (the smallest on a tie),
+    e.g. the age group whose model decided most of its images. Studies keep the order of
+    their first image.
+    """
+    if how not in ("max", "mean"):
+        raise ValueError(f"unknown study aggregation {how!r} (max|mean)")
+    keys = list(study_cols)
+    missing = [c for c in [*keys, "fracture", *prob_cols, *group_cols] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"aggregate_studies: missing column(s) {', '.join(missing)}")
+    grouped = frame.groupby(keys, sort=False, dropna=False)
+    out = grouped[list(prob_cols)].agg(how)
+    out["fracture"] = grouped["fracture"].max().astype(int)
+    out["n_images"] = grouped.size()
+    for col in group_cols:
+        out[col] = grouped[col].agg(lambda s: int(s.value_counts().sort_index().idxmax()))
+    out = out.reset_index()
+    out["patient_id"] = out[keys[0]].astype(str)
+    return out
+
+
+# --------------------------------------------------------------------------- calibration
+def expected_calibration_error(y_true: Iterable, prob: Iterable, n_bins: int = 10) -> float:
+    """ECE of binary probabilities: the bin-size-weighted mean |observed rate - mean
+    probability| over ``n_bins`` equal-width bins of the predicted probability."""
+    y = _as_binary(y_true).astype(float)
+    p = _as_prob(prob, y.shape[0])
+    if y.size == 0:
+        return float("nan")
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, weights=y, minlength=n_bins) - np.bincount(bins, weights=p, minlength=n_bins))
+    return float(gap.sum() / count.sum())
+
+
+def top_label_calibration_error(labels: Iterable, probs: np.ndarray, n_bins: int = 10) -> float:
+    """ECE of a multi-class model's confidence (its top probability) against being right."""
+    probs = np.asarray(probs, float)
+    correct = (probs.argmax(1) == np.asarray(labels, int)).astype(int)
+    return expected_calibration_error(correct, probs.max(1), n_bins)
+
+
+_EPS = 1e-7
+
+
+def _logit(prob: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(prob, float), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(prob: Iterable, temperature: float) -> np.ndarray:
+    """Binary probabilities rescaled as ``sigmoid(logit(p) / T)``; (N, C) rows as
+    ``softmax(log(p) / T)``. T > 1 softens over-confident outputs; ranking is unchanged."""
+    p = np.asarray(prob, float)
+    if p.ndim == 2:
+        z = np.log(np.clip(p, 1e-12, 1.0)) / temperature
+        z -= z.max(1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-_logit(p) / temperature))
+
+
+def fit_temperature(labels: Iterable, prob: Iterable) -> float:
+    """The temperature that minimises the negative log-likelihood of ``labels`` under
+    :func:`apply_temperature` (Guo et al., 2017): binary labels with (N,) probabilities,
+    or class indices with (N, C) probabilities. 1.0 when the data cannot tell (one class)."""
+    from scipy.optimize import minimize_scalar
+
+    p = np.asarray(prob, float)
+    t = np.asarray(labels, int)
+    if p.ndim == 1:
+        y = _as_binary(t).astype(float)
+        if not 0 < y.sum() < y.size:
+            return 1.0
+        z = _logit(p)
+
+        def nll(log_t: float) -> float:
+            s = z / np.exp(log_t)
+            return float(np.mean(np.logaddexp(0.0, s) - y * s))
+    else:
+        if len(np.unique(t)) < 2:
+            return 1.0
+        z = np.log(np.clip(p, 1e-12, 1.0))
+
+        def nll(log_t: float) -> float:
+            s = z / np.exp(log_t)
+            s = s - s.max(1, keepdims=True)
+            return float(np.mean(np.log(np.exp(s).sum(1)) - s[np.arange(len(t)), t]))
+
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+# --------------------------------------------------------------------------- power
+def min_detectable_difference(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true difference a two-sided test at ``alpha`` detects with ``power``,
+    given the standard error ``se`` of the estimated difference (normal approximation):
+    ``(z_{1-alpha/2} + z_{power}) * se``."""
+    from scipy.stats import norm
+
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)

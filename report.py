@@ -21,13 +21,15 @@ import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from io_utils import atomic_write  # noqa: E402
+import metrics  # noqa: E402
+from io_utils import atomic_write, write_text  # noqa: E402
 
 # One colour per system, the same in every figure.
 SYSTEM_COLORS = {
     "hard": "tab:blue", "soft": "tab:green", "oracle": "tab:purple", "pooled": "tab:orange",
+    "pooled_continued": "tab:red",
 }
-_FALLBACK_COLORS = ["tab:red", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
+_FALLBACK_COLORS = ["tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
 _DPI = 110
 
 
@@ -222,30 +224,41 @@ def plot_calibration(
     path: str | os.PathLike,
     n_bins: int = 10,
     title: str = "Calibration (reliability) on the test set",
+    after: Mapping[str, tuple] | None = None,
 ) -> Path:
-    """Reliability diagram (quantile bins) with the probability histogram below."""
-    fig, (ax, axh) = plt.subplots(2, 1, figsize=(5.6, 6.6), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 1]})
-    ax.plot([0, 1], [0, 1], ls=":", color="0.5", lw=1, label="perfectly calibrated")
-    for i, (name, (y, p)) in enumerate(curves.items()):
-        y, p = np.asarray(y).astype(int), np.asarray(p, float)
-        color = _color(name, i)
-        if 0 < y.sum() < y.size:
-            bins = max(2, min(n_bins, y.size // 10))
-            frac_pos, mean_pred = calibration_curve(y, p, n_bins=bins, strategy="quantile")
-            brier = float(np.mean((p - y) ** 2))
-            ax.plot(mean_pred, frac_pos, marker="o", ms=4, color=color,
-                    label=f"{name} (Brier {brier:.3f})")
-        axh.hist(p, bins=20, range=(0, 1), histtype="step", color=color, lw=1.5, label=name)
-    ax.set_ylabel("observed fracture rate")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(title, fontsize=10)
-    axh.set_xlabel("predicted fracture probability")
-    axh.set_ylabel("images")
-    axh.grid(alpha=0.3)
+    """Reliability diagram (quantile bins) with the probability histogram below; legend
+    entries give each system's ECE (``n_bins`` equal-width bins) and Brier score.
+
+    ``curves``: system -> ``(y_true, prob)``. ``after``: the same after calibration (e.g.
+    temperature scaling), drawn as a second column so before and after sit side by side.
+    """
+    columns = [("before calibration" if after else "", curves)] + ([("after temperature scaling", after)]
+                                                                   if after else [])
+    fig, axes = plt.subplots(2, len(columns), figsize=(5.6 * len(columns), 6.6), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]})
+    for col, (label, sets) in enumerate(columns):
+        ax, axh = axes[0, col], axes[1, col]
+        ax.plot([0, 1], [0, 1], ls=":", color="0.5", lw=1, label="perfectly calibrated")
+        for i, (name, (y, p)) in enumerate(sets.items()):
+            y, p = np.asarray(y).astype(int), np.asarray(p, float)
+            color = _color(name, i)
+            if 0 < y.sum() < y.size:
+                bins = max(2, min(n_bins, y.size // 10))
+                frac_pos, mean_pred = calibration_curve(y, p, n_bins=bins, strategy="quantile")
+                ece = metrics.expected_calibration_error(y, p, n_bins)
+                brier = float(np.mean((p - y) ** 2))
+                ax.plot(mean_pred, frac_pos, marker="o", ms=4, color=color,
+                        label=f"{name} (ECE {ece:.3f}, Brier {brier:.3f})")
+            axh.hist(p, bins=20, range=(0, 1), histtype="step", color=color, lw=1.5, label=name)
+        ax.set_ylabel("observed fracture rate")
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title(f"{title}: {label}" if label else title, fontsize=10)
+        axh.set_xlabel("predicted fracture probability")
+        axh.set_ylabel("images")
+        axh.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -327,3 +340,346 @@ def figure_link(path: str | os.PathLike, report_dir: str | os.PathLike, alt: str
 def existing(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """The paths that exist (helper for optional figures)."""
     return [Path(p) for p in paths if Path(p).exists()]
+
+
+# --------------------------------------------------------------------------- the report's text
+SYSTEM_NAMES = {"pooled": "the plain pooled model", "pooled_continued": "the pooled model continued like the group models"}
+PROJECTIONS = {"1": "1 (AP/PA)", "2": "2 (lateral)", "3": "3 (oblique)"}
+TABLE_METRICS = ("auroc", "auprc", "f1", "sensitivity", "specificity", "ppv", "npv", "accuracy")
+CAPTIONS = {
+    "roc": "ROC curves, overall and per true age group (dots: validation threshold)",
+    "roc_cast": "ROC curves with and without a cast",
+    "confusion": "Fracture confusion matrices at the validation thresholds",
+    "age_confusion": "Age-group classifier confusion matrix",
+    "calibration": "Calibration (reliability) of the fracture probabilities, before and after temperature scaling",
+    "training": "Training curves from each model's per-epoch metrics CSV",
+    "gradcam": "Grad-CAM of the hard-routed fracture model on test images",
+}
+
+
+def pm(x: float) -> str:
+    """A signed difference, ``+0.012``."""
+    return f"{x:+.3f}" if x is not None and np.isfinite(x) else "n/a"
+
+
+def fmt_diff(c: Mapping[str, float], level: int = 95) -> str:
+    """``+0.012 (95% CI -0.004 to +0.027)`` from a paired-difference entry."""
+    return f"{pm(c['diff'])} ({level}% CI {pm(c['lo'])} to {pm(c['hi'])})"
+
+
+def _count(n: Any) -> str:
+    return f"{int(n):,}" if n is not None else "not recorded"
+
+
+def describe_init(init: Mapping[str, Any] | None) -> str:
+    """Where a model's weights started, in words."""
+    if not init:
+        return "an unrecorded start"
+    kind = init.get("kind")
+    if kind == "random":
+        return f"random weights (seed {init.get('seed')})"
+    if kind == "pretrained":
+        return f"pretrained weights ({init.get('source')})"
+    if kind == "checkpoint":
+        return (f"{init.get('checkpoint')} ({init.get('epochs_run')} epochs, "
+                f"{_count(init.get('images_seen'))} training images)")
+    return str(dict(init))
+
+
+def _epochs(models: Sequence[Mapping[str, Any]]) -> str:
+    return ", ".join(f"{m['epochs_run']}/{m['epochs_max']}" for m in models)
+
+
+def _with_init(budget: Mapping[str, Any]) -> Any:
+    init = budget.get("init") or {}
+    before = init.get("images_seen") if init.get("kind") == "checkpoint" else 0
+    if budget.get("images_seen") is None or before is None:
+        return None
+    return budget["images_seen"] + before
+
+
+def budget_rows(result: Mapping[str, Any]) -> list[dict[str, str]]:
+    """One row per system family: models, start, epochs, images seen, and whether its budget
+    equals the routed system's."""
+    eq = result["equal_budget"]
+    rows = []
+    for key, b in result["budgets"].items():
+        same = ("-" if key == "routed" else "yes, equal budget" if not eq["differences"].get(key)
+                else "no: " + "; ".join(eq["differences"][key]))
+        rows.append({"system": "hard / soft / oracle (routed)" if key == "routed" else key,
+                     "models": ", ".join(m["model"] for m in b["models"]),
+                     "initialisation": describe_init(b["init"]) if b["init"] else "mixed",
+                     "epochs run / cap": _epochs(b["models"]),
+                     "training images (own)": _count(b["images_seen"]),
+                     "incl. initialisation": _count(_with_init(b)),
+                     "same budget as routed": same})
+    return rows
+
+
+def _routed_budget_sentence(result: Mapping[str, Any], reference: str) -> str:
+    b, r = result["budgets"]["routed"], result["budgets"][reference]
+    sched = r["models"][0]["schedule"]
+    return (f"Equal training budget: both start from {describe_init(b['init'])} and train for up to "
+            f"{r['epochs_max']} epochs with the same settings ({sched.get('scheduler')} schedule, lr "
+            f"{sched.get('lr')}, batch {sched.get('batch_size')}, {sched.get('sampler')} sampling, "
+            f"{sched.get('loss')} loss); the routed system's {len(b['models'])} group models ran "
+            f"{_epochs(b['models'])} epochs and saw {_count(b['images_seen'])} training images in all, "
+            f"{SYSTEM_NAMES[reference]} ran {_epochs(r['models'])} and saw {_count(r['images_seen'])}.")
+
+
+def answer(result: Mapping[str, Any], group_column: str | None = None) -> str:
+    """The report's first paragraph: routing against one pooled model, stated as strongly as
+    the comparison allows. "Helped"/"hurt" only for an equal-budget comparison whose interval
+    excludes 0; otherwise the numbers, and why they cannot settle the question."""
+    systems, comps = result["systems"], result["comparisons"]
+    level = int(round(100 * (1 - result["alpha"])))
+    reference = result["equal_budget"]["reference"]
+    why = result["equal_budget"]["differences"]
+    boot = f"paired patient bootstrap, {result['n_boot']} resamples"
+    a = systems["hard"]["overall"]
+    parts = []
+    if reference:
+        r = systems[reference]["overall"]
+        d = comps[f"hard_minus_{reference}"]["auroc"]
+        parts.append(f"Routing by predicted age group vs one pooled model at an equal training budget: hard-routed "
+                     f"AUROC {fmt_ci(a['auroc'], a['ci'].get('auroc'))} vs {SYSTEM_NAMES[reference]} "
+                     f"{fmt_ci(r['auroc'], r['ci'].get('auroc'))}; difference {fmt_diff(d, level)}, {boot}.")
+        if d["lo"] > 0:
+            parts.append("Routing helped.")
+        elif d["hi"] < 0:
+            parts.append("Routing hurt.")
+        else:
+            mdd = metrics.min_detectable_difference(d["se"], result["alpha"])
+            parts.append(f"No evidence of a difference at this test size: the smallest AUROC difference this test "
+                         f"set could detect is about {mdd:.3f} (80% power, two-sided {100 - level}% level, from the "
+                         f"bootstrap spread).")
+        parts.append(_routed_budget_sentence(result, reference))
+        study = result["study_level"]["aggregations"]["max"]
+        sd = study["comparisons"].get(f"hard_minus_{reference}")
+        if sd is not None:
+            sa, sr = study["systems"]["hard"], study["systems"][reference]
+            parts.append(f"Per study ({study['n_studies']} studies, max of the image probabilities): AUROC "
+                         f"{fmt_ci(sa['auroc'], sa['ci'].get('auroc'))} vs "
+                         f"{fmt_ci(sr['auroc'], sr['ci'].get('auroc'))}, difference {fmt_diff(sd['auroc'], level)}.")
+    else:
+        parts.append("This run has no pooled system trained on the same budget as the routed one, so it cannot "
+                     "tell whether routing by age group beats one pooled model.")
+        if "pooled" in systems:
+            d = comps["hard_minus_pooled"]["auroc"]
+            p = systems["pooled"]["overall"]
+            parts.append(f"Hard-routed AUROC {fmt_ci(a['auroc'], a['ci'].get('auroc'))} vs pooled "
+                         f"{fmt_ci(p['auroc'], p['ci'].get('auroc'))} (difference {fmt_diff(d, level)}, {boot}) is NOT "
+                         f"an equal-budget comparison ({'; '.join(why.get('pooled', []))}): the difference may come "
+                         f"from the extra training alone. Train the equal-budget control (stage 4 trains it with "
+                         f"--init-from-pooled unless --no-control) to separate the two.")
+    if reference != "pooled" and "pooled" in systems and "hard_minus_pooled" in comps and reference:
+        p = systems["pooled"]["overall"]
+        parts.append(f"For reference, the plain pooled model (not an equal budget: {'; '.join(why.get('pooled', []))}) "
+                     f"has AUROC {fmt_ci(p['auroc'], p['ci'].get('auroc'))}; hard-routed minus plain pooled "
+                     f"{fmt_diff(comps['hard_minus_pooled']['auroc'], level)}.")
+    pg = comps.get("hard_per_group_minus_hard")
+    if pg is not None:
+        parts.append(f"Per-group thresholds (one per group model, chosen on the validation images routed to it) "
+                     f"change the hard-routed F1 by {fmt_diff(pg['f1'], level)}, sensitivity by "
+                     f"{pm(pg['sensitivity']['diff'])} and specificity by {pm(pg['specificity']['diff'])}.")
+    parts.append(_routing_errors(result, group_column, level))
+    return " ".join(parts)
+
+
+def _routing_errors(result: Mapping[str, Any], group_column: str | None, level: int) -> str:
+    mis, age = result["misrouted"], result["age_classifier"]
+    oh = result["comparisons"]["oracle_minus_hard"]
+    d = oh["auroc"]
+    text = (f"Routing errors: the age classifier sends {mis['n']} of {mis['n_total']} test images "
+            f"({100 * mis['fraction']:.1f}%) to another group's model (test macro-F1 {age['macro_f1']:.3f}). "
+            f"Routing by the true group instead (oracle minus hard): AUROC {fmt_diff(d, level)}, F1 "
+            f"{fmt_diff(oh['f1'], level)}.")
+    if d["lo"] > 0:
+        return text + f" By AUROC, the routing errors cost about {d['diff']:.3f}."
+    if d["hi"] < 0 and group_column in (None, "age_group_label"):
+        return text + (" By AUROC the oracle is worse: the group models were trained on the images the age "
+                       "classifier routed to them (age_group_label), so they fit its routing better than the "
+                       "true groups.")
+    if d["hi"] < 0:
+        return text + f" By AUROC the oracle is worse than hard routing (group models trained on {group_column})."
+    return text + (" By AUROC, the routing errors have no measurable cost at this test-set size (threshold "
+                   "metrics such as F1 also depend on how well each validation threshold transfers).")
+
+
+def threshold_text(system: str, thresholds: Mapping[str, Any]) -> str:
+    t = thresholds[system]
+    if "values" in t:
+        return "per group " + " / ".join(f"{v:.3f}" for _, v in sorted(t["values"].items(), key=lambda kv: int(kv[0])))
+    return f"{t['value']:.3f}"
+
+
+def metric_rows(systems: Mapping[str, Any], thresholds: Mapping[str, Any], subset: str = "overall",
+                keys: Sequence[str] = TABLE_METRICS) -> list[dict[str, str]]:
+    rows = []
+    for s, res in systems.items():
+        m = res[subset] if subset in res else res
+        rows.append({"system": res.get("description", s), "n": f"{m['n']} ({m['n_patients']} pat.)",
+                     "threshold": threshold_text(s, thresholds),
+                     **{k: fmt_ci(m[k], m["ci"].get(k)) for k in keys}})
+    return rows
+
+
+def subset_rows(systems: Mapping[str, Any], keys: Sequence[str]) -> list[dict[str, str]]:
+    rows = []
+    for sub in keys:
+        for s, res in systems.items():
+            m = res[sub]
+            rows.append({"subset": sub, "system": s, "n": m["n"],
+                         "fracture rate": f"{m['prevalence']:.2f}" if m["n"] else "n/a",
+                         **{k: fmt_ci(m[k], m["ci"].get(k)) for k in ("auroc", "f1", "sensitivity", "specificity")}})
+    return rows
+
+
+def subgroup_rows(subgroups: Mapping[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for col, values in subgroups.items():
+        for value, e in values.items():
+            label = PROJECTIONS.get(value, value) if col == "projection" else value
+            row = {"column": col, "value": label, "n": f"{e['n']} ({e['n_patients']} pat., {e['n_pos']} fx)"}
+            if "too_small" in e:
+                row["AUROC"] = f"too small to score ({e['too_small']})"
+            else:
+                row["AUROC"] = "; ".join(f"{s} {fmt_ci(v['value'], v['ci'])}" for s, v in e["auroc"].items())
+            rows.append(row)
+    return rows
+
+
+def comparison_rows(comparisons: Mapping[str, Any], keys: Sequence[str] = ("auroc", "auprc", "f1", "sensitivity",
+                                                                             "specificity")) -> list[dict[str, str]]:
+    rows = []
+    for name, comp in comparisons.items():
+        for k in keys:
+            c = comp[k]
+            rows.append({"comparison": name.replace("_minus_", " - "), "metric": k, "difference": pm(c["diff"]),
+                         "95% CI": f"{pm(c['lo'])} to {pm(c['hi'])}" if np.isfinite(c["lo"]) else "n/a"})
+    return rows
+
+
+def calibration_rows(calibration: Mapping[str, Any]) -> list[dict[str, str]]:
+    return [{"system": s, "ECE before": f"{v['ece_before']:.3f}", "ECE after": f"{v['ece_after']:.3f}",
+             "Brier before": f"{v['brier_before']:.3f}", "Brier after": f"{v['brier_after']:.3f}"}
+            for s, v in calibration["systems"].items()]
+
+
+def model_rows(models: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for role, info in models.items():
+        b = info["budget"]
+        rows.append({"role": role, "file": info["path"], "model": info["model_name"], "img_size": info["img_size"],
+                     "initialisation": describe_init(b["init"]),
+                     "epochs run / cap (best)": f"{b['epochs_run']}/{b['epochs_max']} ({b['best_epoch']})",
+                     "training images": _count(b["images_seen"])})
+    return rows
+
+
+def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[str, Path]) -> Path:
+    """report.md: the Answer, the tables, and links to the figures."""
+    sysres, thr = result["systems"], result["thresholds"]
+    age = result["age_classifier"]
+    names = age["names"]
+    study = result["study_level"]
+    lines = [
+        "# Evaluation: age-routed fracture detection on the fixed test set", "",
+        "## Answer", "", result["conclusion"], "",
+        f"Test set: `{result['inputs']['test_csv']}`: {result['n_test_images']} images of "
+        f"{result['n_test_patients']} patients, fracture rate {result['test_prevalence']:.2f}. "
+        f"Thresholds chosen on `{result['inputs']['val_csv']}` ({result['threshold_method']}) and applied "
+        f"unchanged to test. 95% CIs: percentile bootstrap over patients, {result['n_boot']} resamples, seed "
+        f"{result['seed']}. Evaluation wall time {result['wall_time_s']:.1f} s on {result['device']}.", "",
+    ]
+    if result["notes"]:
+        lines += ["**Notes:**", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    lines += ["## Training budgets", "",
+              "What each system's models cost in training, from their checkpoints. Two systems have an equal "
+              f"budget when they start from the same weights, train with the same settings and epoch cap, and "
+              f"see the same number of training images (within {100 * result['equal_budget']['images_tolerance']:.0f}%).",
+              "", markdown_table(budget_rows(result)),
+              "## Fracture detection per image, whole test set", "", markdown_table(metric_rows(sysres, thr)),
+              "## Fracture detection per study", "",
+              f"A study ({study['unit']}) is positive if any of its images is; its probability is the max or the "
+              "mean of its images' probabilities, and thresholds are chosen on validation studies the same way.", ""]
+    for how, agg in study["aggregations"].items():
+        lines += [f"### {how} of the image probabilities ({agg['n_studies']} studies, {agg['n_patients']} patients, "
+                  f"fracture rate {agg['prevalence']:.2f})", "",
+                  markdown_table(metric_rows(agg["systems"], agg["thresholds"],
+                                             keys=("auroc", "sensitivity", "specificity", "f1"))),
+                  markdown_table(comparison_rows(agg["comparisons"], ("auroc", "sensitivity", "specificity")))]
+    lines += ["## By true age group and by cast", "",
+              "A group's numbers come from the images whose TRUE age is in that group, whichever model the system "
+              "sent them to. Cast images are an easy shortcut (a cast goes with a fracture most of the time), so the "
+              "no-cast rows are the harder test.", "",
+              markdown_table(subset_rows(sysres, [k for k in result["subsets"] if k != "overall"]))]
+    if result["subgroups"]:
+        lines += ["## By X-ray device and projection", "",
+                  f"AUROC with 95% CI per subset; subsets under 30 images or with one class are listed, not scored.",
+                  "", markdown_table(subgroup_rows(result["subgroups"]))]
+    lines += ["## Paired differences (same patient resamples)", "",
+              markdown_table(comparison_rows(result["comparisons"]))]
+    if result["comparisons_by_age_group"]:
+        lines += ["Per true age group:", "", markdown_table(
+            [{"age group": sub, **row} for sub, comp in result["comparisons_by_age_group"].items()
+             for row in comparison_rows(comp, ("auroc", "f1"))])]
+    cal = result["calibration"]
+    lines += ["## Calibration", "",
+              f"{cal['method']}; expected calibration error (ECE, {cal['n_bins']} equal-width bins) on the test set "
+              "before and after. Temperatures: " + ", ".join(f"{k} {v:.2f}" for k, v in cal["temperatures"].items())
+              + f". Age classifier (top-label) ECE {cal['age_classifier']['ece_before']:.3f} -> "
+              f"{cal['age_classifier']['ece_after']:.3f}.", "", markdown_table(calibration_rows(cal)),
+              "## Age-group classifier (router) on the test set", "",
+              f"Accuracy {age['accuracy']:.3f}, macro-F1 {fmt_ci(age['macro_f1'], age.get('macro_f1_ci'))}, balanced "
+              f"accuracy {age['balanced_accuracy']:.3f}. Rows: true group; columns: predicted group.", ""]
+    cm = pd.DataFrame(age["confusion_matrix"], columns=[f"pred {n}" for n in names])
+    cm.insert(0, "true", names)
+    lines.append(markdown_table(cm))
+    rep = age["classification_report"]
+    lines.append(markdown_table([
+        {"group": n, "precision": rep[n]["precision"], "recall": rep[n]["recall"],
+         "f1": rep[n]["f1-score"], "support": int(rep[n]["support"])} for n in names]))
+    mis = result["misrouted"]
+    lines += [f"Misrouted test images: {mis['n']} of {mis['n_total']}.", ""]
+    if mis.get("metrics"):
+        lines.append(markdown_table([
+            {"system on misrouted images": s, "n": v["n"], "accuracy": v["accuracy"], "auroc": v["auroc"]}
+            for s, v in mis["metrics"].items()]))
+    lines += ["## Thresholds (chosen on validation)", "",
+              markdown_table([{"system": s, "threshold": threshold_text(s, thr),
+                               "val sensitivity": t["val_metrics"]["sensitivity"],
+                               "val specificity": t["val_metrics"]["specificity"],
+                               "val AUROC": t["val_metrics"]["auroc"]} for s, t in thr.items()]),
+              "## Figures", ""]
+    for key, path in figures.items():
+        lines += [f"### {CAPTIONS.get(key, key)}", "", figure_link(path, report_dir, key), ""]
+    lines += ["## Models", "", markdown_table(model_rows(result["models"]))]
+    return write_text("\n".join(lines), report_dir / "report.md")
+
+
+def print_summary(result: Mapping[str, Any]) -> None:
+    """The side-by-side tables on the terminal, then the Answer."""
+    sysres, thr = result["systems"], result["thresholds"]
+    print("\n== Fracture detection on the test set, per image (95% CI, patient bootstrap) ==")
+    print(text_table([{"system": s, "thr": threshold_text(s, thr),
+                       **{k: fmt_ci(r["overall"][k], r["overall"]["ci"].get(k))
+                          for k in ("auroc", "f1", "sensitivity", "specificity")}} for s, r in sysres.items()]))
+    agg = result["study_level"]["aggregations"]["max"]
+    print(f"\n== Per study ({agg['n_studies']} studies, max of the image probabilities) ==")
+    print(text_table([{"system": s, "thr": threshold_text(s, agg["thresholds"]),
+                       **{k: fmt_ci(r[k], r["ci"].get(k)) for k in ("auroc", "sensitivity", "specificity")}}
+                      for s, r in agg["systems"].items()]))
+    print("\n== AUROC by true age group / cast ==")
+    subs = [k for k in result["subsets"] if k != "overall"]
+    print(text_table([{"system": s, **{k: fmt_ci(r[k]["auroc"], r[k]["ci"].get("auroc")) for k in subs}}
+                      for s, r in sysres.items() if not s.endswith("_per_group")]))
+    print("\n== Calibration (test ECE before -> after temperature scaling) ==")
+    print(text_table(calibration_rows(result["calibration"])))
+    age = result["age_classifier"]
+    print(f"\nage classifier (test): accuracy {age['accuracy']:.3f}, macro-F1 "
+          f"{fmt_ci(age['macro_f1'], age.get('macro_f1_ci'))}; confusion (rows true): {age['confusion_matrix']}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"\n{result['conclusion']}")
+    print(f"evaluation wall time: {result['wall_time_s']:.1f} s")

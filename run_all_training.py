@@ -7,7 +7,9 @@ training and evaluation stages with ``--nproc-per-node N``):
   2  generate_age_trainval_split.py  pool -> age_train_tmp.csv, age_val_tmp.csv
   3  train_age_classifier.py         -> age_classifier.pt; age_group_label in all three CSVs
   4  train_fracture_per_agegroup.py  -> fracture_classifier_agegroup{0,1,2}.pt
-                                        (+ fracture_classifier_pooled.pt unless --no-pooled)
+                                        (+ fracture_classifier_pooled.pt unless --no-pooled, and with
+                                        --init-from-pooled the equal-budget control
+                                        fracture_classifier_pooled_continued.pt unless --no-control)
   5  evaluate.py                     routed test evaluation, metrics.json, report (if present)
 
 Without arguments: a phantom data set is generated and the ``demo`` preset (small model,
@@ -82,6 +84,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="redo this stage and all later ones from scratch")
     g.add_argument("--to-stage", type=int, choices=sorted(NAMES), default=5, help="stop after this stage")
     g.add_argument("--no-pooled", action="store_true", help="do not train the pooled baseline model")
+    g.add_argument("--no-control", action="store_true",
+                   help="stage 4: do not train the equal-budget control (fracture_classifier_pooled_continued.pt) "
+                        "that --init-from-pooled otherwise adds")
     g.add_argument("--group-column", choices=("age_group_label", "age_group"), default=None,
                    help="stage 4: route training rows by the predicted or the true age group "
                         "[default: age_group_label, the predicted one]")
@@ -167,6 +172,8 @@ def _stage_argvs(args: argparse.Namespace, out: Path, preset: str) -> dict[int, 
         s4 += ["--group-column", args.group_column]
     if args.min_rows is not None:
         s4 += ["--min-rows", str(args.min_rows)]
+    if args.no_control:
+        s4 += ["--no-control"]
     return {1: s1, 2: ["--out-dir", str(out)], 3: train, 4: s4, 5: s5}
 
 

@@ -9,13 +9,20 @@ cosine schedule, early stopping on validation F1 (``--metric auroc`` for AUROC).
 ``--pooled`` trains one model on all rows instead, the baseline that evaluation compares
 routing against. With ``--init-from-pooled`` (the demo preset's default) each group model
 starts from the pooled model's weights, and the pooled model is trained first if it is
-not there yet: small groups then learn what all groups share from all the data. A group with too few rows, or only one class in its training rows, is
-skipped with a message, not a crash.
+not there yet: small groups then learn what all groups share from all the data. The group
+models then get more training than the pooled model, so routed-vs-pooled would mix
+specialisation with extra training; the same run therefore also trains the equal-budget
+control ``fracture_classifier_pooled_continued``: the pooled model trained further on ALL
+training rows with the group models' settings (epochs, schedule, sampler, loss), so that
+evaluation can compare routing with a pooled system of the same training budget
+(``--no-control`` leaves it out). A group with too few rows, or only one class in its
+training rows, is skipped with a message, not a crash.
 
 Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv (with
 ``age_group_label`` from stage 3 unless ``--group-column age_group``).
 Outputs (``--models-dir``, default ``<out-dir>/saved_agegroup_models``), per model
-``fracture_classifier_agegroup{g}`` or ``fracture_classifier_pooled``:
+``fracture_classifier_agegroup{g}``, ``fracture_classifier_pooled`` or
+``fracture_classifier_pooled_continued``:
     <stem>.pt  <stem>_metrics.csv  <stem>_config.json  (<stem>_last.pt while training)
 
 Example:
@@ -42,6 +49,7 @@ from unified_dataset import DataError, read_split_csv
 
 CLASS_NAMES = ("no fracture", "fracture")
 TARGET = "fracture"
+STEM = "fracture_classifier"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -56,6 +64,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "[default: age_group_label]")
     g.add_argument("--pooled", action="store_true",
                    help="train one model on all groups instead (fracture_classifier_pooled.pt)")
+    g.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --init-from-pooled: also train the equal-budget control "
+                        "(fracture_classifier_pooled_continued.pt: the pooled model trained further on all "
+                        "rows with the group models' settings) [default: yes when all groups are trained]")
     g.add_argument("--min-rows", type=int, default=10,
                    help="skip a group with fewer training rows than this [default: 10]")
     add_training_args(parser)
@@ -84,30 +96,50 @@ def _finished(path) -> bool:
     return path.is_file() and bool(load_checkpoint(path).get("finished"))
 
 
+def continued_from(ckpt_path, expect: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The weights of a finished checkpoint to continue from, and the ``init`` record that says
+    so (with that checkpoint's own budget, so evaluation can add it up)."""
+    ckpt = load_checkpoint(ckpt_path, expect=expect)
+    origin = {"kind": "checkpoint", "checkpoint": ckpt_path.name, "epochs_run": ckpt.get("epochs_run"),
+              "best_epoch": ckpt.get("epoch"), "images_seen": ckpt.get("images_seen"), "init": ckpt.get("init")}
+    return ckpt["model"], origin
+
+
+def plan_jobs(cfg: argparse.Namespace, train_all: pd.DataFrame,
+              val_all: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame, pd.DataFrame]]:
+    """(key, label, train rows, val rows) of every model this run trains, in training order."""
+    pooled = ("pooled", "all age groups", train_all, val_all)
+    if cfg.pooled:
+        return [pooled]
+    for path, df in ((cfg.train_csv, train_all), (cfg.val_csv, val_all)):
+        if cfg.group_column not in df.columns:
+            raise DataError.at(path, 1, f"no column {cfg.group_column!r}; run train_age_classifier.py "
+                                        f"first, or pass --group-column age_group")
+    groups = cfg.groups if cfg.groups is not None else range(len(AGE_GROUP_NAMES))
+    jobs = [(f"agegroup{g}", f"age group {g} ({AGE_GROUP_NAMES[g]})",
+             rows_of_group(train_all, cfg.group_column, g), rows_of_group(val_all, cfg.group_column, g))
+            for g in groups]
+    if not cfg.init_from_pooled:
+        return jobs
+    if not _finished(cfg.models_dir / f"{STEM}_pooled.pt"):
+        engine.log("group models start from the pooled model (--init-from-pooled): training it first")
+        jobs.insert(0, pooled)
+    control = cfg.control if cfg.control is not None else cfg.groups is None
+    if control:
+        jobs.append(("pooled_continued", "all age groups, continued from the pooled model like the group "
+                     "models (equal-budget control)", train_all, val_all))
+    return jobs
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = resolve_paths(resolve_config(args, "fracture"))
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
             print_config(to_dict(cfg), "train_fracture_per_agegroup.py")
         train_all, val_all = read_split_csv(cfg.train_csv), read_split_csv(cfg.val_csv)
-        if cfg.pooled:
-            jobs = [("pooled", "all age groups", train_all, val_all)]
-        else:
-            for path, df in ((cfg.train_csv, train_all), (cfg.val_csv, val_all)):
-                if cfg.group_column not in df.columns:
-                    raise DataError.at(path, 1, f"no column {cfg.group_column!r}; run train_age_classifier.py "
-                                                f"first, or pass --group-column age_group")
-            groups = cfg.groups if cfg.groups is not None else range(len(AGE_GROUP_NAMES))
-            jobs = [(f"agegroup{g}", f"age group {g} ({AGE_GROUP_NAMES[g]})",
-                     rows_of_group(train_all, cfg.group_column, g), rows_of_group(val_all, cfg.group_column, g))
-                    for g in groups]
-
-            pooled_ckpt = cfg.models_dir / "fracture_classifier_pooled.pt"
-            if cfg.init_from_pooled and not _finished(pooled_ckpt):
-                engine.log("group models start from the pooled model (--init-from-pooled): training it first")
-                jobs.insert(0, ("pooled", "all age groups", train_all, val_all))
+        pooled_ckpt = cfg.models_dir / f"{STEM}_pooled.pt"
         models: dict[str, Any] = {}
-        for key, label, train_df, val_df in jobs:
+        for key, label, train_df, val_df in plan_jobs(cfg, train_all, val_all):
             reason = skip_reason(train_df, val_df, cfg.min_rows)
             if reason:
                 engine.log(f"== {label}: SKIPPED: {reason} ==")
@@ -115,17 +147,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             if val_df[TARGET].nunique() < 2:
                 engine.log(f"{label}: validation rows hold one class only; AUROC is undefined for it")
-            files = engine.RunFiles.from_stem(cfg.models_dir, f"fracture_classifier_{key}")
-            group = None if key == "pooled" else int(key.removeprefix("agegroup"))
-            init = None
-            if group is not None and cfg.init_from_pooled:
-                init = load_checkpoint(pooled_ckpt, expect={"kind": "fracture", "model_name": cfg.model,
-                                                            "img_size": cfg.img_size})["model"]
+            files = engine.RunFiles.from_stem(cfg.models_dir, f"{STEM}_{key}")
+            group = int(key.removeprefix("agegroup")) if key.startswith("agegroup") else None
+            init, origin = None, None
+            if key != "pooled" and cfg.init_from_pooled:
+                init, origin = continued_from(pooled_ckpt, {"kind": "fracture", "model_name": cfg.model,
+                                                            "img_size": cfg.img_size})
             result = engine.train_classifier(
                 cfg, kind="fracture", train_df=train_df, val_df=val_df, target_col=TARGET,
                 class_names=CLASS_NAMES, files=files, device=info.device, age_bounds=AGE_BOUNDS,
-                cache_dir=cfg.cache_dir, extra_meta={"age_group": group, "group_column": cfg.group_column},
-                title=f"fracture classifier, {label}", init_state=init)
+                cache_dir=cfg.cache_dir, extra_meta={"age_group": group, "group_column": cfg.group_column,
+                                                     "role": key},
+                title=f"fracture classifier, {label}", init_state=init, init_from=origin)
             result.pop("history")
             models[key] = {**result, "config": str(files.config_json), "train_rows": len(train_df),
                            "val_rows": len(val_df)}

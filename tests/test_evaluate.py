@@ -299,26 +299,47 @@ def test_evaluate_end_to_end(run_dir):
 
     res = json.loads(Path(written["metrics"]).read_text())
     assert any("group 2" in n and "pooled" in n for n in res["notes"])
-    assert set(res["systems"]) == {"hard", "soft", "oracle", "pooled"}
+    assert set(res["systems"]) == {"hard", "soft", "oracle", "pooled", "hard_per_group", "soft_per_group",
+                                   "oracle_per_group"}
     ov = res["systems"]["hard"]["overall"]
     assert ov["n"] == len(test) and len(ov["ci"]["auroc"]) == 2
     assert {"overall", "age 0-7 y", "age 8-14 y", "age 15-19 y", "cast", "no cast"} <= set(
         res["systems"]["pooled"])
     assert "oracle_minus_hard" in res["comparisons"] and res["conclusion"]
     assert len(res["age_classifier"]["confusion_matrix"]) == 3
+    # no control model and random demo checkpoints: nothing is equal-budget, and the Answer says so
+    assert res["equal_budget"]["reference"] is None and "helped" not in res["conclusion"]
+    assert "NOT an equal-budget comparison" in res["conclusion"]
 
-    # thresholds come from the validation CSV, not from test
+    # thresholds come from the validation CSV, not from test; per-group ones from the
+    # validation images each group model decided
     device = torch.device("cpu")
     routed = P.load_routed_models(run_dir / "saved_agegroup_models", device)
     val = ud.read_split_csv(run_dir / "age_val_tmp.csv")
     true_val = val["age_group"].to_numpy()
-    val_sys = evaluate.system_probs(evaluate.infer(routed, val, device), true_val)
-    for s, prob in val_sys.items():
+    val_out = evaluate.system_probs(evaluate.infer(routed, val, device), true_val)
+    for s, prob in val_out.prob.items():
         t = M.choose_threshold(val["fracture"], prob)
         assert res["systems"][s]["threshold"] == pytest.approx(t)
         np.testing.assert_allclose(pred[f"threshold_{s}"], t)
+    per, _ = M.choose_group_thresholds(val["fracture"], val_out.prob["hard"], val_out.group["hard"], 3,
+                                       res["systems"]["hard"]["threshold"])
+    saved = {int(k): v for k, v in res["thresholds"]["hard_per_group"]["values"].items()}
+    assert saved == pytest.approx(per)
+    np.testing.assert_allclose(pred["threshold_hard_per_group"], [per[g] for g in pred.age_group_label])
+    assert (pred.pred_hard_per_group == (pred.prob_hard >= pred.threshold_hard_per_group)).all()
     saved = json.loads(Path(written["thresholds"]).read_text())
     assert saved["thresholds"]["hard"]["value"] == pytest.approx(res["systems"]["hard"]["threshold"])
+    assert set(saved["thresholds"]["hard_per_group"]["values"]) == {"0", "1", "2"}
+
+    # study level: one row per patient + study_number, for every system and both aggregations
+    n_studies = test.groupby(["patient_id", "study_number"]).ngroups if "study_number" in test else \
+        test.patient_id.nunique()
+    for how in ("max", "mean"):
+        agg = res["study_level"]["aggregations"][how]
+        assert agg["n_studies"] == n_studies and set(agg["systems"]) == set(res["systems"])
+    cal = res["calibration"]
+    assert set(cal["systems"]) == {"hard", "soft", "oracle", "pooled"} and cal["temperatures"]["pooled"] > 0
 
     report = Path(written["report"]).read_text()
     for fig in written["figures"]:
@@ -375,3 +396,53 @@ def test_evaluate_under_torchrun_matches_one_process(run_dir, tmp_path):
                  "== Fracture detection on the test set", "wrote " + str(multi / "metrics.json")):
         assert log.count(line) == 1, line  # rank 0 alone prints
     assert not (multi / ".run.lock").exists()
+
+
+# --------------------------------------------------------------------------- the Answer
+def _answer_inputs(diff: float, lo: float, hi: float, reference: str | None) -> dict:
+    """The slice of metrics.json that report.answer reads, with a chosen hard-minus-pooled result."""
+    def overall(auroc: float) -> dict:
+        return {"overall": {"auroc": auroc, "ci": {"auroc": [auroc - 0.02, auroc + 0.02]}}}
+
+    def comp(d: float, a: float, b: float) -> dict:
+        entry = {"diff": d, "lo": a, "hi": b, "se": (b - a) / 3.92}
+        return {k: entry for k in ("auroc", "f1", "sensitivity", "specificity")}
+
+    systems = {"hard": overall(0.90), "pooled": overall(0.90 - diff)}
+    comparisons = {"hard_minus_pooled": comp(diff, lo, hi), "oracle_minus_hard": comp(0.0, -0.01, 0.01)}
+    budget = {"models": [{"model": "m", "epochs_run": 6, "epochs_max": 6,
+                          "schedule": {"scheduler": "cosine", "lr": 0.002, "batch_size": 32,
+                                       "sampler": "balanced", "loss": "focal"}}],
+              "init": {"kind": "random", "seed": 42}, "images_seen": 1000, "epochs_max": 6}
+    why = {"pooled": [] if reference == "pooled" else ["they saw 2,000 vs 1,000 training images"]}
+    if reference == "pooled_continued":
+        systems["pooled_continued"] = overall(0.90 - diff)
+        comparisons["hard_minus_pooled_continued"] = comp(diff, lo, hi)
+        why["pooled_continued"] = []
+    study = {"n_studies": 10, "comparisons": {}, "systems": {}}
+    return {"systems": systems, "comparisons": comparisons, "alpha": 0.05, "n_boot": 100,
+            "equal_budget": {"reference": reference, "differences": why},
+            "budgets": {"routed": budget, "pooled": budget, "pooled_continued": budget},
+            "study_level": {"aggregations": {"max": study}},
+            "misrouted": {"n": 1, "n_total": 10, "fraction": 0.1}, "age_classifier": {"macro_f1": 0.9}}
+
+
+@pytest.mark.parametrize("reference", [None, "pooled", "pooled_continued"])
+def test_answer_says_helped_only_for_an_equal_budget_comparison(reference):
+    import report
+
+    clear_win = report.answer(_answer_inputs(0.08, 0.05, 0.11, reference))
+    if reference is None:
+        assert "helped" not in clear_win and "hurt" not in clear_win
+        assert "NOT an equal-budget comparison" in clear_win and "2,000 vs 1,000" in clear_win
+    else:
+        assert "Routing helped." in clear_win and "equal training budget" in clear_win
+        assert "Equal training budget: both start from random weights (seed 42)" in clear_win
+    clear_loss = report.answer(_answer_inputs(-0.08, -0.11, -0.05, reference))
+    assert ("Routing hurt." in clear_loss) == (reference is not None)
+    unsure = report.answer(_answer_inputs(0.01, -0.02, 0.04, reference))
+    assert "helped" not in unsure and "hurt" not in unsure
+    if reference is not None:
+        se = 0.06 / 3.92
+        assert "No evidence of a difference at this test size" in unsure
+        assert f"could detect is about {2.8016 * se:.3f}" in unsure

@@ -163,3 +163,91 @@ def test_multiclass_summary():
     assert s["confusion_matrix"] == confusion_matrix(yt, yp).tolist()
     assert s["macro_f1"] == pytest.approx(f1_score(yt, yp, average="macro"))
     assert s["classification_report"]["b"]["recall"] == pytest.approx(2 / 3)
+
+
+# --------------------------------------------------------------------------- evidence helpers
+def test_study_aggregation_on_a_hand_made_table():
+    images = pd.DataFrame({
+        "patient_id":   ["a", "a", "a", "b", "b", "c"],
+        "study_number": [1, 1, 2, 1, 1, 1],
+        "fracture":     [0, 1, 0, 0, 0, 1],
+        "prob":         [0.2, 0.6, 0.3, 0.1, 0.5, 0.9],
+        "group":        [1, 1, 2, 0, 2, 1],
+    })
+    most = M.aggregate_studies(images, ["prob"], "max", group_cols=["group"])
+    assert most[["patient_id", "study_number"]].values.tolist() == [["a", 1], ["a", 2], ["b", 1], ["c", 1]]
+    assert most["prob"].tolist() == [0.6, 0.3, 0.5, 0.9]
+    assert most["fracture"].tolist() == [1, 0, 0, 1]  # positive if any image is
+    assert most["n_images"].tolist() == [2, 1, 2, 1]
+    assert most["group"].tolist() == [1, 2, 0, 1]  # b's tie 0/2 -> the smaller group
+    mean = M.aggregate_studies(images, ["prob"], "mean")
+    np.testing.assert_allclose(mean["prob"], [0.4, 0.3, 0.3, 0.9])
+    # without a study column every patient is one study
+    per_patient = M.aggregate_studies(images, ["prob"], "max", study_cols=["patient_id"])
+    assert per_patient["prob"].tolist() == [0.6, 0.5, 0.9] and per_patient["fracture"].tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="median"):
+        M.aggregate_studies(images, ["prob"], "median")
+
+
+def test_per_group_thresholds_follow_each_group_models_scores():
+    rng = np.random.default_rng(3)
+    n = 600
+    group = rng.integers(0, 3, n)
+    y = rng.integers(0, 2, n)
+    # the same separation in every group, around a different centre: group 2's model scores high
+    prob = np.clip(np.array([0.2, 0.45, 0.7])[group] + 0.2 * (y - 0.5) + rng.normal(0, 0.05, n), 0, 1)
+    single = M.choose_threshold(y, prob)
+    per, fell_back = M.choose_group_thresholds(y, prob, group, 3, fallback=single)
+    assert fell_back == []
+    assert per[0] < per[1] < per[2]
+    for g, centre in enumerate((0.2, 0.45, 0.7)):
+        assert abs(per[g] - centre) < 0.1
+    rows = M.per_row_thresholds(group, per)
+    assert M.binary_metrics(y, prob, rows)["accuracy"] > M.binary_metrics(y, prob, single)["accuracy"] + 0.1
+    # a group whose validation rows hold one class keeps the single threshold, and says so
+    y_one = np.where(group == 1, 1, y)
+    per, fell_back = M.choose_group_thresholds(y_one, prob, group, 3, fallback=0.5)
+    assert fell_back == [1] and per[1] == 0.5
+
+
+def test_temperature_fit_lowers_ece_of_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, 4000)
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
+    overconfident = 1 / (1 + np.exp(-3 * z))  # logits three times too large
+    t = M.fit_temperature(y, overconfident)
+    assert 2.5 < t < 3.5
+    before = M.expected_calibration_error(y, overconfident)
+    after = M.expected_calibration_error(y, M.apply_temperature(overconfident, t))
+    assert after < before / 2
+    # scaling never reorders: AUROC is unchanged
+    assert roc_auc_score(y, M.apply_temperature(overconfident, t)) == pytest.approx(roc_auc_score(y, overconfident))
+    # multi-class: softmax probabilities from logits twice too large
+    logits = rng.normal(0, 2, (3000, 3))
+    labels = np.array([rng.choice(3, p=np.exp(l) / np.exp(l).sum()) for l in logits])
+    sharp = np.exp(2 * logits) / np.exp(2 * logits).sum(1, keepdims=True)
+    t3 = M.fit_temperature(labels, sharp)
+    assert 1.6 < t3 < 2.4
+    assert M.top_label_calibration_error(labels, M.apply_temperature(sharp, t3)) < \
+        M.top_label_calibration_error(labels, sharp)
+
+
+def test_expected_calibration_error_by_hand():
+    # bin [0.1, 0.2): p 0.15, 0.15, observed 1 of 2 -> |0.5 - 0.15| * 2; bin [0.9, 1]: p 0.95, observed 1
+    y = [0, 1, 1]
+    p = [0.15, 0.15, 0.95]
+    assert M.expected_calibration_error(y, p, n_bins=10) == pytest.approx((2 * 0.35 + 0.05) / 3)
+
+
+def test_min_detectable_difference_from_the_bootstrap_spread():
+    df = _data(n_pat=80, seed=4)
+    other = np.clip(df.prob + np.random.default_rng(1).normal(0, 0.1, len(df)), 0, 1)
+    d = M.paired_bootstrap_difference(df.y, df.prob, other, df.patient_id, 0.5, 0.5, n_boot=300, seed=0)
+    se = d["auroc"]["se"]
+    assert se > 0
+    assert M.min_detectable_difference(se) == pytest.approx(2.8016 * se, rel=1e-3)
+    # a bigger test set (each patient twice, as distinct patients) narrows it
+    twice = pd.concat([df, df.assign(patient_id=df.patient_id + "b")])
+    d2 = M.paired_bootstrap_difference(twice.y, twice.prob, np.concatenate([other, other]), twice.patient_id,
+                                       0.5, 0.5, n_boot=300, seed=0)
+    assert d2["auroc"]["se"] < se

@@ -134,3 +134,49 @@ def test_group_models_start_from_the_pooled_model(fresh_splits: Path, capsys):
         [*frozen, "--no-init-from-pooled", "--models-dir", str(fresh_splits / "scratch")]))
     other = load_checkpoint(scratch["models"]["agegroup1"]["checkpoint"])["model"][name]
     assert not torch.allclose(other, pooled["model"][name], atol=1e-4)
+
+
+def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_splits: Path):
+    import evaluate
+    import inference
+
+    base = ["--out-dir", str(fresh_splits), "--img-size", "32", "--epochs", "2", "--batch-size", "4", "--quiet",
+            "--group-column", "age_group", "--init-from-pooled", "--min-rows", "3"]
+    res = stage4.main(stage4.get_args_parser().parse_args(base))
+    assert list(res["models"]) == ["pooled", "agegroup0", "agegroup1", "agegroup2", "pooled_continued"]
+    models = fresh_splits / "saved_agegroup_models"
+    pooled = load_checkpoint(models / "fracture_classifier_pooled.pt")
+    control = load_checkpoint(models / "fracture_classifier_pooled_continued.pt")
+    assert pooled["init"] == {"kind": "random", "seed": 42}
+    assert control["init"]["kind"] == "checkpoint" and control["init"]["checkpoint"] == "fracture_classifier_pooled.pt"
+    assert control["init"]["images_seen"] == pooled["images_seen"] > 0
+    hist = pd.read_csv(models / "fracture_classifier_pooled_continued_metrics.csv")
+    assert control["images_seen"] == hist["train_images"].sum() and control["epochs_max"] == 2
+    n_train = len(pd.read_csv(fresh_splits / "age_train_tmp.csv"))
+    assert n_train - 4 < hist["train_images"].iloc[0] <= n_train  # one epoch of rows, bar a dropped last batch
+
+    def load(stem: str) -> inference.LoadedModel:
+        return inference.load_model(models / f"{stem}.pt", stem, torch.device("cpu"), "fracture")
+
+    routed = inference.RoutedModels(age=None, groups={g: load(f"fracture_classifier_agegroup{g}") for g in range(3)},
+                                    pooled=load("fracture_classifier_pooled"),
+                                    pooled_continued=load("fracture_classifier_pooled_continued"))
+    budgets = evaluate.system_budgets(routed)
+    assert budgets["routed"]["images_seen"] == sum(
+        load_checkpoint(models / f"fracture_classifier_agegroup{g}.pt")["images_seen"] for g in range(3))
+    reference, why = evaluate.equal_budget_reference(budgets)
+    assert reference == "pooled_continued", why
+    assert any("different weights" in w for w in why["pooled"])  # the plain pooled model is not comparable
+
+    # the same run with another learning rate for the control is no longer an equal budget
+    routed.pooled_continued.meta["config"]["lr"] = 1.0
+    reference, why = evaluate.equal_budget_reference(evaluate.system_budgets(routed))
+    assert reference is None and any("lr" in w for w in why["pooled_continued"])
+
+
+def test_no_control_and_group_subsets_leave_the_control_out(fresh_splits: Path):
+    base = ["--out-dir", str(fresh_splits), "--img-size", "32", "--epochs", "1", "--quiet",
+            "--group-column", "age_group", "--init-from-pooled", "--min-rows", "3"]
+    assert "pooled_continued" not in stage4.main(stage4.get_args_parser().parse_args(base + ["--no-control"]))["models"]
+    assert "pooled_continued" not in stage4.main(stage4.get_args_parser().parse_args(base + ["--groups", "1"]))["models"]
+
