@@ -48,14 +48,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+import columns
 from io_utils import atomic_write
-
-CSV_COLUMNS = (
-    "filestem", "patient_id", "study_number", "timehash", "gender", "age", "laterality",
-    "projection", "initial_exam", "ao_classification", "cast", "diagnosis_uncertain",
-    "osteopenia", "fracture_visible", "metal", "pixel_spacing", "device_manufacturer",
-)
-FLAG_COLUMNS = ("initial_exam", "cast", "diagnosis_uncertain", "osteopenia", "fracture_visible", "metal")
 
 # The demo's default: about 5,000 images at 128 px generate in under 20 s on 2 CPU cores,
 # enough for every age group to train on (the smallest, >= 15 y, gets about 700 images).
@@ -128,10 +122,6 @@ _METACARPALS_LAT = ((0.20, -0.62, 35, 0.055), (0.05, -0.70, 2, 0.06), (0.01, -0.
 
 
 # ----------------------------------------------------------------------------- metadata
-
-def _age_group(age: float) -> int:
-    return 0 if age < 8 else (1 if age < 15 else 2)
-
 
 def _draw_lesion(rng: np.random.Generator, age: float) -> dict[str, Any]:
     """A patient's fracture: kind, AO code, site and severity (kept for all their images)."""
@@ -209,7 +199,7 @@ def draw_metadata(n_patients: int, seed: int = 0) -> tuple[pd.DataFrame, list[di
             healing = fractured and not initial
             cast = (not initial) and rng.random() < (0.72 if fractured else 0.06)
             metal_p = 0.0 if initial else (0.065 if fractured else 0.30)
-            metal_p *= (0.45, 0.9, 2.3)[_age_group(age_r)]
+            metal_p *= (0.45, 0.9, 2.3)[columns.age_to_group(age_r)]
             metal = rng.random() < metal_p
             osteopenia = (not initial) and rng.random() < (0.26 if fractured else 0.18)
             uncertain = rng.random() < (0.055 if initial else 0.005)
@@ -238,8 +228,8 @@ def draw_metadata(n_patients: int, seed: int = 0) -> tuple[pd.DataFrame, list[di
                     "lesion": lesion if visible else None, "healing": healing,
                     "study": study, "image_seed": int(rng.integers(2**31)),
                 })
-    df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
-    for col in FLAG_COLUMNS:
+    df = pd.DataFrame(rows, columns=list(columns.GRAZPEDWRI_COLUMNS))
+    for col in columns.FLAG_COLUMNS:
         df[col] = np.where(df[col].astype(bool), "1", "")
     return df, hidden
 

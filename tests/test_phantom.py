@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import columns
 import phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +60,10 @@ def test_csv_layout_matches_grazpedwri(small: Path) -> None:
     raw = (small / "dataset.csv").read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf")  # UTF-8 byte-order mark, as the real file
     header = raw[3:].split(b"\r\n", 1)[0].decode()
-    assert header.split(",") == list(phantom.CSV_COLUMNS)
+    assert header.split(",") == list(columns.GRAZPEDWRI_COLUMNS)
     assert raw.count(b"\r\n") == raw.count(b"\n")  # CRLF line ends, as the real file
     df = _read_csv(small / "dataset.csv")
-    for col in phantom.FLAG_COLUMNS:
+    for col in columns.FLAG_COLUMNS:
         assert set(df[col]) <= {"1", ""}, col
     assert set(df["projection"]) <= {"1", "2", "3"}
     assert set(df["laterality"]) <= {"L", "R"}
@@ -108,7 +109,7 @@ def meta() -> pd.DataFrame:
     df, _ = phantom.draw_metadata(2500, seed=0)
     df = df.copy()
     df["age_f"] = df["age"].astype(float)
-    df["group"] = np.where(df["age_f"] < 8, 0, np.where(df["age_f"] < 15, 1, 2))
+    df["group"] = columns.age_to_group(df["age_f"])
     df["fx"] = df["fracture_visible"] == "1"
     return df
 
