@@ -40,6 +40,7 @@ import argparse
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +49,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+import columns
 from io_utils import atomic_write
-
-CSV_COLUMNS = (
-    "filestem", "patient_id", "study_number", "timehash", "gender", "age", "laterality",
-    "projection", "initial_exam", "ao_classification", "cast", "diagnosis_uncertain",
-    "osteopenia", "fracture_visible", "metal", "pixel_spacing", "device_manufacturer",
-)
-FLAG_COLUMNS = ("initial_exam", "cast", "diagnosis_uncertain", "osteopenia", "fracture_visible", "metal")
 
 # The demo's default: about 5,000 images at 128 px generate in under 20 s on 2 CPU cores,
 # enough for every age group to train on (the smallest, >= 15 y, gets about 700 images).
@@ -97,7 +92,7 @@ _STUDY_LAYOUT_P = np.array([9137, 697, 570, 88, 60, 52, 43, 22], dtype=float)
 _VISIBLE_P = {1: 0.915, 2: 0.976, 3: 0.986}
 
 # Carpal bones of a left wrist in AP view, radial side to the right (x grows radially):
-# name, centre (dx, dy) and half axes (ax, ay) in units of the scale U, angle (deg),
+# name, centre (dx, dy) and half axes (ax, ay) in units of WristGeometry.scale, angle (deg),
 # and the typical age (years, boys) at which the ossification centre appears.
 _CARPALS_AP = (
     ("capitate", 0.02, -0.50, 0.100, 0.150, 5, 0.2),
@@ -128,10 +123,6 @@ _METACARPALS_LAT = ((0.20, -0.62, 35, 0.055), (0.05, -0.70, 2, 0.06), (0.01, -0.
 
 
 # ----------------------------------------------------------------------------- metadata
-
-def _age_group(age: float) -> int:
-    return 0 if age < 8 else (1 if age < 15 else 2)
-
 
 def _draw_lesion(rng: np.random.Generator, age: float) -> dict[str, Any]:
     """A patient's fracture: kind, AO code, site and severity (kept for all their images)."""
@@ -209,7 +200,7 @@ def draw_metadata(n_patients: int, seed: int = 0) -> tuple[pd.DataFrame, list[di
             healing = fractured and not initial
             cast = (not initial) and rng.random() < (0.72 if fractured else 0.06)
             metal_p = 0.0 if initial else (0.065 if fractured else 0.30)
-            metal_p *= (0.45, 0.9, 2.3)[_age_group(age_r)]
+            metal_p *= (0.45, 0.9, 2.3)[columns.age_to_group(age_r)]
             metal = rng.random() < metal_p
             osteopenia = (not initial) and rng.random() < (0.26 if fractured else 0.18)
             uncertain = rng.random() < (0.055 if initial else 0.005)
@@ -238,8 +229,8 @@ def draw_metadata(n_patients: int, seed: int = 0) -> tuple[pd.DataFrame, list[di
                     "lesion": lesion if visible else None, "healing": healing,
                     "study": study, "image_seed": int(rng.integers(2**31)),
                 })
-    df = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
-    for col in FLAG_COLUMNS:
+    df = pd.DataFrame(rows, columns=list(columns.GRAZPEDWRI_COLUMNS))
+    for col in columns.FLAG_COLUMNS:
         df[col] = np.where(df[col].astype(bool), "1", "")
     return df, hidden
 
@@ -264,6 +255,7 @@ class _Canvas:
         self.h, self.w = h, w
         self.y = np.arange(h, dtype=np.float32)[:, None]
         self.x = np.arange(w, dtype=np.float32)[None, :]
+        self.rows = self.y[:, 0]
 
     def _box(self, cx: float, cy: float, rx: float, ry: float) -> tuple[int, int, int, int] | None:
         x0, x1 = max(int(cx - rx) - 1, 0), min(int(cx + rx) + 2, self.w)
@@ -283,30 +275,34 @@ class _Canvas:
         x0, x1, y0, y1 = box
         dx = self.x[:, x0:x1] - cx
         dy = self.y[y0:y1] - cy
-        c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-        u = np.abs((dx * c + dy * s) / ax)
-        v = np.abs((-dx * s + dy * c) / ay)
-        rp = (u ** power + v ** power) ** (2.0 / power) if power != 2.0 else u * u + v * v
+        cos_a, sin_a = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        along = np.abs((dx * cos_a + dy * sin_a) / ax)
+        across = np.abs((-dx * sin_a + dy * cos_a) / ay)
+        if power != 2.0:
+            r2 = (along ** power + across ** power) ** (2.0 / power)
+        else:
+            r2 = along * along + across * across
         thick = math.sqrt(ax * ay)
-        layer[y0:y1, x0:x1] += density * thick * _shell(rp, inner, marrow)
+        layer[y0:y1, x0:x1] += density * thick * _shell(r2, inner, marrow)
 
     def tube(self, layer: np.ndarray, bx: float, by: float, angle: float, length: float,
              half: float, density: float, inner: float = 0.7, marrow: float = 0.35) -> None:
         """A straight tubular bone from a rounded base (bx, by) towards ``angle`` (deg from up)."""
-        dxn, dyn = math.sin(math.radians(angle)), -math.cos(math.radians(angle))
-        ex, ey = bx + dxn * length, by + dyn * length
-        box = self._box((bx + ex) / 2, (by + ey) / 2, abs(ex - bx) / 2 + 2 * half, abs(ey - by) / 2 + 2 * half)
+        dir_x, dir_y = math.sin(math.radians(angle)), -math.cos(math.radians(angle))
+        end_x, end_y = bx + dir_x * length, by + dir_y * length
+        box = self._box((bx + end_x) / 2, (by + end_y) / 2,
+                        abs(end_x - bx) / 2 + 2 * half, abs(end_y - by) / 2 + 2 * half)
         if box is None:
             return
         x0, x1, y0, y1 = box
-        px = self.x[:, x0:x1] - bx
-        py = self.y[y0:y1] - by
-        t = px * dxn + py * dyn
-        d = px * dyn - py * dxn
+        from_x = self.x[:, x0:x1] - bx
+        from_y = self.y[y0:y1] - by
+        along = from_x * dir_x + from_y * dir_y
+        across = from_x * dir_y - from_y * dir_x
         # The base is a little wider than the shaft and rounded.
-        widen = 1.0 + 0.35 * np.exp(-np.clip(t, 0, None) / (1.2 * half))
-        r2 = (d / (half * widen)) ** 2 + (np.clip(-t, 0, None) / (0.9 * half)) ** 2
-        r2 = np.where(t > length, 2.0, r2)
+        widen = 1.0 + 0.35 * np.exp(-np.clip(along, 0, None) / (1.2 * half))
+        r2 = (across / (half * widen)) ** 2 + (np.clip(-along, 0, None) / (0.9 * half)) ** 2
+        r2 = np.where(along > length, 2.0, r2)
         layer[y0:y1, x0:x1] += density * half * _shell(r2, inner, marrow)
 
     def long_bone(self, layer: np.ndarray, top: float, centre: np.ndarray, left: np.ndarray,
@@ -319,8 +315,7 @@ class _Canvas:
         y0 = max(int(math.ceil(top)), 0)
         if y0 >= self.h:
             return
-        c = centre[y0:, None]
-        dx = self.x - c
+        dx = self.x - centre[y0:, None]
         half = np.where(dx < 0, left[y0:, None], right[y0:, None])
         thick = 0.5 * (left[y0:, None] + right[y0:, None])
         # The distal end is a flat cap with rounded corners (a superellipse), not a square.
@@ -336,9 +331,451 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.n
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
 
 
-def _growth(ba: float) -> float:
-    """Relative linear size of the wrist bones at bone age ``ba`` (1 from 17.5 years)."""
-    return 0.25 + 0.75 * min(max(ba, 0.0) / 17.5, 1.0) ** 0.8
+def _growth(bone_age: float) -> float:
+    """Relative linear size of the wrist bones at ``bone_age`` (1 from 17.5 years)."""
+    return 0.25 + 0.75 * min(max(bone_age, 0.0) / 17.5, 1.0) ** 0.8
+
+
+# ----------------------------------------------------------------------------- anatomy
+
+@dataclass(frozen=True)
+class Fracture:
+    """The fracture an image shows: its patient's lesion, on a projection where it is visible."""
+
+    kind: str  # "buckle", "break" or "physeal"
+    ulna: str | None  # "buckle", "styloid" or None
+    severity: float  # size and contrast: the patient's severity times LESION_GAIN, capped
+    side: int  # cortex that bulges or breaks first: -1 ulnar, 1 radial, 0 both
+    level: float  # distance of the fracture from the physis, in radius widths
+    angle: float  # slope of a break line, degrees
+    extent: float  # share of the bone's width a break runs across
+    healing: bool  # a follow-up study: less swelling, maybe callus
+
+    @property
+    def direction(self) -> int:
+        """+1 if the distal fragment moves radially (x grows radially), -1 if ulnarly."""
+        return 1 if self.side >= 0 else -1
+
+
+def _visible_fracture(hidden: dict[str, Any]) -> Fracture | None:
+    lesion = hidden["lesion"]
+    if lesion is None:
+        return None
+    return Fracture(kind=lesion["kind"], ulna=lesion["ulna"],
+                    severity=min(lesion["severity"] * LESION_GAIN, LESION_CAP), side=lesion["side"],
+                    level=lesion["level"], angle=lesion["angle"], extent=lesion["extent"],
+                    healing=bool(hidden["healing"]))
+
+
+@dataclass(frozen=True)
+class WristGeometry:
+    """Size and place of one image's wrist, in pixels: a left wrist, before flip and rotation.
+
+    ``scale`` is the unit of every anatomical offset (the carpal and metacarpal tables are
+    in it); it grows with bone age and body size, so older wrists fill more of the image.
+    Rows grow distally to proximally: the hand is at the top, the forearm at the bottom.
+    """
+
+    height: int
+    width: int
+    lateral: bool
+    oblique: bool
+    bone_age: float  # age plus the child's maturity offset, years
+    body_size: float  # the child's build times this exposure's zoom, about 1
+    scale: float
+    midline_x: float  # between radius and ulna
+    physis_y: float  # row of the radial growth plate
+    physis_fusion: float  # 0 = open, 1 = closed
+    physis_gap: float  # height of the open growth plate
+    radius_x: float
+    radius_top: float  # first row of the radial metaphysis
+    radius_half_width: float
+    ulna_x: float
+    ulna_physis_y: float
+    ulna_top: float
+    ulna_half_width: float
+    fracture_y: float  # row of a radial fracture and of its callus
+    young_spacing: float  # cartilage that keeps a young child's carpals and metacarpals apart
+    fine_detail: float  # share of trabecular detail and quantum noise a pixel keeps (1 from 512 px)
+
+
+def _wrist_geometry(meta: dict[str, Any], hidden: dict[str, Any], img_size: int, fracture: Fracture | None,
+                    image_rng: np.random.Generator, anatomy_rng: np.random.Generator) -> WristGeometry:
+    """Place the wrist: the first draws of both streams (aspect, size, position, bone widths)."""
+    height = int(img_size)
+    width = max(int(round(height * ASPECT * float(np.exp(anatomy_rng.normal(0, 0.03))))), 8)
+    lateral = int(meta["projection"]) == 2
+    bone_age = max(float(hidden["age"]) + hidden["maturity_offset"], 0.1)
+    # The child's build comes from the anatomy stream, the zoom of this exposure from the image stream.
+    body_size = float(np.exp(anatomy_rng.normal(0, SIZE_SD) + image_rng.normal(0, 0.6 * SIZE_SD)))
+    scale = width * _growth(bone_age) * body_size
+    midline_x = width * (0.5 + image_rng.normal(0, 0.035))
+    physis_y = height * (0.50 + image_rng.normal(0, 0.035))
+    # Growth plate: wide in young children, narrowing, fused between about 15 and 17.
+    fusion = min(max((bone_age - 14.7) / 1.6, 0.0), 1.0)
+    gap = scale * (0.085 - 0.06 * min(bone_age / 14.0, 1.0)) * (1.0 - fusion)
+    if fracture is not None and fracture.kind == "physeal":
+        gap *= 1.0 + 2.0 * fracture.severity  # the fracture runs through the plate and opens it
+    radius_half_width = 0.135 * scale * float(np.exp(anatomy_rng.normal(0, 0.04)))
+    ulna_half_width = 0.085 * scale * float(np.exp(anatomy_rng.normal(0, 0.05)))
+    radius_top = physis_y + gap / 2
+    ulna_physis_y = physis_y + 0.05 * scale  # the ulna ends a little more proximally
+    return WristGeometry(
+        height=height, width=width, lateral=lateral, oblique=int(meta["projection"]) == 3,
+        bone_age=bone_age, body_size=body_size, scale=scale, midline_x=midline_x, physis_y=physis_y,
+        physis_fusion=fusion, physis_gap=gap,
+        radius_x=midline_x + (0.0 if lateral else 0.21 * scale), radius_top=radius_top,
+        radius_half_width=radius_half_width,
+        ulna_x=midline_x - (0.03 * scale if lateral else 0.21 * scale), ulna_physis_y=ulna_physis_y,
+        ulna_top=ulna_physis_y + gap / 2, ulna_half_width=ulna_half_width,
+        fracture_y=radius_top + (fracture.level if fracture else 0.5) * 2 * radius_half_width,
+        young_spacing=0.04 * scale * (1 - min(bone_age / 8, 1)),
+        fine_detail=min(max(height / 512, 0.25), 1.0),
+    )
+
+
+# ----------------------------------------------------------------------------- drawing per anatomy
+# The _draw_ functions add to the float layer they are given. The order of the calls in
+# render_image is the order of the random draws and of the float sums: part of the output.
+
+def _forearm_outline(canvas: _Canvas, wrist: WristGeometry, fracture: Fracture | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the centre and half width of the soft tissue: a forearm widening into the hand."""
+    rows, scale = canvas.rows, wrist.scale
+    hand = 1.0 / (1.0 + np.exp((rows - (wrist.physis_y - 0.45 * scale)) / (0.08 * scale)))
+    forearm = wrist.width * (0.22 + 0.33 * _growth(wrist.bone_age) * wrist.body_size) * (0.85 if wrist.lateral else 1.0)
+    half_width = forearm * (1.0 + 0.18 * hand)
+    if fracture is not None:
+        # Soft-tissue swelling over an acute fracture (less on follow-ups), a real indirect sign.
+        swell = fracture.severity * (0.03 if fracture.healing else 0.07)
+        over_fracture = np.exp(-((rows - (wrist.physis_y + 0.35 * scale)) / (0.45 * scale)) ** 2)
+        half_width = half_width * (1.0 + swell * over_fracture)
+    centre = wrist.midline_x + (0.04 * scale if wrist.lateral else 0.0) * hand
+    return centre, half_width
+
+
+def _draw_soft_tissue(canvas: _Canvas, soft: np.ndarray, outline: tuple[np.ndarray, np.ndarray]) -> None:
+    centre, half_width = outline
+    # Chord length through a cylinder of that half width.
+    from_axis = (canvas.x - centre[:, None]) / half_width[:, None]
+    soft += half_width[:, None] * np.sqrt(np.clip(1 - from_axis ** 2, 0, None))
+
+
+def _radius_outline(canvas: _Canvas, wrist: WristGeometry,
+                    fracture: Fracture | None) -> tuple[np.ndarray | float, np.ndarray, np.ndarray]:
+    """Per row, the radius's axis and its half widths on the ulnar and the radial side."""
+    rows, scale, half = canvas.rows, wrist.scale, wrist.radius_half_width
+    flare = np.exp(-np.clip(rows - wrist.radius_top, 0, None) / (0.4 * scale))  # the metaphysis widens distally
+    centre = wrist.radius_x + (0.03 * scale * flare if not wrist.lateral else 0.0)
+    ulnar_half = half * (1.0 + 0.55 * flare)
+    radial_half = half * (1.0 + (0.55 if not wrist.lateral else 0.3) * flare)
+    if fracture is not None and fracture.kind == "buckle":
+        # A rounded bulge of the cortex, longer towards the physis than towards the shaft.
+        reach = np.where(rows < wrist.fracture_y, 0.4 * half, 0.22 * half)
+        bump = fracture.severity * 0.45 * half * np.exp(-((rows - wrist.fracture_y) / reach) ** 2)
+        # A torus runs round the bone: one cortex bulges most, the other less.
+        ulnar_half = ulnar_half + bump * (1.0 if fracture.side <= 0 or wrist.lateral else 0.4)
+        radial_half = radial_half + bump * (1.0 if fracture.side >= 0 else 0.4)
+    return centre, ulnar_half, radial_half
+
+
+def _distal_displacement(canvas: _Canvas, wrist: WristGeometry, fracture: Fracture | None) -> tuple[np.ndarray, float]:
+    """Sideways shift of the radius per row, and the shift the epiphysis on top of it follows."""
+    rows = canvas.rows
+    shift = np.zeros(wrist.height, np.float32)
+    distal_shift = 0.0
+    if fracture is None:
+        return shift, distal_shift
+    if fracture.kind == "break" and fracture.extent > 0.6:
+        # The more complete the break, the more the distal fragment is displaced.
+        distal_shift = (fracture.severity * 0.6 * wrist.radius_half_width * (fracture.extent - 0.5) * 2
+                        * (1 if fracture.angle >= 0 else -1))
+    if fracture.kind in ("break", "buckle"):
+        # Angulation of the distal fragment, best seen on the lateral view (dorsal tilt).
+        tilt = (0.2 if wrist.lateral else 0.07) * fracture.severity
+        shift = np.where(rows < wrist.fracture_y,
+                         distal_shift + (wrist.fracture_y - rows) * tilt * fracture.direction, 0.0)
+        physis_row = int(wrist.physis_y)
+        distal_shift = float(shift[max(physis_row, 0)]) if 0 <= physis_row < wrist.height else distal_shift
+    return shift, distal_shift
+
+
+def _radius_layer(canvas: _Canvas, wrist: WristGeometry, fracture: Fracture | None) -> tuple[np.ndarray, float]:
+    """The radius with its shaft lesions, and the sideways shift of its epiphysis.
+
+    The radius gets a layer of its own because a physeal fracture later cuts only its bone.
+    """
+    centre, ulnar_half, radial_half = _radius_outline(canvas, wrist, fracture)
+    shift, epiphysis_shift = _distal_displacement(canvas, wrist, fracture)
+    layer = np.zeros((wrist.height, wrist.width), np.float32)
+    canvas.long_bone(layer, wrist.radius_top, centre + shift, ulnar_half, radial_half, density=1.0)
+    kind = fracture.kind if fracture else None
+    half = wrist.radius_half_width
+    if kind == "buckle":
+        # Compressed trabeculae: a dense band across the metaphysis.
+        band = (np.exp(-((canvas.y - wrist.fracture_y) / (0.12 * half + 0.4)) ** 2)
+                * (np.abs(canvas.x - wrist.radius_x) < 1.2 * half))
+        layer += 1.2 * fracture.severity * half * band
+    if kind == "break":
+        slope = math.tan(math.radians(fracture.angle))
+        from_line = (canvas.y - wrist.fracture_y) - slope * (canvas.x - wrist.radius_x)
+        line_width = max(0.2 * half * (0.6 + fracture.severity), wrist.height / 85)
+        # How far across the bone, from the cortex where the break starts (0) to the other (1).
+        across = (canvas.x - (wrist.radius_x - 1.5 * half)) / (3.0 * half)
+        if fracture.side > 0:
+            across = 1.0 - across
+        break_line = np.exp(-(from_line / line_width) ** 2) * (across < fracture.extent)
+        layer *= 1.0 - min(0.6 + 0.4 * fracture.severity, 0.97) * break_line
+    return layer, epiphysis_shift
+
+
+def _draw_radial_epiphysis(canvas: _Canvas, bone: np.ndarray, wrist: WristGeometry, fracture: Fracture | None,
+                           sideways: float) -> None:
+    """The distal radial epiphysis (from about 1 year), shifted by a physeal fracture, and the fusing physis."""
+    if wrist.bone_age <= 0.9:
+        return
+    maturity = min((wrist.bone_age - 0.9) / 11.0, 1.0)
+    top_width = wrist.radius_half_width * 1.55
+    half_x = top_width * (0.35 + 0.65 * maturity) * (0.85 if wrist.lateral else 1.0)
+    half_y = 0.45 * wrist.scale * 0.12 * (0.5 + 0.7 * maturity)
+    centre_x = wrist.radius_x + (0.2 * (1 - maturity) * top_width if not wrist.lateral else 0.0) + sideways
+    tilt = -12.0 * maturity if not wrist.lateral else 8.0 * maturity
+    if fracture is not None and fracture.kind == "physeal":
+        centre_x += fracture.severity * 0.7 * top_width * fracture.direction
+        tilt += 25.0 * fracture.severity * fracture.direction
+    centre_y = wrist.physis_y - wrist.physis_gap / 2 - half_y * 0.9
+    canvas.blob(bone, centre_x, centre_y, half_x, half_y, tilt, 1.0, power=2.0 + 1.6 * maturity)
+    if maturity > 0.6 and not wrist.lateral:  # radial styloid
+        canvas.blob(bone, centre_x + 0.75 * half_x, centre_y - 0.5 * half_y, 0.25 * half_x, 0.9 * half_y, -20, 0.8)
+    fusion = wrist.physis_fusion
+    if fusion > 0:  # the physis fills with bone; a faint scar line remains
+        scar_half_height = max(wrist.physis_gap, 0.03 * wrist.scale) * 0.9 + 0.02 * wrist.scale * fusion
+        canvas.blob(bone, wrist.radius_x, wrist.physis_y, top_width * 0.95, scar_half_height, 0, 0.6 * fusion,
+                    power=4)
+
+
+def _cut_physeal_fragment(canvas: _Canvas, bone: np.ndarray, wrist: WristGeometry, fracture: Fracture | None,
+                          radius_layer: np.ndarray) -> None:
+    """Thurston-Holland fragment: an oblique lucency from the physis into the metaphysis."""
+    if fracture is None or fracture.kind != "physeal":
+        return
+    half = wrist.radius_half_width
+    # The epiphysis moves one way; the line leaves the metaphysis on the other side.
+    fragment_side = -fracture.direction
+    line_x = wrist.radius_x + fragment_side * 0.6 * half
+    from_line = (canvas.x - line_x) * 0.8 + (canvas.y - (wrist.radius_top + 0.4 * half))
+    lucency = (np.exp(-(from_line / max(0.05 * half, 0.55)) ** 2)
+               * (np.abs(canvas.y - (wrist.radius_top + 0.25 * half)) < 0.3 * half)
+               * (fragment_side * (canvas.x - wrist.radius_x) > 0))
+    # The cut takes at most the radius's own bone, not the epiphysis lying over it.
+    bone -= (0.3 + 0.5 * fracture.severity) * np.minimum(bone, radius_layer) * lucency
+
+
+def _draw_ulna(canvas: _Canvas, bone: np.ndarray, wrist: WristGeometry, fracture: Fracture | None) -> None:
+    """The ulna, thinner than the radius; its epiphysis ossifies at about 7 years, its styloid later."""
+    rows, half = canvas.rows, wrist.ulna_half_width
+    flare = np.exp(-np.clip(rows - wrist.ulna_top, 0, None) / (0.22 * wrist.scale))
+    ulnar_half = half * (1 + 0.3 * flare)
+    radial_half = half * (1 + 0.3 * flare)
+    if fracture is not None and fracture.ulna == "buckle":
+        bulge_y = wrist.ulna_top + 1.3 * half
+        ulnar_half = ulnar_half + fracture.severity * 0.2 * half * np.exp(-((rows - bulge_y) / (0.35 * half)) ** 2)
+    canvas.long_bone(bone, wrist.ulna_top, np.full(wrist.height, wrist.ulna_x, np.float32), ulnar_half, radial_half,
+                     density=0.95)
+    if wrist.bone_age <= 7.3:
+        return
+    maturity = min((wrist.bone_age - 7.3) / 6.0, 1.0)
+    half_x, half_y = half * (0.5 + 0.75 * maturity), 0.05 * wrist.scale * (0.6 + 0.6 * maturity)
+    epiphysis_y = wrist.ulna_physis_y - wrist.physis_gap / 2 - half_y
+    canvas.blob(bone, wrist.ulna_x + 0.1 * half, epiphysis_y, half_x, half_y, 0, 0.9, power=2 + maturity)
+    if wrist.bone_age > 10.5:  # ulnar styloid, sometimes broken off
+        broken = fracture is not None and fracture.ulna == "styloid"
+        styloid_x = wrist.ulna_x - (0.9 * half_x if not wrist.lateral else 0.0)
+        styloid_y = (wrist.ulna_physis_y - wrist.physis_gap / 2 - 2.0 * half_y
+                     - (0.25 * half * (0.5 + fracture.severity) if broken else 0.0))
+        canvas.blob(bone, styloid_x, styloid_y, 0.22 * half, 0.45 * half, 10, 0.8)
+
+
+def _draw_carpals(canvas: _Canvas, bone: np.ndarray, wrist: WristGeometry, anatomy_rng: np.random.Generator) -> None:
+    """Carpal bones: one more ossification centre every year or two, each growing."""
+    carpals = _CARPALS_LAT if wrist.lateral else _CARPALS_AP
+    scale = wrist.scale
+    onset_delays = anatomy_rng.normal(0, 0.5, len(carpals))
+    for (_name, offset_x, offset_y, half_x, half_y, angle, onset), delay in zip(carpals, onset_delays):
+        if wrist.bone_age < onset + delay:
+            continue
+        grown = min(max((wrist.bone_age - onset - delay) / 6.0, 0.12), 1.0) ** 0.7
+        roundness = 2.0 + 1.2 * grown  # young centres are round, mature ones angular
+        centre_x = wrist.midline_x + offset_x * scale + (0.02 * scale if not wrist.lateral else 0.0)
+        centre_y = wrist.physis_y + offset_y * scale - wrist.young_spacing
+        size_x, size_y = half_x * scale * (0.35 + 0.65 * grown), half_y * scale * (0.35 + 0.65 * grown)
+        if half_x < half_y and grown < 0.5:  # early centres are round
+            size_x = size_y = 0.5 * (size_x + size_y)
+        canvas.blob(bone, centre_x + anatomy_rng.normal(0, 0.01) * scale,
+                    centre_y + anatomy_rng.normal(0, 0.01) * scale,
+                    size_x, size_y, angle + anatomy_rng.normal(0, 5), 0.95, power=roundness)
+
+
+def _draw_metacarpals(canvas: _Canvas, bone: np.ndarray, wrist: WristGeometry,
+                      anatomy_rng: np.random.Generator) -> None:
+    """Metacarpal bases (and, in small children, most of the shaft) at the top."""
+    scale = wrist.scale
+    for base_x, base_y, angle, half_width in (_METACARPALS_LAT if wrist.lateral else _METACARPALS_AP):
+        start_x = wrist.midline_x + base_x * scale + 0.02 * scale
+        start_y = wrist.physis_y + base_y * scale - wrist.young_spacing
+        canvas.tube(bone, start_x, start_y, angle + anatomy_rng.normal(0, 2), 1.6 * scale, half_width * scale,
+                    density=1.0)
+
+
+def _shear_for_oblique(bone: np.ndarray, wrist: WristGeometry) -> np.ndarray:
+    # An oblique view spreads the bones apart; a sheared copy is a cheap stand-in.
+    shear = np.float32([[1, 0.18, -0.09 * wrist.height], [0, 1, 0]])
+    return cv2.warpAffine(bone, shear, (wrist.width, wrist.height), flags=cv2.INTER_LINEAR)
+
+
+def _draw_growth_arrest_line(canvas: _Canvas, bone: np.ndarray, wrist: WristGeometry, rng: np.random.Generator) -> None:
+    """A faint sclerotic band across the radius in some healthy children (a distractor)."""
+    # The draw comes first, so the image stream moves on the same with an open or a closed physis.
+    if rng.random() < 0.15 and wrist.physis_fusion < 1:
+        half = wrist.radius_half_width
+        line_y = wrist.radius_top + rng.uniform(0.6, 2.2) * half
+        bone += (0.12 * half * np.exp(-((canvas.y - line_y) / 0.8) ** 2)
+                 * (np.abs(canvas.x - wrist.radius_x) < 1.1 * half) * (bone > 0))
+
+
+def _draw_callus(canvas: _Canvas, bone: np.ndarray, wrist: WristGeometry, fracture: Fracture | None,
+                 image_seed: int) -> None:
+    """Callus on a follow-up of a visible fracture, on both cortices."""
+    # Its own random stream, so that removing a lesion leaves every other pixel unchanged.
+    callus_rng = np.random.default_rng([image_seed, 1])
+    if fracture is not None and fracture.healing and callus_rng.random() < 0.6:
+        half = wrist.radius_half_width
+        for side in (-1, 1):
+            canvas.blob(bone, wrist.radius_x + side * 1.15 * half, wrist.fracture_y,
+                        0.18 * half * (0.5 + fracture.severity), 0.5 * half, 0, 0.35 * fracture.severity, inner=0.0)
+
+
+def _bone_texture(rng: np.random.Generator, wrist: WristGeometry) -> np.ndarray:
+    """Trabecular texture, a factor around 1 on the bone layer."""
+    height, width = wrist.height, wrist.width
+    # Trabeculae are finer than a pixel at low resolution, so their contrast averages out.
+    return (1.0 + 0.10 * wrist.fine_detail * _smooth_noise(rng, height, width, max(1.5, height / 110))
+            + 0.06 * _smooth_noise(rng, height, width, max(3.0, height / 40)))
+
+
+def _draw_cast(canvas: _Canvas, extra: np.ndarray, wrist: WristGeometry, outline: tuple[np.ndarray, np.ndarray],
+               rng: np.random.Generator) -> None:
+    """A cast: a broad radio-opaque sleeve round the forearm, plaster or a fibreglass mesh."""
+    centre, half_width = outline
+    height, width = wrist.height, wrist.width
+    cast_top = wrist.physis_y - rng.uniform(0.35, 0.85) * wrist.scale
+    outer = half_width + width * rng.uniform(0.04, 0.08)
+    inner = half_width + width * 0.012
+    covered = (canvas.rows > cast_top)[:, None]
+    from_axis = np.abs(canvas.x - centre[:, None])
+    # Chord length through a hollow cylinder: the sleeve is thickest at its edges.
+    thickness = (np.sqrt(np.clip(outer[:, None] ** 2 - from_axis ** 2, 0, None))
+                 - np.sqrt(np.clip(inner[:, None] ** 2 - from_axis ** 2, 0, None)))
+    grain = 1.0 + 0.25 * _smooth_noise(rng, height, width, max(1.0, height / 150))
+    if rng.random() < 0.5:  # fibreglass: a woven mesh
+        period = max(height / 45, 2.5)
+        grain = (grain + 0.35 * (np.sin((canvas.x + canvas.y) * 2 * np.pi / period) > 0.6)
+                 + 0.35 * (np.sin((canvas.x - canvas.y) * 2 * np.pi / period) > 0.6))
+    extra += covered * thickness * grain * rng.uniform(0.35, 0.6)
+
+
+def _draw_metal(extra: np.ndarray, wrist: WristGeometry, rng: np.random.Generator) -> None:
+    """Metal: one or two K-wires through the radial styloid, or a plate with screws on the radius."""
+    height, width = wrist.height, wrist.width
+    half, scale = wrist.radius_half_width, wrist.scale
+    metal = np.zeros((height, width), np.float32)
+    line_width = max(int(round(height / 160)), 1)
+    if rng.random() < 0.6:
+        for _ in range(int(rng.integers(1, 3))):
+            wire_angle = math.radians(rng.uniform(25, 60))
+            start_x, start_y = wrist.radius_x + 1.1 * half, wrist.physis_y - 0.05 * scale
+            end_x, end_y = start_x - math.cos(wire_angle) * 1.2 * scale, start_y + math.sin(wire_angle) * 1.2 * scale
+            cv2.line(metal, (int(start_x), int(start_y)), (int(end_x), int(end_y)), 1.0, line_width, cv2.LINE_AA)
+    else:
+        left, top = int(wrist.radius_x - 0.45 * half), int(wrist.radius_top + 0.3 * half)
+        right, bottom = int(wrist.radius_x + 0.45 * half), int(min(wrist.radius_top + 3.5 * half, height - 1))
+        cv2.rectangle(metal, (left, top), (right, bottom), 0.7, -1)
+        for screw in range(4):
+            screw_y = int(top + (screw + 0.5) * (bottom - top) / 4)
+            cv2.line(metal, (int(wrist.radius_x - 1.3 * half), screw_y), (int(wrist.radius_x + 1.3 * half), screw_y),
+                     1.0, line_width + 1, cv2.LINE_AA)
+    extra += metal * width * 0.4
+
+
+def _draw_skin_fold(soft: np.ndarray, wrist: WristGeometry, rng: np.random.Generator) -> None:
+    """Now and then a skin fold: a thin curved line, brighter or darker, over the soft tissue."""
+    height, width = wrist.height, wrist.width
+    if rng.random() < 0.3:
+        fold = np.zeros((height, width), np.float32)
+        points = np.stack([np.linspace(0, width, 6),
+                           wrist.physis_y + rng.uniform(-0.3, 0.6) * height + rng.normal(0, 0.04 * height, 6)], 1)
+        cv2.polylines(fold, [points.astype(np.int32)], False, 1.0, 1, cv2.LINE_AA)
+        soft += fold * rng.choice([-1, 1]) * 0.03 * width * (soft > 0)
+
+
+# ----------------------------------------------------------------------------- exposure
+
+def _expose(soft: np.ndarray, bone: np.ndarray, extra: np.ndarray, wrist: WristGeometry,
+            rng: np.random.Generator) -> np.ndarray:
+    """Brightness in [0, 1] (about): Beer-Lambert, then a display curve, blur and quantum noise."""
+    height, width = wrist.height, wrist.width
+    soft_gain = 1.15 * rng.uniform(0.85, 1.15)
+    bone_gain = 4.2 * rng.uniform(0.85, 1.15)
+    # The layers hold thickness in pixels; dividing by the width makes contrast independent of size.
+    attenuation = (soft_gain * soft + bone_gain * bone + 3.0 * extra) / width
+    image = 1.0 - np.exp(-attenuation)
+    gamma = float(np.exp(rng.normal(0, 0.15)))
+    image = rng.uniform(0.02, 0.08) + rng.uniform(0.8, 0.95) * np.clip(image, 0, 1) ** gamma
+    blur = rng.uniform(0.3, 0.9) * height / 256
+    if blur > 0.35:
+        image = cv2.GaussianBlur(image, (0, 0), blur)
+    sigma = rng.uniform(0.006, 0.025) * math.sqrt(wrist.fine_detail)  # bigger pixels average more quanta
+    return image + sigma * np.sqrt(image + 0.05) * rng.standard_normal((height, width)).astype(np.float32)
+
+
+def _add_collimation(image: np.ndarray, rng: np.random.Generator) -> None:
+    """Collimation shutters: unexposed margins that look bright (in place)."""
+    height, width = image.shape
+    for edge in range(4):  # left, right, top, bottom
+        if rng.random() < 0.25:
+            depth = int(rng.uniform(0.02, 0.09) * (width if edge < 2 else height))
+            brightness = rng.uniform(0.75, 0.95)
+            if edge == 0:
+                image[:, :depth] = brightness
+            elif edge == 1:
+                image[:, width - depth:] = brightness
+            elif edge == 2:
+                image[:depth, :] = brightness
+            else:
+                image[height - depth:, :] = brightness
+
+
+def _add_side_marker(image: np.ndarray, laterality: str, rng: np.random.Generator) -> np.ndarray:
+    """A grey plate with a bright L or R; drawn after the flip, so it is never mirrored."""
+    height, width = image.shape
+    size = max(int(0.11 * width), 6)
+    left = int(rng.choice([rng.uniform(0.01, 0.12), rng.uniform(0.75, 0.88)]) * width)
+    top = int(rng.uniform(0.08, 0.85) * height)
+    left, top = min(max(left, 0), width - size), min(max(top, 0), height - int(1.3 * size))
+    image[top:top + int(1.3 * size), left:left + size] = 0.45 + 0.1 * rng.random()
+    letter = np.zeros((height, width), np.uint8)  # OpenCV draws text on 8-bit images only
+    cv2.putText(letter, laterality, (left + int(0.12 * size), top + int(1.1 * size)),
+                cv2.FONT_HERSHEY_SIMPLEX, size / 26.0, 255, max(size // 8, 1), cv2.LINE_AA)
+    alpha = letter.astype(np.float32) / 255.0
+    return image * (1.0 - alpha) + 0.98 * alpha
+
+
+def _rotate(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Patient positioning: a small rotation; the corners outside the detector stay black."""
+    height, width = image.shape
+    angle = float(np.clip(rng.normal(0, 5), -12, 12))
+    rotation = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
+    return cv2.warpAffine(np.ascontiguousarray(image), rotation, (width, height), flags=cv2.INTER_LINEAR,
+                          borderValue=0.0)
 
 
 def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int,
@@ -350,272 +787,50 @@ def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int,
     (``soft``, ``bone``, ``extra`` = cast and metal; unrotated, left wrist) are put into it,
     for inspection.
     """
-    rng = np.random.default_rng(hidden["image_seed"])
-    arng = np.random.default_rng(hidden["anatomy_seed"])  # same child, same anatomy
-    h = int(img_size)
-    w = max(int(round(h * ASPECT * float(np.exp(arng.normal(0, 0.03))))), 8)
-    cv = _Canvas(h, w)
-    age = float(hidden["age"])
-    ba = max(age + hidden["maturity_offset"], 0.1)  # bone age
-    lateral = int(meta["projection"]) == 2
-    oblique = int(meta["projection"]) == 3
-    size_jit = float(np.exp(arng.normal(0, SIZE_SD) + rng.normal(0, 0.6 * SIZE_SD)))  # body size, zoom
-    U = w * _growth(ba) * size_jit
-    x0 = w * (0.5 + rng.normal(0, 0.035))
-    yp = h * (0.50 + rng.normal(0, 0.035))
-    ys = cv.y[:, 0]
+    # Two random streams: the anatomy stream is the child's (the same bones on every image
+    # of them), the image stream this exposure's. Each is drawn from in the order of the
+    # calls below, and the layers are summed in that order too: reordering them changes
+    # the pixels (tests/test_phantom.py holds golden digests).
+    image_rng = np.random.default_rng(hidden["image_seed"])
+    anatomy_rng = np.random.default_rng(hidden["anatomy_seed"])
+    fracture = _visible_fracture(hidden)
+    wrist = _wrist_geometry(meta, hidden, img_size, fracture, image_rng, anatomy_rng)
+    canvas = _Canvas(wrist.height, wrist.width)
+    bone = np.zeros((wrist.height, wrist.width), np.float32)
+    soft = np.zeros((wrist.height, wrist.width), np.float32)
+    extra = np.zeros((wrist.height, wrist.width), np.float32)  # cast and metal, not textured like bone
 
-    bone = np.zeros((h, w), np.float32)
-    soft = np.zeros((h, w), np.float32)
-    extra = np.zeros((h, w), np.float32)  # cast and metal, not textured like bone
-
-    # Soft tissue: forearm cylinder widening into the hand.
-    hand = 1.0 / (1.0 + np.exp((ys - (yp - 0.45 * U)) / (0.08 * U)))
-    fw = w * (0.22 + 0.33 * _growth(ba) * size_jit) * (0.85 if lateral else 1.0)
-    half_t = fw * (1.0 + 0.18 * hand)
-    lesion = hidden["lesion"]
-    if lesion is not None:
-        # Soft-tissue swelling over an acute fracture (less on follow-ups), a real indirect sign.
-        swell = min(LESION_GAIN * lesion["severity"], LESION_CAP) * (0.03 if hidden["healing"] else 0.07)
-        half_t = half_t * (1.0 + swell * np.exp(-((ys - (yp + 0.35 * U)) / (0.45 * U)) ** 2))
-    ct = x0 + (0.04 * U if lateral else 0.0) * hand
-    soft += half_t[:, None] * np.sqrt(np.clip(1 - ((cv.x - ct[:, None]) / half_t[:, None]) ** 2, 0, None))
-
-    # Growth plate: wide in young children, narrowing, fused between about 15 and 17.
-    fuse = min(max((ba - 14.7) / 1.6, 0.0), 1.0)
-    gap = U * (0.085 - 0.06 * min(ba / 14.0, 1.0)) * (1.0 - fuse)
-    kind = lesion["kind"] if lesion else None
-    sev = min(lesion["severity"] * LESION_GAIN, LESION_CAP) if lesion else 0.0
-    if kind == "physeal":
-        gap *= 1.0 + 2.0 * sev
-
-    # Radius.
-    rs = 0.135 * U * float(np.exp(arng.normal(0, 0.04)))
-    xr = x0 + (0.0 if lateral else 0.21 * U)
-    top_r = yp + gap / 2
-    dist = np.clip(ys - top_r, 0, None)
-    flare = np.exp(-dist / (0.4 * U))
-    centre = xr + (0.03 * U * flare if not lateral else 0.0)
-    left = rs * (1.0 + 0.55 * flare)
-    right = rs * (1.0 + (0.55 if not lateral else 0.3) * flare)
-    radius_layer = np.zeros((h, w), np.float32)
-    yf = top_r + (lesion["level"] if lesion else 0.5) * 2 * rs
-    if kind == "buckle":
-        # A rounded bulge of the cortex, longer towards the physis than towards the shaft.
-        reach = np.where(ys < yf, 0.4 * rs, 0.22 * rs)
-        bump = sev * 0.45 * rs * np.exp(-((ys - yf) / reach) ** 2)
-        # A torus runs round the bone: one cortex bulges most, the other less.
-        left = left + bump * (1.0 if lesion["side"] <= 0 or lateral else 0.4)
-        right = right + bump * (1.0 if lesion["side"] >= 0 else 0.4)
-    shift = np.zeros(h, np.float32)
-    distal_shift = 0.0
-    if kind == "break" and lesion["extent"] > 0.6:
-        # The more complete the break, the more the distal fragment is displaced.
-        distal_shift = sev * 0.6 * rs * (lesion["extent"] - 0.5) * 2 * (1 if lesion["angle"] >= 0 else -1)
-    if kind in ("break", "buckle"):
-        # Angulation of the distal fragment, best seen on the lateral view (dorsal tilt).
-        tilt = (0.2 if lateral else 0.07) * sev
-        shift = np.where(ys < yf, distal_shift + (yf - ys) * tilt * (1 if lesion["side"] >= 0 else -1), 0.0)
-        distal_shift = float(shift[max(int(yp), 0)]) if 0 <= int(yp) < h else distal_shift
-    cv.long_bone(radius_layer, top_r, centre + shift, left, right, density=1.0)
-    if kind == "buckle":
-        # Compressed trabeculae: a dense band across the metaphysis.
-        band = np.exp(-((cv.y - yf) / (0.12 * rs + 0.4)) ** 2) * (np.abs(cv.x - xr) < 1.2 * rs)
-        radius_layer += 1.2 * sev * rs * band
-    if kind == "break":
-        t = math.tan(math.radians(lesion["angle"]))
-        dline = (cv.y - yf) - t * (cv.x - xr)
-        width = max(0.2 * rs * (0.6 + sev), h / 85)
-        across = (cv.x - (xr - 1.5 * rs)) / (3.0 * rs)
-        if lesion["side"] > 0:
-            across = 1.0 - across
-        mask = np.exp(-(dline / width) ** 2) * (across < lesion["extent"])
-        radius_layer *= 1.0 - min(0.6 + 0.4 * sev, 0.97) * mask
+    outline = _forearm_outline(canvas, wrist, fracture)
+    _draw_soft_tissue(canvas, soft, outline)
+    radius_layer, epiphysis_shift = _radius_layer(canvas, wrist, fracture)
     bone += radius_layer
-
-    # Radial epiphysis (appears around 1 year), shifted in a physeal fracture.
-    if ba > 0.9:
-        mat = min((ba - 0.9) / 11.0, 1.0)
-        top_w = rs * 1.55
-        ax = top_w * (0.35 + 0.65 * mat) * (0.85 if lateral else 1.0)
-        ay = 0.45 * U * 0.12 * (0.5 + 0.7 * mat)
-        ex = xr + (0.2 * (1 - mat) * top_w if not lateral else 0.0) + distal_shift
-        if kind == "physeal":
-            ex += sev * 0.7 * top_w * (1 if lesion["side"] >= 0 else -1)
-        ey = yp - gap / 2 - ay * 0.9
-        tilt = -12.0 * mat if not lateral else 8.0 * mat
-        if kind == "physeal":
-            tilt += 25.0 * sev * (1 if lesion["side"] >= 0 else -1)
-        cv.blob(bone, ex, ey, ax, ay, tilt, 1.0, power=2.0 + 1.6 * mat)
-        if mat > 0.6 and not lateral:  # radial styloid
-            cv.blob(bone, ex + 0.75 * ax, ey - 0.5 * ay, 0.25 * ax, 0.9 * ay, -20, 0.8)
-        if fuse > 0:  # the physis fills with bone; a faint scar line remains
-            cv.blob(bone, xr, yp, top_w * 0.95, max(gap, 0.03 * U) * 0.9 + 0.02 * U * fuse, 0, 0.6 * fuse, power=4)
-    if kind == "physeal":
-        # Thurston-Holland fragment: an oblique lucency from the physis into the metaphysis.
-        sgn = -1 if lesion["side"] >= 0 else 1
-        tx = xr + sgn * 0.6 * rs
-        dline = (cv.x - tx) * 0.8 + (cv.y - (top_r + 0.4 * rs))
-        mask = np.exp(-(dline / max(0.05 * rs, 0.55)) ** 2) * (np.abs(cv.y - (top_r + 0.25 * rs)) < 0.3 * rs) \
-            * (sgn * (cv.x - xr) > 0)
-        bone -= (0.3 + 0.5 * sev) * np.minimum(bone, radius_layer) * mask
-
-    # Ulna: thinner, ends a little more proximally; its epiphysis ossifies at about 7 years.
-    ru = 0.085 * U * float(np.exp(arng.normal(0, 0.05)))
-    xu = x0 - (0.03 * U if lateral else 0.21 * U)
-    yu = yp + 0.05 * U
-    top_u = yu + gap / 2
-    flu = np.exp(-np.clip(ys - top_u, 0, None) / (0.22 * U))
-    lu = ru * (1 + 0.3 * flu)
-    rgt = ru * (1 + 0.3 * flu)
-    if lesion and lesion["ulna"] == "buckle":
-        yb = top_u + 1.3 * ru
-        lu = lu + sev * 0.2 * ru * np.exp(-((ys - yb) / (0.35 * ru)) ** 2)
-    cv.long_bone(bone, top_u, np.full(h, xu, np.float32), lu, rgt, density=0.95)
-    if ba > 7.3:
-        mat = min((ba - 7.3) / 6.0, 1.0)
-        ax, ay = ru * (0.5 + 0.75 * mat), 0.05 * U * (0.6 + 0.6 * mat)
-        cv.blob(bone, xu + 0.1 * ru, yu - gap / 2 - ay, ax, ay, 0, 0.9, power=2 + mat)
-        if ba > 10.5:  # ulnar styloid, sometimes broken off
-            broken = lesion is not None and lesion["ulna"] == "styloid"
-            sx = xu - (0.9 * ax if not lateral else 0.0)
-            sy = yu - gap / 2 - 2.0 * ay - (0.25 * ru * (0.5 + sev) if broken else 0.0)
-            cv.blob(bone, sx, sy, 0.22 * ru, 0.45 * ru, 10, 0.8)
-
-    # Carpal bones: one more ossification centre every year or two, each growing.
-    carpals = _CARPALS_LAT if lateral else _CARPALS_AP
-    onset_jit = arng.normal(0, 0.5, len(carpals))
-    for (name, dx, dy, ax, ay, ang, onset), jit in zip(carpals, onset_jit):
-        if ba < onset + jit:
-            continue
-        grow = min(max((ba - onset - jit) / 6.0, 0.12), 1.0) ** 0.7
-        roundness = 2.0 + 1.2 * grow  # young centres are round, mature ones angular
-        cx = x0 + dx * U + (0.02 * U if not lateral else 0.0)
-        cy = yp + dy * U - 0.04 * U * (1 - min(ba / 8, 1))  # cartilage keeps them apart when young
-        ax_, ay_ = ax * U * (0.35 + 0.65 * grow), ay * U * (0.35 + 0.65 * grow)
-        if ax < ay and grow < 0.5:  # early centres are round
-            ax_ = ay_ = 0.5 * (ax_ + ay_)
-        cv.blob(bone, cx + arng.normal(0, 0.01) * U, cy + arng.normal(0, 0.01) * U, ax_, ay_,
-                ang + arng.normal(0, 5), 0.95, power=roundness)
-
-    # Metacarpal bases (and, in small children, most of the shaft) at the top.
-    for bx, by, ang, hw in (_METACARPALS_LAT if lateral else _METACARPALS_AP):
-        cv.tube(bone, x0 + bx * U + 0.02 * U, yp + by * U - 0.04 * U * (1 - min(ba / 8, 1)),
-                ang + arng.normal(0, 2), 1.6 * U, hw * U, density=1.0)
-
-    if oblique:  # an oblique view spreads the bones: approximate with a sheared copy
-        m = np.float32([[1, 0.18, -0.09 * h], [0, 1, 0]])
-        bone = cv2.warpAffine(bone, m, (w, h), flags=cv2.INTER_LINEAR)
-
-    # Growth-arrest lines: faint sclerotic bands in some healthy children (a distractor).
-    if rng.random() < 0.15 and fuse < 1:
-        ya = top_r + rng.uniform(0.6, 2.2) * rs
-        bone += 0.12 * rs * np.exp(-((cv.y - ya) / 0.8) ** 2) * (np.abs(cv.x - xr) < 1.1 * rs) * (bone > 0)
-
-    # Callus on follow-ups of a visible fracture.
-    # Its own random stream, so that removing a lesion leaves every other pixel unchanged.
-    lrng = np.random.default_rng([hidden["image_seed"], 1])
-    if lesion and hidden["healing"] and lrng.random() < 0.6:
-        for sgn in (-1, 1):
-            cv.blob(bone, xr + sgn * 1.15 * rs, yf, 0.18 * rs * (0.5 + sev), 0.5 * rs, 0, 0.35 * sev, inner=0.0)
-
-    # Trabecular texture and osteopenia (thinner, less dense bone).
-    # Trabeculae are finer than a pixel at low resolution, so their contrast averages out.
-    detail = min(max(h / 512, 0.25), 1.0)
-    tex = 1.0 + 0.10 * detail * _smooth_noise(rng, h, w, max(1.5, h / 110)) + 0.06 * _smooth_noise(rng, h, w, max(3.0, h / 40))
-    density = 0.72 if meta["osteopenia"] == "1" else 1.0
-    bone *= tex * density
-
+    _draw_radial_epiphysis(canvas, bone, wrist, fracture, epiphysis_shift)
+    _cut_physeal_fragment(canvas, bone, wrist, fracture, radius_layer)
+    _draw_ulna(canvas, bone, wrist, fracture)
+    _draw_carpals(canvas, bone, wrist, anatomy_rng)
+    _draw_metacarpals(canvas, bone, wrist, anatomy_rng)
+    if wrist.oblique:
+        bone = _shear_for_oblique(bone, wrist)
+    _draw_growth_arrest_line(canvas, bone, wrist, image_rng)
+    _draw_callus(canvas, bone, wrist, fracture, hidden["image_seed"])
+    osteopenia_density = 0.72 if meta["osteopenia"] == "1" else 1.0  # thinner, less dense bone
+    bone *= _bone_texture(image_rng, wrist) * osteopenia_density
     if meta["cast"] == "1":
-        top_c = yp - rng.uniform(0.35, 0.85) * U
-        outer = half_t + w * rng.uniform(0.04, 0.08)
-        inner = half_t + w * 0.012
-        on = (ys > top_c)[:, None]
-        r = np.abs(cv.x - ct[:, None])
-        thick = np.sqrt(np.clip(outer[:, None] ** 2 - r ** 2, 0, None)) - np.sqrt(np.clip(inner[:, None] ** 2 - r ** 2, 0, None))
-        grain = 1.0 + 0.25 * _smooth_noise(rng, h, w, max(1.0, h / 150))
-        if rng.random() < 0.5:  # fibreglass: a woven mesh
-            period = max(h / 45, 2.5)
-            grain = grain + 0.35 * (np.sin((cv.x + cv.y) * 2 * np.pi / period) > 0.6) \
-                + 0.35 * (np.sin((cv.x - cv.y) * 2 * np.pi / period) > 0.6)
-        extra += on * thick * grain * rng.uniform(0.35, 0.6)
-
+        _draw_cast(canvas, extra, wrist, outline, image_rng)
     if meta["metal"] == "1":
-        metal = np.zeros((h, w), np.float32)
-        th = max(int(round(h / 160)), 1)
-        if rng.random() < 0.6:  # K-wires through the radial styloid
-            for _ in range(int(rng.integers(1, 3))):
-                a = math.radians(rng.uniform(25, 60))
-                sx, sy = xr + 1.1 * rs, yp - 0.05 * U
-                ex_, ey_ = sx - math.cos(a) * 1.2 * U, sy + math.sin(a) * 1.2 * U
-                cv2.line(metal, (int(sx), int(sy)), (int(ex_), int(ey_)), 1.0, th, cv2.LINE_AA)
-        else:  # plate with screws along the radial shaft
-            px0, py0 = int(xr - 0.45 * rs), int(top_r + 0.3 * rs)
-            px1, py1 = int(xr + 0.45 * rs), int(min(top_r + 3.5 * rs, h - 1))
-            cv2.rectangle(metal, (px0, py0), (px1, py1), 0.7, -1)
-            for k in range(4):
-                yy = int(py0 + (k + 0.5) * (py1 - py0) / 4)
-                cv2.line(metal, (int(xr - 1.3 * rs), yy), (int(xr + 1.3 * rs), yy), 1.0, th + 1, cv2.LINE_AA)
-        extra += metal * w * 0.4
-
-    # Skin folds: thin curved lines over the soft tissue.
-    if rng.random() < 0.3:
-        fold = np.zeros((h, w), np.float32)
-        pts = np.stack([np.linspace(0, w, 6), yp + rng.uniform(-0.3, 0.6) * h + rng.normal(0, 0.04 * h, 6)], 1)
-        cv2.polylines(fold, [pts.astype(np.int32)], False, 1.0, 1, cv2.LINE_AA)
-        soft += fold * rng.choice([-1, 1]) * 0.03 * w * (soft > 0)
-
+        _draw_metal(extra, wrist, image_rng)
+    _draw_skin_fold(soft, wrist, image_rng)
     if layers is not None:
         layers.update(soft=soft, bone=bone, extra=extra)
 
-    # Exposure: Beer-Lambert, then a display curve, blur and quantum noise.
-    k_soft = 1.15 * rng.uniform(0.85, 1.15)
-    k_bone = 4.2 * rng.uniform(0.85, 1.15)
-    att = (k_soft * soft + k_bone * bone + 3.0 * extra) / w
-    img = 1.0 - np.exp(-att)
-    gamma = float(np.exp(rng.normal(0, 0.15)))
-    img = rng.uniform(0.02, 0.08) + rng.uniform(0.8, 0.95) * np.clip(img, 0, 1) ** gamma
-    blur = rng.uniform(0.3, 0.9) * h / 256
-    if blur > 0.35:
-        img = cv2.GaussianBlur(img, (0, 0), blur)
-    sigma = rng.uniform(0.006, 0.025) * math.sqrt(detail)  # bigger pixels average more quanta
-    img = img + sigma * np.sqrt(img + 0.05) * rng.standard_normal((h, w)).astype(np.float32)
-
+    image = _expose(soft, bone, extra, wrist, image_rng)
     if meta["laterality"] == "R":  # the drawing is a left wrist
-        img = img[:, ::-1]
-    img = np.ascontiguousarray(img, dtype=np.float32)
-
-    # Collimation shutters: unexposed margins that look bright.
-    for side_ in range(4):
-        if rng.random() < 0.25:
-            depth = int(rng.uniform(0.02, 0.09) * (w if side_ < 2 else h))
-            val = rng.uniform(0.75, 0.95)
-            if side_ == 0:
-                img[:, :depth] = val
-            elif side_ == 1:
-                img[:, w - depth:] = val
-            elif side_ == 2:
-                img[:depth, :] = val
-            else:
-                img[h - depth:, :] = val
-
-    # Side marker: a grey plate with a bright letter, never mirrored.
-    ms = max(int(0.11 * w), 6)
-    mx = int(rng.choice([rng.uniform(0.01, 0.12), rng.uniform(0.75, 0.88)]) * w)
-    my = int(rng.uniform(0.08, 0.85) * h)
-    mx, my = min(max(mx, 0), w - ms), min(max(my, 0), h - int(1.3 * ms))
-    img[my:my + int(1.3 * ms), mx:mx + ms] = 0.45 + 0.1 * rng.random()
-    letter = np.zeros((h, w), np.uint8)  # OpenCV draws text on 8-bit images only
-    cv2.putText(letter, meta["laterality"], (mx + int(0.12 * ms), my + int(1.1 * ms)),
-                cv2.FONT_HERSHEY_SIMPLEX, ms / 26.0, 255, max(ms // 8, 1), cv2.LINE_AA)
-    alpha = letter.astype(np.float32) / 255.0
-    img = img * (1.0 - alpha) + 0.98 * alpha
-
-    # Patient positioning: a small rotation; the corners outside the detector stay black.
-    angle = float(np.clip(rng.normal(0, 5), -12, 12))
-    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
-    img = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h), flags=cv2.INTER_LINEAR, borderValue=0.0)
-    return (np.clip(img, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+        image = image[:, ::-1]
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    _add_collimation(image, image_rng)
+    image = _add_side_marker(image, meta["laterality"], image_rng)
+    image = _rotate(image, image_rng)
+    return (np.clip(image, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -1,6 +1,7 @@
 """Tests of the wrist phantom: file layout, determinism, 16-bit pixels and metadata figures."""
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import columns
 import phantom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,10 +60,10 @@ def test_csv_layout_matches_grazpedwri(small: Path) -> None:
     raw = (small / "dataset.csv").read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf")  # UTF-8 byte-order mark, as the real file
     header = raw[3:].split(b"\r\n", 1)[0].decode()
-    assert header.split(",") == list(phantom.CSV_COLUMNS)
+    assert header.split(",") == list(columns.GRAZPEDWRI_COLUMNS)
     assert raw.count(b"\r\n") == raw.count(b"\n")  # CRLF line ends, as the real file
     df = _read_csv(small / "dataset.csv")
-    for col in phantom.FLAG_COLUMNS:
+    for col in columns.FLAG_COLUMNS:
         assert set(df[col]) <= {"1", ""}, col
     assert set(df["projection"]) <= {"1", "2", "3"}
     assert set(df["laterality"]) <= {"L", "R"}
@@ -107,7 +109,7 @@ def meta() -> pd.DataFrame:
     df, _ = phantom.draw_metadata(2500, seed=0)
     df = df.copy()
     df["age_f"] = df["age"].astype(float)
-    df["group"] = np.where(df["age_f"] < 8, 0, np.where(df["age_f"] < 15, 1, 2))
+    df["group"] = columns.age_to_group(df["age_f"])
     df["fx"] = df["fracture_visible"] == "1"
     return df
 
@@ -139,6 +141,68 @@ def test_age_distribution_and_flags_near_real(meta: pd.DataFrame) -> None:
     # Some fractures are not visible on one projection.
     hidden = (meta["ao_classification"] != "") & ~meta["fx"]
     assert 0.02 < hidden.mean() < 0.1
+
+
+# Golden outputs: the exact dataset.csv bytes and pixels of three small phantoms, so that a
+# change meant to keep the output (a refactor, a parallel generator) is proved to keep it
+# bit for bit, random draw order included. Together the three run every branch of
+# render_image (checked by line tracing; rows are 0-based, in dataset.csv order):
+# - seed 3, 64 px: AP and lateral, both sides, casts (plaster and fibreglass) with
+#   osteopenia, breaks with broken ulnar styloids, a physeal fracture, callus, no blur;
+# - seed 0, 256 px: the only oblique view (row 50), closed physes at 16-19 y, a physeal
+#   fracture at 14.5 y with growth-arrest lines, a metacarpal drawn off the image, blur;
+# - seed 16, 160 px: an infant without radial epiphysis (0.1 y, rows 33-35), K-wires
+#   (row 58) and a plate with screws (row 59), buckle and break fractures on every
+#   cortex side, ulnar buckles, casts, skin folds.
+# The pixels come from float arithmetic in numpy and OpenCV: a new release of either may
+# round differently, and then these digests change with no change in the code; the
+# assertion message shows the new digest.
+GOLDEN = (
+    # seed, n_patients, img_size, images, sha256 of dataset.csv, sha256 of the pixels
+    (3, 12, 64, 42, "e23a8bf396723c9d2080ee36c75ea51a4a2d0578f9694e89eb5d3dc2b198292d",
+     "72137bd8b1bd5d3767b3a80702ccf3ea909617df2a925d337e48c36220bf7974"),
+    (0, 20, 256, 61, "6f58451581f7bb0a4bffae15b212e68a20c637231bfa314eedf48dc0c04ee3c3",
+     "4968793718c928746c107ea8d87216cacbcde14ca02e224f789604d285edd831"),
+    (16, 20, 160, 62, "7793d1e38a38a5cc851a06fc116282192c4996b569ae12e8433d09f0f3769daa",
+     "c9f9b42939d34ecfab3e4a536c504c7afb0a1bc2423f462bed9d756f5f9577a0"),
+)
+# The attenuation layers of seed 16's row 59 (plate with screws) at 160 px.
+GOLDEN_LAYERS = "eca422574a9f586bc50b6c51e72041745f112e0335d3122ddaeff24d27a0b866"
+
+
+def _pixel_digest(out_dir: Path, stems: pd.Series) -> str:
+    digest = hashlib.sha256()
+    for stem in stems:
+        img = cv2.imread(str(out_dir / "images" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        digest.update(str(img.shape).encode())
+        digest.update(img.astype("<u2").tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("seed, n_patients, img_size, n_images, csv_sha, pixel_sha", GOLDEN)
+def test_golden_csv_and_pixels(tmp_path: Path, seed: int, n_patients: int, img_size: int,
+                               n_images: int, csv_sha: str, pixel_sha: str) -> None:
+    csv_path = phantom.generate_phantom(tmp_path, n_patients=n_patients, img_size=img_size, seed=seed,
+                                        progress=False)
+    stems = _read_csv(csv_path)["filestem"]
+    assert len(stems) == n_images
+    csv_digest = hashlib.sha256(csv_path.read_bytes()).hexdigest()
+    assert csv_digest == csv_sha, f"dataset.csv digest now {csv_digest}"
+    pixel_digest = _pixel_digest(tmp_path, stems)
+    assert pixel_digest == pixel_sha, f"pixel digest now {pixel_digest}"
+
+
+def test_golden_layers() -> None:
+    df, hidden = phantom.draw_metadata(20, seed=16)
+    row = 59
+    assert df["metal"][row] == "1"
+    layers: dict[str, np.ndarray] = {}
+    phantom.render_image(df.iloc[row].to_dict(), hidden[row], 160, layers=layers)
+    digest = hashlib.sha256()
+    for name in ("soft", "bone", "extra"):
+        digest.update(name.encode())
+        digest.update(layers[name].astype("<f4").tobytes())
+    assert digest.hexdigest() == GOLDEN_LAYERS, f"layer digest now {digest.hexdigest()}"
 
 
 def test_fracture_is_a_small_local_change() -> None:
