@@ -56,6 +56,7 @@ import engine
 import metrics as M
 import inference as P
 import report as R
+import splits
 import unified_dataset as ud
 from config import print_config, save_config, to_dict, versions
 from io_utils import write_csv, write_json, write_text
@@ -425,6 +426,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         device = info.device
         test_df = ud.read_split_csv(paths["test_csv"])
         val_df = ud.read_split_csv(paths["val_csv"])
+        for note in splits.check_splits({str(paths["test_csv"]): test_df, str(paths["val_csv"]): val_df},
+                                        paths["test_csv"], also=[paths["out"] / "age_train_tmp.csv"]):
+            engine.log(f"note: {note}")
         routed = P.load_routed_models(paths["models_dir"], device)
         notes = list(routed.notes)
         if routed.pooled is None:

@@ -13,7 +13,8 @@ not there yet: small groups then learn what all groups share from all the data. 
 skipped with a message, not a crash.
 
 Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv (with
-``age_group_label`` from stage 3 unless ``--group-column age_group``).
+``age_group_label`` from stage 3 unless ``--group-column age_group``), and age_test.csv,
+only to check that the test set is the one stage 1 drew and shares no patient with them.
 Outputs (``--models-dir``, default ``<out-dir>/saved_agegroup_models``), per model
 ``fracture_classifier_agegroup{g}`` or ``fracture_classifier_pooled``:
     <stem>.pt  <stem>_metrics.csv  <stem>_config.json  (<stem>_last.pt while training)
@@ -33,6 +34,8 @@ import pandas as pd
 import errors
 import distributed
 import engine
+import presets
+import splits
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES
 from config import print_config, to_dict
 from io_utils import write_json
@@ -47,7 +50,7 @@ TARGET = "fracture"
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_data_args(parser)
+    add_data_args(parser, test_csv=True)  # read only to check the splits are still patient-disjoint
     g = parser.add_argument_group("groups")
     g.add_argument("--groups", type=int, nargs="+", default=None, choices=range(len(AGE_GROUP_NAMES)),
                    help="age groups to train [default: all]")
@@ -56,7 +59,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "[default: age_group_label]")
     g.add_argument("--pooled", action="store_true",
                    help="train one model on all groups instead (fracture_classifier_pooled.pt)")
-    g.add_argument("--min-rows", type=int, default=10,
+    g.add_argument("--min-rows", type=presets.non_negative_int, default=10,
                    help="skip a group with fewer training rows than this [default: 10]")
     add_training_args(parser)
     return parser
@@ -90,6 +93,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if info.is_main:
             print_config(to_dict(cfg), "train_fracture_per_agegroup.py")
         train_all, val_all = read_split_csv(cfg.train_csv), read_split_csv(cfg.val_csv)
+        frames = {str(cfg.train_csv): train_all, str(cfg.val_csv): val_all,
+                  str(cfg.test_csv): read_split_csv(cfg.test_csv, validate=False)}
+        for note in splits.check_splits(frames, cfg.test_csv):
+            engine.log(f"note: {note}")
         if cfg.pooled:
             jobs = [("pooled", "all age groups", train_all, val_all)]
         else:
