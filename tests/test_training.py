@@ -66,6 +66,19 @@ def test_driver_end_to_end_on_tiny_phantom(tiny_phantom: Path, tmp_path: Path, c
     assert all(f"stage {s} (" in printed and "up to date, skipped" in printed for s in (1, 2, 3, 4))
     assert {p: p.stat().st_mtime_ns for p in models.glob("*.pt")} == mtimes
 
+    # one group checkpoint deleted: only that model is trained again
+    gone = models / "fracture_classifier_agegroup1.pt"
+    gone.unlink()
+    _driver(base + ["--to-stage", "4"])
+    printed = capsys.readouterr().out
+    assert "stage 4 (fracture classifiers): re-running, saved_agegroup_models/fracture_classifier_agegroup1.pt " \
+           "changed or missing" in printed
+    assert printed.count("already trained") == 3 and printed.count("[Epoch 1] Train Loss") == 1
+    assert load_checkpoint(gone)["finished"]
+    after = {p: p.stat().st_mtime_ns for p in models.glob("*.pt")}
+    assert after.keys() == mtimes.keys() and after[gone] != mtimes[gone]
+    assert {p: t for p, t in after.items() if p != gone} == {p: t for p, t in mtimes.items() if p != gone}
+
 
 def test_tiny_swin_trains_through_the_same_path(fresh_splits: Path, capsys):
     result = stage4.main(stage4.get_args_parser().parse_args(
