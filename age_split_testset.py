@@ -40,11 +40,12 @@ import pandas as pd
 import errors
 import columns
 import columns as C
+import io_utils
 import phantom
 import presets
+import splits
 from config import print_config, save_config, to_dict
 from io_utils import RunLock, write_json
-import splits
 from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
 from unified_dataset import DataError, apply_exclusions, load_dataset, read_split_csv, validate_frame
 
@@ -161,10 +162,11 @@ def _check_kept_test(test: pd.DataFrame, loaded: pd.DataFrame, test_csv: Path, d
     return []
 
 
-def _remove_stale_splits(out: Path, test: pd.DataFrame) -> list[str]:
-    """Train/val files from an earlier test set that now share patients with it are a leak: remove them."""
+def _stale_splits(out: Path, test: pd.DataFrame) -> dict[Path, int]:
+    """Train/val files from an earlier test set that share patients with it (a leak, to be
+    removed): path -> number of their images that belong to test patients."""
     test_ids = set(columns.patient_ids(test["patient_id"]))
-    removed = []
+    stale = {}
     for name in LATER_SPLITS:
         path = out / name
         if not path.is_file():
@@ -172,11 +174,8 @@ def _remove_stale_splits(out: Path, test: pd.DataFrame) -> list[str]:
         ids = columns.patient_ids(pd.read_csv(path, usecols=["patient_id"], dtype=str)["patient_id"])
         shared = int(ids.isin(test_ids).sum())
         if shared:
-            path.unlink()
-            removed.append(str(path))
-            print(f"{path}: removed: {shared} of its images belong to test patients (stale since the test set "
-                  "was re-drawn); generate_age_trainval_split.py writes it again")
-    return removed
+            stale[path] = shared
+    return stale
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -245,34 +244,47 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         check_coverage(pool, pool_csv, n_groups, bounds=bounds)
 
         source_sha = file_sha256(data_csv)
-        if not kept:
-            drawn["source_sha256"] = source_sha
-            wrote["test_csv"] = write_split_csv(test, test_csv, "test")
-        if identity is None:  # from the file as written, exactly what later stages read back
-            identity = splits.identity_of_test_set(read_split_csv(test_csv))
-        wrote["pool_csv"] = write_split_csv(pool, pool_csv, "pool")
-        removed = _remove_stale_splits(out, test)
+        stale = _stale_splits(out, test)
         counts = split_counts({"test": test, "pool": pool}, n_groups)
         print(describe(counts))
-        manifest = {
-            "stage": "age_split_testset",
-            "seed": args.seed,
-            "test_frac": args.test_frac,
-            "test_set": "kept" if kept else "drawn",
-            "test_drawn": drawn,
-            splits.IDENTITY_KEY: identity,
-            "source": {"csv": str(Path(data_csv).resolve()), "sha256": source_sha, "format": args.format,
-                       "image_root": str(image_root) if image_root is not None else None,
-                       "rows": int(len(loaded)), "phantom_generated": generated},
-            "age_bounds": list(bounds),
-            "age_group_names": list(C.age_group_names(bounds)),
-            "exclusions": excl,
-            "rejected_rows": n_rejected,
-            "removed_stale": removed,
-            "counts": counts,
-            "outputs": {TEST_CSV: file_sha256(test_csv), POOL_CSV: file_sha256(pool_csv)},
-        }
-        wrote["manifest"] = write_json(manifest, out / MANIFEST)
+        # The test set, the pool and the manifest describe each other: all three are written
+        # before any replaces its old version, so a failure (a full disk) leaves the old ones.
+        targets = ([] if kept else [test_csv]) + [pool_csv, out / MANIFEST]
+        with io_utils.atomic_paths(targets) as tmps:
+            tmp = dict(zip(targets, tmps))
+            if not kept:
+                drawn["source_sha256"] = source_sha
+                write_split_csv(test, tmp[test_csv], "test")
+            written_test = tmp.get(test_csv, test_csv)
+            if identity is None:  # from the file as written, exactly what later stages read back
+                identity = splits.identity_of_test_set(read_split_csv(written_test))
+            write_split_csv(pool, tmp[pool_csv], "pool")
+            manifest = {
+                "stage": "age_split_testset",
+                "seed": args.seed,
+                "test_frac": args.test_frac,
+                "test_set": "kept" if kept else "drawn",
+                "test_drawn": drawn,
+                splits.IDENTITY_KEY: identity,
+                "source": {"csv": str(Path(data_csv).resolve()), "sha256": source_sha, "format": args.format,
+                           "image_root": str(image_root) if image_root is not None else None,
+                           "rows": int(len(loaded)), "phantom_generated": generated},
+                "age_bounds": list(bounds),
+                "age_group_names": list(C.age_group_names(bounds)),
+                "exclusions": excl,
+                "rejected_rows": n_rejected,
+                "removed_stale": [str(p) for p in stale],
+                "counts": counts,
+                "outputs": {TEST_CSV: file_sha256(written_test), POOL_CSV: file_sha256(tmp[pool_csv])},
+            }
+            write_json(manifest, tmp[out / MANIFEST])
+        if not kept:
+            wrote["test_csv"] = test_csv
+        wrote["pool_csv"], wrote["manifest"] = pool_csv, out / MANIFEST
+        for path, shared in stale.items():
+            path.unlink()
+            print(f"{path}: removed: {shared} of its images belong to test patients (stale since the test set "
+                  "was re-drawn); generate_age_trainval_split.py writes it again")
         wrote["test_kept"] = kept
     print(f"stage 1 done: {TEST_CSV} ({'kept' if kept else 'drawn'}: {len(test)} images, "
           f"{len(test_ids)} patients), {POOL_CSV} ({len(pool)} images) in {out}")

@@ -22,7 +22,7 @@ import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 
@@ -72,26 +72,41 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     the rename: still atomic for readers, but a power cut may leave an empty file. Only
     for files that can be re-derived (cache entries), where the fsync would dominate the cost.
     """
-    path = Path(path)
-    tmp_path: Path | None = None
+    with atomic_paths([path], fsync=fsync) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike], fsync: bool = True) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that belong together: yield one temporary path per
+    file; only when the body has written them all (and they are flushed) are they moved
+    into place. A failure, a full disk included, leaves every old file as it was."""
+    targets = [Path(p) for p in paths]
+    tmps: list[Path] = []
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp_path = Path(tmp)
-        yield tmp_path
+        for path in targets:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield list(tmps)
         if fsync:
-            with open(tmp_path, "rb+") as fh:  # data on disk before the rename makes it visible
-                os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+            for tmp in tmps:
+                with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
+                    os.fsync(fh.fileno())
+        for tmp, path in zip(tmps, targets):
+            os.replace(tmp, path)
     except BaseException as exc:
         if disk_full_cause(exc) is None:
             raise
-        raise DiskFullError(f"{path}: no space left on device while writing it (the previous version, if any, "
-                            f"is kept); free space on that disk and re-run") from None
+        what = (f"{targets[0]}: no space left on device while writing it" if len(targets) == 1 else
+                f"{targets[0].parent}: no space left on device while writing {', '.join(p.name for p in targets)}")
+        raise DiskFullError(f"{what} (the previous version, if any, is kept); free space on that disk and "
+                            "re-run") from None
     finally:
-        if tmp_path is not None and tmp_path.exists():
-            tmp_path.unlink()
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def is_orphan_temp(name: str) -> bool:
