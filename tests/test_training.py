@@ -147,3 +147,16 @@ def test_group_models_start_from_the_pooled_model(fresh_splits: Path, capsys):
         [*frozen, "--no-init-from-pooled", "--models-dir", str(fresh_splits / "scratch")]))
     other = load_checkpoint(scratch["models"]["agegroup1"]["checkpoint"])["model"][name]
     assert not torch.allclose(other, pooled["model"][name], atol=1e-4)
+
+
+def test_resume_refused_when_the_training_rows_changed(fresh_splits: Path):
+    base = ["--out-dir", str(fresh_splits), "--pooled", "--img-size", "32", "--epochs", "1", "--quiet"]
+    stage4.main(stage4.get_args_parser().parse_args(base))
+    train = pd.read_csv(fresh_splits / "age_train_tmp.csv", dtype=str, keep_default_na=False)
+    train.iloc[1:].to_csv(fresh_splits / "age_train_tmp.csv", index=False)  # one row fewer
+    with pytest.raises(engine.ResumeError) as err:
+        stage4.main(stage4.get_args_parser().parse_args(base + ["--resume"]))
+    msg = str(err.value)
+    assert f"train data: saved '{len(train)} rows, sha256 " in msg and f"now '{len(train) - 1} rows, sha256 " in msg
+    with pytest.raises(engine.ResumeError, match="model: saved 'cnn_demo', now 'swin_demo'"):
+        stage4.main(stage4.get_args_parser().parse_args(base + ["--resume", "--model", "swin_demo"]))
