@@ -72,7 +72,8 @@ REJECTED_COLUMNS: tuple[str, ...] = ("source_file", "source_row", "reason")
 _src = f"{STAGE1} (from the source CSV)"
 COLUMNS: tuple[Column, ...] = (
     Column("image_path", "str", "absolute path of the image file (PNG, JPEG or DICOM)", _src, ALL_STAGES),
-    Column("patient_id", "str", "patient identifier; all splits are grouped by it", _src, ALL_STAGES),
+    Column("patient_id", "str", "patient identifier; all splits are grouped by it (surrounding whitespace "
+           "is stripped; case and leading zeros count)", _src, ALL_STAGES),
     Column("age", "float", "age at the examination, years (0-25 accepted)", _src, ALL_STAGES),
     Column("age_group", "int",
            "TRUE age group from `age`: 0 if age < 8, 1 if 8 <= age < 15, 2 if age >= 15 (bounds configurable)",

@@ -9,7 +9,8 @@ Inputs
                             fracture_classifier_pooled.pt (a missing group model falls back
                             to the pooled one, and the CSV says so)
   --thresholds FILE         thresholds.json written by evaluate.py (default:
-                            <models-dir>/thresholds.json; without it 0.5, with a warning)
+                            <models-dir>/thresholds.json; without it 0.5, with a warning;
+                            a file named here must exist and hold a threshold in [0, 1])
 Outputs
   --output CSV              one row per image: image_path, age_group_label, age_group_name,
                             age_group_prob_0..2, fracture_model, fracture_prob,
