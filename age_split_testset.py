@@ -72,7 +72,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--age-col", default="age", help="generic CSV: age (years) column")
     p.add_argument("--label-col", default="fracture", help="generic CSV: fracture 0/1 column")
     p.add_argument("--out-dir", type=Path, default=Path("."), help="where the split files go")
-    p.add_argument("--test-frac", type=presets.split_fraction, default=0.15, help="share of patients in the test set (0-0.5]")
+    p.add_argument("--test-frac", type=presets.split_fraction, default=0.15,
+                   help="share of patients in the test set (0-0.5]")
     p.add_argument("--seed", type=int, default=42, help="random seed of the split")
     p.add_argument("--force", action="store_true", help="re-draw age_test.csv even if it exists")
     p.add_argument("--exclude", nargs="*", default=["metal"], choices=C.EXCLUDABLE + ("none",),

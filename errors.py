@@ -12,8 +12,8 @@ import errno
 import sys
 from typing import Any, Callable, NoReturn
 
-from engine import ResumeError
 import io_utils
+from engine import ResumeError
 from io_utils import LockError
 from models import CheckpointError, PretrainedWeightsError
 from unified_dataset import DataError

@@ -31,9 +31,9 @@ from typing import Any
 import errors
 import columns as C
 import presets
+import splits
 from config import print_config, save_config, to_dict
 from io_utils import RunLock, write_json
-import splits
 from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
 from unified_dataset import DataError, read_split_csv, validate_frame
 
@@ -53,7 +53,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=Path("."), help="folder with stage 1's files; outputs go here")
     p.add_argument("--pool-csv", type=Path, default=None, help="default: <out-dir>/age_pool.csv")
     p.add_argument("--test-csv", type=Path, default=None, help="default: <out-dir>/age_test.csv")
-    p.add_argument("--val-frac", type=presets.split_fraction, default=0.2, help="share of pool patients for validation (0-0.5]")
+    p.add_argument("--val-frac", type=presets.split_fraction, default=0.2,
+                   help="share of pool patients for validation (0-0.5]")
     p.add_argument("--seed", type=int, default=42, help="random seed of the split")
     p.add_argument("--force", action="store_true", help="re-draw train/val even if they match the pool")
     p.add_argument("--skip-bad", action="store_true",

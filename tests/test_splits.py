@@ -426,8 +426,8 @@ def test_patient_ids_case_and_leading_zeros_count(tiny_phantom: Path, tmp_path: 
     meta = _csv(tiny_phantom / "dataset.csv")
     meta.loc[meta.patient_id == "1", "patient_id"] = ["1", "01"][: int((meta.patient_id == "1").sum())]
     meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
-    S1.main(S1.get_args_parser().parse_args(
-        ["--data-csv", str(tmp_path / "dataset.csv"), "--image-root", str(tiny_phantom), "--out-dir", str(tmp_path / "o")]))
+    S1.main(S1.get_args_parser().parse_args(["--data-csv", str(tmp_path / "dataset.csv"), "--image-root",
+                                             str(tiny_phantom), "--out-dir", str(tmp_path / "o")]))
     assert "'01' / '1'" in capsys.readouterr().out
 
 
