@@ -5,6 +5,9 @@ and no other patient's image is. The split is stratified by age group x fracture
 (sklearn ``StratifiedGroupKFold``) and deterministic for a given ``--seed``. Once
 ``age_test.csv`` exists it is kept and reused (the remaining patients are derived
 from it again); drawing a new one needs ``--force``, and the run says which happened.
+A kept test set must be the one that was drawn (its identity, recorded in the
+manifest, is checked: a removed, added or edited row stops the run, so a test
+patient can never move into the pool) and must still match the dataset.
 
 Inputs
     ``--data-csv``: GRAZPEDWRI-DX's ``dataset.csv`` as distributed, or a generic CSV
@@ -13,8 +16,9 @@ Inputs
     phantom dataset is generated into ``<out-dir>/phantom`` (reused if present).
 Outputs (in ``--out-dir``)
     ``age_test.csv`` (the test set), ``age_pool.csv`` (every other patient; input of
-    stage 2), ``age_test_split.json`` (seed, source file and its SHA-256, exclusion
-    counts, images per split x age group x fracture), ``age_split_testset_config.json``
+    stage 2), ``age_test_split.json`` (seed, source file and its SHA-256, the test set's
+    identity (``splits.identity_of_test_set``), exclusion counts, images per split x age
+    group x fracture), ``age_split_testset_config.json``
     and, with ``--skip-bad``, ``rejected_rows.csv``.
 
 Example::
@@ -34,8 +38,12 @@ from typing import Any
 import pandas as pd
 
 import errors
+import columns
 import columns as C
+import io_utils
 import phantom
+import presets
+import splits
 from config import print_config, save_config, to_dict
 from io_utils import RunLock, write_json
 from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
@@ -43,7 +51,7 @@ from unified_dataset import DataError, apply_exclusions, load_dataset, read_spli
 
 TEST_CSV = "age_test.csv"
 POOL_CSV = "age_pool.csv"
-MANIFEST = "age_test_split.json"
+MANIFEST = splits.TEST_MANIFEST
 CONFIG = "age_split_testset_config.json"
 REJECTED_CSV = "rejected_rows.csv"
 # Written by stage 2; removed here if a newly drawn test set shares patients with them.
@@ -64,7 +72,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--age-col", default="age", help="generic CSV: age (years) column")
     p.add_argument("--label-col", default="fracture", help="generic CSV: fracture 0/1 column")
     p.add_argument("--out-dir", type=Path, default=Path("."), help="where the split files go")
-    p.add_argument("--test-frac", type=float, default=0.15, help="share of patients in the test set (0-0.5]")
+    p.add_argument("--test-frac", type=presets.split_fraction, default=0.15,
+                   help="share of patients in the test set (0-0.5]")
     p.add_argument("--seed", type=int, default=42, help="random seed of the split")
     p.add_argument("--force", action="store_true", help="re-draw age_test.csv even if it exists")
     p.add_argument("--exclude", nargs="*", default=["metal"], choices=C.EXCLUDABLE + ("none",),
@@ -72,14 +81,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true",
                    help="set bad rows aside in rejected_rows.csv instead of stopping at the first")
     p.add_argument("--age-bounds", type=float, nargs="+", default=list(C.AGE_BOUNDS),
+                   action=presets.AgeBoundsAction,
                    help="age group boundaries in years (group g: bounds[g-1] <= age < bounds[g])")
     p.add_argument("--no-image-check", action="store_true",
                    help="do not look at the image files (metadata-only split)")
     p.add_argument("--decode-check", action="store_true",
                    help="decode every image once to find corrupt files (slow on full-resolution data)")
-    p.add_argument("--phantom-patients", type=int, default=phantom.DEFAULT_N_PATIENTS,
+    p.add_argument("--phantom-patients", type=presets.positive_int, default=phantom.DEFAULT_N_PATIENTS,
                    help="phantom size when no dataset is given")
-    p.add_argument("--phantom-img-size", type=int, default=phantom.DEFAULT_IMG_SIZE,
+    p.add_argument("--phantom-img-size", type=presets.positive_int, default=phantom.DEFAULT_IMG_SIZE,
                    help="phantom image height in pixels")
     p.add_argument("--phantom-seed", type=int, default=0, help="phantom generator seed")
     return p
@@ -113,39 +123,60 @@ def _resolve_source(args: argparse.Namespace, out: Path) -> tuple[Path, Path | N
 
 
 def _check_kept_test(test: pd.DataFrame, loaded: pd.DataFrame, test_csv: Path, data_csv: Path,
-                     bounds: tuple[float, ...]) -> None:
-    """A kept test set must still describe the current dataset, or the pool could leak."""
-    by_image = dict(zip(loaded["image_path"].astype(str), loaded["patient_id"].astype(str)))
+                     bounds: tuple[float, ...]) -> list[str]:
+    """A kept test set must still describe the current dataset, or the pool could leak.
+
+    Raises ``DataError`` for a test image the dataset no longer has, or has under another
+    patient (it would then go to the pool as well), or with another label or age; the
+    age group must follow from the age with ``bounds``. Returns notes (images of test
+    patients that the dataset has but the test set does not: they stay out of every split).
+    """
+    by_image = {p: (pid, fx, age) for p, pid, fx, age in zip(
+        loaded["image_path"].astype(str), columns.patient_ids(loaded["patient_id"]), loaded["fracture"],
+        loaded["age"])}
     redraw = "; re-draw the test set with --force"
-    for row, path, pid, age, group in zip(test.index, test["image_path"].astype(str),
-                                          test["patient_id"].astype(str), test["age"], test["age_group"]):
+    for row, path, pid, age, group, fx in zip(test.index, test["image_path"].astype(str),
+                                              columns.patient_ids(test["patient_id"]), test["age"],
+                                              test["age_group"], test["fracture"]):
         if path not in by_image:
             raise DataError.at(test_csv, row, f"image {path} is not in {data_csv}: the dataset changed "
                                f"since the test set was drawn{redraw}")
-        if by_image[path] != pid:
-            raise DataError.at(test_csv, row, f"image {path} belongs to patient {by_image[path]} in {data_csv} "
+        if by_image[path][0] != pid:
+            raise DataError.at(test_csv, row, f"image {path} belongs to patient {by_image[path][0]} in {data_csv} "
                                f"but to patient {pid} here{redraw}")
         if C.age_to_group(float(age), bounds) != int(group):
             raise DataError.at(test_csv, row, f"age_group {group} does not match age {age:g} with --age-bounds "
                                f"{list(bounds)}: the test set was drawn with other bounds{redraw}")
+        _, label, src_age = by_image[path]
+        if pd.isna(label) or float(label) != float(fx):
+            raise DataError.at(test_csv, row, f"image {path} has fracture label {label} in {data_csv} "
+                               f"but {fx} here: the dataset changed since the test set was drawn{redraw}")
+        if pd.isna(src_age) or float(src_age) != float(age):
+            raise DataError.at(test_csv, row, f"image {path} has age {src_age:g} in {data_csv} but {age:g} "
+                               f"here: the dataset changed since the test set was drawn{redraw}")
+    test_ids = set(columns.patient_ids(test["patient_id"]))
+    in_test = set(test["image_path"].astype(str))
+    extra = [p for p, (pid, _, _) in by_image.items() if pid in test_ids and p not in in_test]
+    if extra:
+        return [f"{len(extra)} image(s) of test patients are in {data_csv} but not in {test_csv} (added since it "
+                f"was drawn, e.g. {extra[0]}); they are left out of every split (--force re-draws the test set)"]
+    return []
 
 
-def _remove_stale_splits(out: Path, test: pd.DataFrame) -> list[str]:
-    """Train/val files from an earlier test set that now share patients with it are a leak: remove them."""
-    test_ids = set(test["patient_id"].astype(str))
-    removed = []
+def _stale_splits(out: Path, test: pd.DataFrame) -> dict[Path, int]:
+    """Train/val files from an earlier test set that share patients with it (a leak, to be
+    removed): path -> number of their images that belong to test patients."""
+    test_ids = set(columns.patient_ids(test["patient_id"]))
+    stale = {}
     for name in LATER_SPLITS:
         path = out / name
         if not path.is_file():
             continue
-        ids = pd.read_csv(path, usecols=["patient_id"], dtype=str)["patient_id"]
+        ids = columns.patient_ids(pd.read_csv(path, usecols=["patient_id"], dtype=str)["patient_id"])
         shared = int(ids.isin(test_ids).sum())
         if shared:
-            path.unlink()
-            removed.append(str(path))
-            print(f"{path}: removed: {shared} of its images belong to test patients (stale since the test set "
-                  "was re-drawn); generate_age_trainval_split.py writes it again")
-    return removed
+            stale[path] = shared
+    return stale
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,13 +208,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{data_csv}: {len(loaded)} rows, {n_rejected} rejected, excluded {excl['excluded']} "
               f"-> {len(df)} images of {df['patient_id'].nunique()} patients")
         check_coverage(df, data_csv, n_groups, bounds=bounds)
+        lookalikes = columns.lookalike_patient_ids(df["patient_id"])
+        if lookalikes:
+            shown = "; ".join(" / ".join(repr(i) for i in g) for g in lookalikes[:3])
+            print(f"note: {data_csv}: {len(lookalikes)} group(s) of patient ids differ only in case or leading "
+                  f"zeros ({shown}); they are different patients here, as ids are compared as text")
 
         test_csv, pool_csv = out / TEST_CSV, out / POOL_CSV
         old_manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
+        identity = None
         if test_csv.is_file() and not args.force:
             print(f"{test_csv}: exists, reusing it as the fixed test set (pass --force to re-draw it)")
             test = read_split_csv(test_csv)
-            _check_kept_test(test, loaded, test_csv, data_csv, bounds)
+            identity = splits.recorded_test_identity(out / MANIFEST) if (out / MANIFEST).is_file() else None
+            if identity is not None:
+                splits.verify_test_set(test, test_csv, identity,
+                                       remedy="restore it, or pass --force to re-draw the test set")
+            else:
+                print(f"note: {out / MANIFEST} records no identity of the kept test set (written by an older "
+                      f"version, or missing): recording it now from {test_csv} as it is")
+            for note in _check_kept_test(test, loaded, test_csv, data_csv, bounds):
+                print(f"note: {note}")
             drawn = old_manifest.get("test_drawn") or {"note": "drawn before this manifest existed"}
             kept = True
         else:
@@ -192,38 +237,55 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             test, _ = split_patients(df, args.test_frac, args.seed, source=data_csv)
             drawn = {"seed": args.seed, "test_frac": args.test_frac, "source_sha256": None}
             kept = False
-        test_ids = set(test["patient_id"].astype(str))
-        pool = df.loc[~df["patient_id"].astype(str).isin(test_ids)]
+        test_ids = set(columns.patient_ids(test["patient_id"]))
+        pool = df.loc[~columns.patient_ids(df["patient_id"]).isin(test_ids).to_numpy()]
         check_disjoint({str(test_csv): test, str(pool_csv): pool})
+        splits.check_images_disjoint({str(test_csv): test, str(pool_csv): pool})
         check_coverage(test, test_csv, n_groups, bounds=bounds)
         check_coverage(pool, pool_csv, n_groups, bounds=bounds)
 
         source_sha = file_sha256(data_csv)
-        if not kept:
-            drawn["source_sha256"] = source_sha
-            wrote["test_csv"] = write_split_csv(test, test_csv, "test")
-        wrote["pool_csv"] = write_split_csv(pool, pool_csv, "pool")
-        removed = _remove_stale_splits(out, test)
+        stale = _stale_splits(out, test)
         counts = split_counts({"test": test, "pool": pool}, n_groups)
         print(describe(counts))
-        manifest = {
-            "stage": "age_split_testset",
-            "seed": args.seed,
-            "test_frac": args.test_frac,
-            "test_set": "kept" if kept else "drawn",
-            "test_drawn": drawn,
-            "source": {"csv": str(Path(data_csv).resolve()), "sha256": source_sha, "format": args.format,
-                       "image_root": str(image_root) if image_root is not None else None,
-                       "rows": int(len(loaded)), "phantom_generated": generated},
-            "age_bounds": list(bounds),
-            "age_group_names": list(C.age_group_names(bounds)),
-            "exclusions": excl,
-            "rejected_rows": n_rejected,
-            "removed_stale": removed,
-            "counts": counts,
-            "outputs": {TEST_CSV: file_sha256(test_csv), POOL_CSV: file_sha256(pool_csv)},
-        }
-        wrote["manifest"] = write_json(manifest, out / MANIFEST)
+        # The test set, the pool and the manifest describe each other: all three are written
+        # before any replaces its old version, so a failure (a full disk) leaves the old ones.
+        targets = ([] if kept else [test_csv]) + [pool_csv, out / MANIFEST]
+        with io_utils.atomic_paths(targets) as tmps:
+            tmp = dict(zip(targets, tmps))
+            if not kept:
+                drawn["source_sha256"] = source_sha
+                write_split_csv(test, tmp[test_csv], "test")
+            written_test = tmp.get(test_csv, test_csv)
+            if identity is None:  # from the file as written, exactly what later stages read back
+                identity = splits.identity_of_test_set(read_split_csv(written_test))
+            write_split_csv(pool, tmp[pool_csv], "pool")
+            manifest = {
+                "stage": "age_split_testset",
+                "seed": args.seed,
+                "test_frac": args.test_frac,
+                "test_set": "kept" if kept else "drawn",
+                "test_drawn": drawn,
+                splits.IDENTITY_KEY: identity,
+                "source": {"csv": str(Path(data_csv).resolve()), "sha256": source_sha, "format": args.format,
+                           "image_root": str(image_root) if image_root is not None else None,
+                           "rows": int(len(loaded)), "phantom_generated": generated},
+                "age_bounds": list(bounds),
+                "age_group_names": list(C.age_group_names(bounds)),
+                "exclusions": excl,
+                "rejected_rows": n_rejected,
+                "removed_stale": [str(p) for p in stale],
+                "counts": counts,
+                "outputs": {TEST_CSV: file_sha256(written_test), POOL_CSV: file_sha256(tmp[pool_csv])},
+            }
+            write_json(manifest, tmp[out / MANIFEST])
+        if not kept:
+            wrote["test_csv"] = test_csv
+        wrote["pool_csv"], wrote["manifest"] = pool_csv, out / MANIFEST
+        for path, shared in stale.items():
+            path.unlink()
+            print(f"{path}: removed: {shared} of its images belong to test patients (stale since the test set "
+                  "was re-drawn); generate_age_trainval_split.py writes it again")
         wrote["test_kept"] = kept
     print(f"stage 1 done: {TEST_CSV} ({'kept' if kept else 'drawn'}: {len(test)} images, "
           f"{len(test_ids)} patients), {POOL_CSV} ({len(pool)} images) in {out}")

@@ -13,6 +13,7 @@ Row numbering: frames produced by the loaders carry, as their index (named
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -71,7 +72,8 @@ REJECTED_COLUMNS: tuple[str, ...] = ("source_file", "source_row", "reason")
 _src = f"{STAGE1} (from the source CSV)"
 COLUMNS: tuple[Column, ...] = (
     Column("image_path", "str", "absolute path of the image file (PNG, JPEG or DICOM)", _src, ALL_STAGES),
-    Column("patient_id", "str", "patient identifier; all splits are grouped by it", _src, ALL_STAGES),
+    Column("patient_id", "str", "patient identifier; all splits are grouped by it (surrounding whitespace "
+           "is stripped; case and leading zeros count)", _src, ALL_STAGES),
     Column("age", "float", "age at the examination, years (0-25 accepted)", _src, ALL_STAGES),
     Column("age_group", "int",
            "TRUE age group from `age`: 0 if age < 8, 1 if 8 <= age < 15, 2 if age >= 15 (bounds configurable)",
@@ -185,9 +187,33 @@ def _to_str(s: pd.Series) -> pd.Series:
     return out.map(one).astype(object)
 
 
+def patient_ids(values: Iterable[object]) -> pd.Series:
+    """Patient ids as the pipeline compares them: text with surrounding whitespace removed.
+
+    ``"P1 "`` and ``"P1"`` are one patient (a stray space from a spreadsheet must not split
+    a child into two patients, one of whom could land in the test set and the other in
+    training). Case and leading zeros are significant: ``"007"`` and ``"7"``, ``"A1"`` and
+    ``"a1"`` are different patients, since a hospital's ids may legitimately differ only
+    there; :func:`lookalike_patient_ids` finds such pairs so that stage 1 can point them out.
+    A numeric id read as ``17.0`` is the id ``"17"``.
+    """
+    s = values if isinstance(values, pd.Series) else pd.Series(list(values), dtype=object)
+    return _to_str(s).str.strip()
+
+
+def lookalike_patient_ids(ids: Iterable[str]) -> list[tuple[str, ...]]:
+    """Groups of distinct ids that differ only in case or leading zeros, sorted."""
+    groups: dict[str, set[str]] = {}
+    for pid in set(ids):
+        key = re.sub(r"(?<!\d)0+(?=\d)", "", pid).casefold()
+        groups.setdefault(key, set()).add(pid)
+    return sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)
+
+
 def coerce_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Cast the known columns of ``df`` to their contract dtypes (returns a copy).
 
+    ``patient_id`` -> :func:`patient_ids` (text, surrounding whitespace removed);
     ``str`` -> Python strings (missing -> ""), ``float`` -> float64 (unparsable ->
     NaN), ``int`` -> int64, or pandas nullable ``Int64`` when values are missing.
     Integer columns holding non-integral numbers (e.g. a label of 0.5) are left as
@@ -200,7 +226,9 @@ def coerce_frame(df: pd.DataFrame) -> pd.DataFrame:
         if col is None:
             continue
         s = out[name]
-        if col.dtype == "str":
+        if name == "patient_id":
+            out[name] = patient_ids(s)
+        elif col.dtype == "str":
             out[name] = _to_str(s)
         elif col.dtype == "float":
             out[name] = pd.to_numeric(s, errors="coerce").astype("float64")

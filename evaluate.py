@@ -73,6 +73,7 @@ import errors
 import inference
 import metrics
 import report
+import splits
 import unified_dataset
 from config import print_config, save_config, to_dict, versions
 from io_utils import write_csv, write_json
@@ -630,6 +631,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         device = info.device
         test_df = unified_dataset.read_split_csv(paths["test_csv"])
         val_df = unified_dataset.read_split_csv(paths["val_csv"])
+        for note in splits.check_splits({str(paths["test_csv"]): test_df, str(paths["val_csv"]): val_df},
+                                        paths["test_csv"], also=[paths["out"] / "age_train_tmp.csv"]):
+            engine.log(f"note: {note}")
         routed = inference.load_routed_models(paths["models_dir"], device)
         notes = list(routed.notes)
         if routed.pooled is None:

@@ -2,8 +2,9 @@
 
 The patients of ``age_pool.csv`` (written by stage 1) are split by patient,
 stratified by age group x fracture (sklearn ``StratifiedGroupKFold``), seeded.
-Before anything is written, all three splits are checked to be patient-disjoint
-(also against ``age_test.csv``), non-empty and to hold every age group. Existing
+Before anything is written, ``age_test.csv`` is checked to be the test set stage 1
+drew (its recorded identity), and all three splits to be patient-disjoint (also
+against ``age_test.csv``), non-empty and to hold every age group. Existing
 train/val files made from the same pool, seed and fraction are kept (stage 3 adds
 its predictions to them); ``--force`` re-draws them.
 
@@ -29,6 +30,8 @@ from typing import Any
 
 import errors
 import columns as C
+import presets
+import splits
 from config import print_config, save_config, to_dict
 from io_utils import RunLock, write_json
 from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
@@ -50,12 +53,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=Path("."), help="folder with stage 1's files; outputs go here")
     p.add_argument("--pool-csv", type=Path, default=None, help="default: <out-dir>/age_pool.csv")
     p.add_argument("--test-csv", type=Path, default=None, help="default: <out-dir>/age_test.csv")
-    p.add_argument("--val-frac", type=float, default=0.2, help="share of pool patients for validation (0-0.5]")
+    p.add_argument("--val-frac", type=presets.split_fraction, default=0.2,
+                   help="share of pool patients for validation (0-0.5]")
     p.add_argument("--seed", type=int, default=42, help="random seed of the split")
     p.add_argument("--force", action="store_true", help="re-draw train/val even if they match the pool")
     p.add_argument("--skip-bad", action="store_true",
                    help="set bad pool rows aside in rejected_rows.csv instead of stopping at the first")
     p.add_argument("--age-bounds", type=float, nargs="+", default=None,
+                   action=presets.AgeBoundsAction,
                    help="age group boundaries (default: those recorded by stage 1; must match them)")
     p.add_argument("--no-image-check", action="store_true", help="do not look at the image files")
     return p
@@ -108,9 +113,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                               rejected_csv=out / REJECTED_CSV, append_rejected=True)
         if pool.attrs.get("n_rejected"):
             wrote["rejected_csv"] = out / REJECTED_CSV
+        for note in splits.check_splits({str(test_csv): test, str(pool_csv): pool}, test_csv):
+            print(f"note: {note}")
         _check_groups(test, test_csv, bounds)
         _check_groups(pool, pool_csv, bounds)
-        check_disjoint({str(test_csv): test, str(pool_csv): pool})
         pool_sha = file_sha256(pool_csv)
         recipe = {"pool_sha256": pool_sha, "seed": args.seed, "val_frac": args.val_frac,
                   "skip_bad": bool(args.skip_bad)}

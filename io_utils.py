@@ -5,6 +5,12 @@ wrappers) so that a reader, or a run resumed after a crash, never sees a
 half-written CSV, JSON or checkpoint: the bytes land in a temporary file in the
 same directory and ``os.replace`` moves them into place, which POSIX and Windows
 both guarantee to be atomic within one filesystem.
+
+A process killed while writing (SIGKILL, power cut) leaves its temporary file
+behind, ``.<name>.<8 random characters>.tmp``; the next run that takes the
+directory's lock removes such orphans (:func:`remove_orphan_temps`), since no
+other run can be writing there then. A full disk while writing is reported as
+:class:`DiskFullError`, one line naming the file; the previous file is kept.
 """
 from __future__ import annotations
 
@@ -12,37 +18,128 @@ import contextlib
 import errno
 import json
 import os
+import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
+
+
+# errno values that mean "the disk (or quota) is full"
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Names of temporary files this module (and the driver's torchrun result file) creates:
+# tempfile.mkstemp puts 8 characters of [a-z0-9_] between prefix and suffix.
+ORPHAN_PATTERNS = (re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$"), re.compile(r"^\.stage\d+_result\.[a-z0-9_]{8}\.json$"))
+# The folders of a run directory the pipeline writes into (besides the directory itself);
+# only these are searched for orphans, so a run in "." never walks unrelated trees.
+RUN_SUBDIRS = ("saved_agegroup_models", "report", "image.cache", "phantom")
+
+
+class DiskFullError(OSError):
+    """The disk (or quota) filled up while a file was written; the message names the file."""
+
+
+def os_error_in_chain(exc: BaseException | None, errnos: Iterable[int]) -> OSError | None:
+    """The first ``OSError`` with one of ``errnos`` in ``exc``'s chain (itself, then its
+    cause or context), if any.
+
+    Writers report a full disk in different ways: Python file writes raise the OSError,
+    ``torch.save`` raises a RuntimeError whose context holds it.
+    """
+    wanted = set(errnos)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in wanted:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_cause(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT ``OSError`` behind ``exc``, if any."""
+    return os_error_in_chain(exc, _FULL_ERRNOS)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is untouched.
-    ``fsync=False`` skips flushing to disk before the rename: still atomic for
-    readers, but a power cut may leave an empty file. Only for files that can be
-    re-derived (cache entries), where the fsync would dominate the cost.
+    On any exception the temporary file is removed and ``path`` is untouched; a full
+    disk becomes :class:`DiskFullError`. ``fsync=False`` skips flushing to disk before
+    the rename: still atomic for readers, but a power cut may leave an empty file. Only
+    for files that can be re-derived (cache entries), where the fsync would dominate the cost.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    with atomic_paths([path], fsync=fsync) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike], fsync: bool = True) -> Iterator[list[Path]]:
+    """:func:`atomic_path` for files that belong together: yield one temporary path per
+    file; only when the body has written them all (and they are flushed) are they moved
+    into place. A failure, a full disk included, leaves every old file as it was."""
+    targets = [Path(p) for p in paths]
+    tmps: list[Path] = []
     try:
-        yield tmp_path
+        for path in targets:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield list(tmps)
         if fsync:
-            with open(tmp_path, "rb+") as fh:  # data on disk before the rename makes it visible
-                os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+            for tmp in tmps:
+                with open(tmp, "rb+") as fh:  # data on disk before the rename makes it visible
+                    os.fsync(fh.fileno())
+        for tmp, path in zip(tmps, targets):
+            os.replace(tmp, path)
+    except BaseException as exc:
+        if disk_full_cause(exc) is None:
+            raise
+        what = (f"{targets[0]}: no space left on device while writing it" if len(targets) == 1 else
+                f"{targets[0].parent}: no space left on device while writing {', '.join(p.name for p in targets)}")
+        raise DiskFullError(f"{what} (the previous version, if any, is kept); free space on that disk and "
+                            "re-run") from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def is_orphan_temp(name: str) -> bool:
+    """Whether a file name is one of this pipeline's temporary files."""
+    return any(p.match(name) for p in ORPHAN_PATTERNS)
+
+
+def remove_orphan_temps(root: str | os.PathLike, subdirs: Iterable[str] = RUN_SUBDIRS) -> list[tuple[Path, int]]:
+    """Delete this pipeline's temporary files in ``root`` and (recursively) its ``subdirs``.
+
+    Only call it while holding ``root``'s :class:`RunLock`: a temporary file there then
+    belongs to a process that died mid-write. Returns ``(path, size in bytes)`` of each
+    removed file.
+    """
+    root = Path(root)
+    removed: list[tuple[Path, int]] = []
+
+    def scan(folder: Path, names: Iterable[str]) -> None:
+        for name in names:
+            if is_orphan_temp(name):
+                p = folder / name
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+                    if p.is_file() and not p.is_symlink():
+                        size = p.stat().st_size
+                        p.unlink()
+                        removed.append((p, size))
+
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        scan(root, os.listdir(root))
+    for sub in subdirs:
+        for dirpath, _, filenames in os.walk(root / sub):
+            scan(Path(dirpath), filenames)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], Any], fsync: bool = True) -> Path:
@@ -87,9 +184,11 @@ class RunLock:
     """One run per output directory, via an exclusive-create lock file.
 
     The file holds ``host:pid``. A lock whose process is dead (on this host) is
-    stale: it is taken over, and the takeover is reported. Use as a context
-    manager; re-entrant within one process (the driver holds it while calling
-    stage ``main`` functions, which take it too).
+    stale: it is taken over, and the takeover is reported in one line. Taking the
+    lock (not re-entering it) also removes orphan temporary files of interrupted
+    runs under the directory (:func:`remove_orphan_temps`) and says so. Use as a
+    context manager; re-entrant within one process (the driver holds it while
+    calling stage ``main`` functions, which take it too).
     """
 
     _held: dict[Path, int] = {}
@@ -123,10 +222,31 @@ class RunLock:
                     f"{self.path.parent}: another run (PID {pid or holder}, {holder}) is using this "
                     f"output directory; wait for it or remove {self.path} if that process is gone"
                 ) from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self._owner())
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(self._owner())
+            except BaseException as exc:
+                # an empty lock file would read as "held" to every later run
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                if disk_full_cause(exc) is not None:
+                    raise DiskFullError(f"{self.path}: no space left on device for the run's lock file; "
+                                        "free space on that disk and re-run") from None
+                raise
             RunLock._held[self.path] = 1
+            if self.took_over_from:
+                print(f"note: {self.path.parent}: took over the lock of {self.took_over_from}, a process that "
+                      "is gone (killed or crashed)", flush=True)
+            self._remove_orphans()
             return
+
+    def _remove_orphans(self) -> None:
+        removed = remove_orphan_temps(self.path.parent)
+        if removed:
+            mb = sum(size for _, size in removed) / 1e6
+            folders = sorted({str(p.parent) for p, _ in removed})
+            print(f"note: removed {len(removed)} orphan temporary file(s) ({mb:.1f} MB) left by an interrupted "
+                  f"run in {', '.join(folders)}", flush=True)
 
     def release(self) -> None:
         count = RunLock._held.get(self.path, 0)

@@ -38,6 +38,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+import columns
+
 #: Scalar metrics of :func:`binary_metrics` that get bootstrap intervals.
 BINARY_METRICS: tuple[str, ...] = (
     "accuracy", "f1", "sensitivity", "specificity", "ppv", "npv", "auroc", "auprc", "brier",
@@ -145,9 +147,10 @@ def patient_draws(patient_ids: Iterable, n_boot: int, seed: int) -> tuple[np.nda
 
     Returns ``codes`` (n_images,) in 0..P-1 and ``draws`` (n_boot, P): row b lists the P
     patients (with replacement) of resample b. Both bootstrap functions use these draws, so
-    one seed gives the same resamples everywhere.
+    one seed gives the same resamples everywhere. Ids are compared as
+    :func:`columns.patient_ids` gives them (``"P1 "`` is ``"P1"``).
     """
-    codes, uniques = pd.factorize(pd.Series(list(patient_ids)).astype(str), sort=True)
+    codes, uniques = pd.factorize(columns.patient_ids(patient_ids), sort=True)
     n_pat = len(uniques)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, max(n_pat, 1), size=(n_boot, n_pat))
@@ -295,7 +298,7 @@ def bootstrap_binary_metrics(
     """:func:`binary_metrics` plus ``ci``: metric -> [lo, hi] from a patient bootstrap."""
     y = _as_binary(y_true)
     point = binary_metrics(y, prob, threshold)
-    point["n_patients"] = int(pd.Series(list(patient_ids)).nunique())
+    point["n_patients"] = int(columns.patient_ids(patient_ids).nunique())
     point["ci"], point["n_boot_valid"] = {}, {}
     if len(y) == 0 or n_boot <= 0:
         return point

@@ -595,8 +595,10 @@ def save_checkpoint(path: PathLike, ckpt: Mapping[str, Any]) -> Path:
             ckpt[key] = to_jsonable(ckpt[key])
     ckpt["num_classes"] = int(ckpt["num_classes"])
     _check_weights_only_safe(ckpt, "")
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        # through a Python file object, so a full disk surfaces as the OSError (ENOSPC) that
+        # atomic_path reports, not only as torch's "file write failed"
+        torch.save(ckpt, fh)
     return Path(path)
 
 

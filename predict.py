@@ -9,7 +9,8 @@ Inputs
                             fracture_classifier_pooled.pt (a missing group model falls back
                             to the pooled one, and the CSV says so)
   --thresholds FILE         thresholds.json written by evaluate.py (default:
-                            <models-dir>/thresholds.json; without it 0.5, with a warning)
+                            <models-dir>/thresholds.json; without it 0.5, with a warning;
+                            a file named here must exist and hold a threshold in [0, 1])
 Outputs
   --output CSV              one row per image: image_path, age_group_label, age_group_name,
                             age_group_prob_0..2, fracture_model, fracture_prob,
@@ -35,6 +36,7 @@ import pandas as pd
 
 import errors
 import columns
+import presets
 import unified_dataset as ud
 from config import print_config, to_dict
 from distributed import resolve_device
@@ -46,6 +48,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
 def _is_dicom_file(path: Path) -> bool:
+    if not path.is_file():  # opening a FIFO would wait for a writer forever
+        return False
     try:
         with open(path, "rb") as fh:
             fh.seek(128)
@@ -55,7 +59,10 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files given directly plus the images under given folders, sorted, no duplicates."""
+    """Files given directly plus the images under given folders, sorted, no duplicates.
+
+    A non-regular file (FIFO, socket, device) named like an image is collected too, so
+    that :func:`check_readable` reports it instead of a reader blocking on it."""
     found: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -80,13 +87,18 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 def check_readable(files: Sequence[Path], skip_bad: bool = False) -> tuple[list[Path], list[str]]:
     """Decode every file once up front, so a bad one fails here with its name rather than
-    inside a DataLoader worker. Returns (good files, messages about skipped ones)."""
+    inside a DataLoader worker; non-regular files and degenerate images
+    (``unified_dataset.degenerate_image``) are bad too. Returns (good files, messages
+    about skipped ones)."""
     good, bad = [], []
     for f in files:
         try:
-            img = ud.read_image(f)
-            if img.ndim != 2 or min(img.shape) < 2:
+            img = ud.read_raw(f)
+            if img.ndim != 2:
                 raise ValueError(f"unexpected image shape {img.shape}")
+            why = ud.degenerate_image(img)
+            if why is not None:
+                raise ud.DataError.at(f, None, why)
         except Exception as exc:  # any decoder failure is the same user error
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             line = msg if msg.startswith(str(f)) else f"{f}: unreadable image ({msg})"
@@ -98,19 +110,40 @@ def check_readable(files: Sequence[Path], skip_bad: bool = False) -> tuple[list[
     return good, bad
 
 
-def load_thresholds(path: Path | None, routing: str,
-                    override: float | None = None) -> tuple[float, str]:
-    """(threshold, where it came from) for the routing mode."""
+def load_thresholds(path: Path | None, routing: str, override: float | None = None,
+                    required: bool = False) -> tuple[float, str]:
+    """(threshold, where it came from) for the routing mode.
+
+    ``required``: the file was named on the command line, so a missing file is an error
+    rather than the 0.5 default. A file that is not evaluate.py's thresholds JSON, or
+    lacks a threshold in [0, 1] for ``routing``, raises ``DataError`` (one line).
+    """
     if override is not None:
         return float(override), "--threshold"
-    if path is not None and path.exists():
-        data = json.loads(path.read_text())
-        entry = data.get("thresholds", data).get(routing)
-        if isinstance(entry, dict):
-            entry = entry.get("value")
-        if entry is not None:
-            return float(entry), f"{path} ({routing}, chosen on validation)"
-    return 0.5, "default 0.5 (no thresholds.json from evaluate.py)"
+    if path is None or not path.exists():
+        if required:
+            raise ud.DataError(f"{path}: thresholds file not found (--thresholds)")
+        return 0.5, "default 0.5 (no thresholds.json from evaluate.py)"
+    fix = "pass evaluate.py's thresholds.json, or --threshold"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ud.DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                           f"{fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ud.DataError(f"{path}: cannot read the thresholds file ({exc}); {fix}") from None
+    table = data.get("thresholds", data) if isinstance(data, dict) else None
+    if not isinstance(table, dict):
+        raise ud.DataError(f"{path}: expected a JSON object of thresholds by routing; {fix}")
+    entry = table.get(routing)
+    if isinstance(entry, dict):
+        entry = entry.get("value")
+    if entry is None:
+        has = ", ".join(map(str, table)) or "none"
+        raise ud.DataError(f"{path}: no threshold for routing {routing!r} (has: {has}); {fix}")
+    if isinstance(entry, bool) or not isinstance(entry, (int, float)) or not 0 <= entry <= 1:
+        raise ud.DataError(f"{path}: threshold for routing {routing!r} must be a number in [0, 1], got {entry!r}")
+    return float(entry), f"{path} ({routing}, chosen on validation)"
 
 
 # --------------------------------------------------------------------------- CLI
@@ -121,16 +154,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="image files and/or folders")
     p.add_argument("--models-dir", default="saved_agegroup_models",
                    help="folder with age_classifier.pt and the fracture checkpoints")
-    p.add_argument("--output", default="predictions.csv", help="CSV to write")
+    p.add_argument("--output", type=presets.output_file, default="predictions.csv", help="CSV to write")
     p.add_argument("--routing", choices=ROUTINGS, default="hard")
     p.add_argument("--thresholds", default=None,
                    help="thresholds.json from evaluate.py (default: <models-dir>/thresholds.json)")
-    p.add_argument("--threshold", type=float, default=None, help="override the fracture threshold")
+    p.add_argument("--threshold", type=presets.probability, default=None, help="override the fracture threshold")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--cam", default=None, metavar="DIR", help="write Grad-CAM overlays here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-size", type=presets.positive_int, default=16)
+    p.add_argument("--workers", type=presets.non_negative_int, default=0)
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable images (listed on stderr) instead of stopping")
     return p
@@ -140,19 +173,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     print_config(to_dict(args), "predict")
     device = resolve_device(args.device)
+    models_dir = Path(args.models_dir)
+    # everything that can be wrong with the inputs fails before any model runs
+    thr_path = Path(args.thresholds) if args.thresholds else models_dir / THRESHOLDS_FILE
+    threshold, thr_source = load_thresholds(thr_path, args.routing, args.threshold,
+                                            required=bool(args.thresholds))
+    if thr_source.startswith("default"):
+        print(f"warning: {thr_path} not found; fracture labels use threshold 0.5")
     files, bad = check_readable(collect_images(args.paths), args.skip_bad)
     for line in bad:
         print(f"skipped: {line}", file=sys.stderr)
     if not files:
         raise ud.DataError(f"{', '.join(map(str, args.paths))}: no readable images found")
-    models_dir = Path(args.models_dir)
     routed = load_routed_models(models_dir, device)
     for note in routed.notes:
         print(f"note: {note}")
-    thr_path = Path(args.thresholds) if args.thresholds else models_dir / THRESHOLDS_FILE
-    threshold, thr_source = load_thresholds(thr_path, args.routing, args.threshold)
-    if thr_source.startswith("default"):
-        print(f"warning: {thr_path} not found; fracture labels use threshold 0.5")
     df = pd.DataFrame({"image_path": [str(f) for f in files]})
     res = route(routed, df, device, args.routing, tta=args.tta, batch_size=args.batch_size,
                 num_workers=args.workers)

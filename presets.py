@@ -25,10 +25,77 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
+
+import columns
+
+# --------------------------------------------------------------------------- argument types
+# ``type=`` functions (and one Action) for the scripts' numeric and path options, so a bad
+# value is refused while the command line is parsed, before any work, in one line
+# (errors.run prints argparse's message as ``error: ...`` and exits 1).
+
+def _number(text: str, kind: Callable[[str], Any], what: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def _bounded(kind: Callable[[str], Any], what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = _number(text, kind, what)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _bounded(int, "an integer >= 1", lambda v: v >= 1)
+non_negative_int = _bounded(int, "an integer >= 0", lambda v: v >= 0)
+finite_float = _bounded(float, "a finite number", lambda v: True)
+positive_float = _bounded(float, "a number > 0", lambda v: v > 0)
+non_negative_float = _bounded(float, "a number >= 0", lambda v: v >= 0)
+probability = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+drop_rate = _bounded(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+# held-out share of patients: a split needs both sides, and 1/frac folds
+split_fraction = _bounded(float, "a fraction in (0, 0.5]", lambda v: 0 < v <= 0.5)
+
+
+class AgeBoundsAction(argparse.Action):
+    """``--age-bounds B1 B2 ...``: finite, strictly increasing, within (0, MAX_AGE] years."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Sequence[str] | str | None, option_string: str | None = None) -> None:
+        texts = [values] if isinstance(values, str) else list(values or [])
+        bounds = [_number(t, float, "a number of years") if not isinstance(t, float) else t for t in texts]
+        shown = " ".join(f"{b:g}" for b in bounds)
+        if any(not 0 < b <= columns.MAX_AGE for b in bounds):
+            raise argparse.ArgumentError(self, f"each bound must be in (0, {columns.MAX_AGE:g}] years, got {shown}")
+        if any(hi <= lo for lo, hi in zip(bounds, bounds[1:])):
+            raise argparse.ArgumentError(self, f"must be strictly increasing, got {shown}")
+        setattr(namespace, self.dest, bounds)
+
+
+def output_file(text: str) -> str:
+    """A file to write: not an existing folder, and not below an existing file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name, e.g. {path / 'predictions.csv'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{parent} is a file, so {text} cannot be created")
+            break
+    return text
+
 
 # The demo recipe, measured on the default phantom on a 2-core CPU; change it here only.
 # A 0.32M-parameter timm ResNet (cnn_demo): tiny Swins from scratch stayed at macro-F1
@@ -127,38 +194,38 @@ STAGES = ("age", "fracture")
 # (flag, dest, type, choices, help). Booleans get --x/--no-x.
 _OPTIONS: tuple[tuple[str, str, Any, tuple | None, str], ...] = (
     ("--model", "model", str, None, "timm model name (legacy timm-0.4 names accepted)"),
-    ("--img-size", "img_size", int, None, "square input size in pixels"),
-    ("--batch-size", "batch_size", int, None, "images per optimizer micro-step and process"),
-    ("--epochs", "epochs", int, None, "maximum number of epochs"),
-    ("--lr", "lr", float, None, "AdamW learning rate"),
-    ("--weight-decay", "weight_decay", float, None, "AdamW weight decay"),
+    ("--img-size", "img_size", positive_int, None, "square input size in pixels"),
+    ("--batch-size", "batch_size", positive_int, None, "images per optimizer micro-step and process"),
+    ("--epochs", "epochs", positive_int, None, "maximum number of epochs"),
+    ("--lr", "lr", positive_float, None, "AdamW learning rate"),
+    ("--weight-decay", "weight_decay", non_negative_float, None, "AdamW weight decay"),
     ("--scheduler", "scheduler", str, ("plateau", "cosine"),
      "learning-rate schedule: ReduceLROnPlateau on the monitored metric, or cosine"),
-    ("--warmup-epochs", "warmup_epochs", int, None, "linear warm-up epochs (cosine only)"),
-    ("--patience", "patience", int, None, "early stopping: epochs without improvement"),
-    ("--min-delta", "min_delta", float, None, "early stopping: smallest change that counts"),
+    ("--warmup-epochs", "warmup_epochs", non_negative_int, None, "linear warm-up epochs (cosine only)"),
+    ("--patience", "patience", positive_int, None, "early stopping: epochs without improvement"),
+    ("--min-delta", "min_delta", non_negative_float, None, "early stopping: smallest change that counts"),
     ("--metric", "metric", str, ("f1", "auroc", "acc", "loss"),
      "validation metric for early stopping and the best checkpoint (f1 = binary F1 or macro-F1)"),
     ("--sampler", "sampler", str, ("balanced", "random"), "class-balanced or plain shuffled sampling"),
     ("--loss", "loss", str, ("focal", "ce"), "focal loss or (binary) cross-entropy"),
-    ("--focal-alpha", "focal_alpha", float, None, "focal loss alpha (weight of the positive class)"),
-    ("--focal-gamma", "focal_gamma", float, None, "focal loss gamma"),
+    ("--focal-alpha", "focal_alpha", probability, None, "focal loss alpha (weight of the positive class)"),
+    ("--focal-gamma", "focal_gamma", non_negative_float, None, "focal loss gamma"),
     ("--pretrained", "pretrained", bool, None, "start from pretrained weights (hub or --pretrained-file)"),
     ("--pretrained-file", "pretrained_file", str, None, "local weights file (.safetensors/.pth)"),
-    ("--drop-path", "drop_path", float, None, "stochastic depth rate"),
+    ("--drop-path", "drop_path", drop_rate, None, "stochastic depth rate"),
     ("--grad-checkpointing", "grad_checkpointing", bool, None, "activation checkpointing (saves memory)"),
     ("--fused-attn", "fused_attn", bool, None,
      "attention through scaled_dot_product_attention: the same function, and on an H100 Swin-L 384 "
      "trains 8-17%% faster in a third less memory (timm leaves it off for Swin)"),
-    ("--workers", "workers", int, None, "DataLoader worker processes per training process"),
+    ("--workers", "workers", non_negative_int, None, "DataLoader worker processes per training process"),
     ("--amp", "amp", str, AMP_MODES,
      "mixed precision: auto = bf16 autocast on CUDA, off on CPU; fp16 uses a grad scaler"),
     ("--channels-last", "channels_last", bool, None, "channels_last memory format"),
     ("--compile", "compile", bool, None, "torch.compile the model"),
-    ("--accum-steps", "accum_steps", int, None, "gradient accumulation steps"),
-    ("--grad-clip", "grad_clip", float, None, "clip gradient norm to this value"),
-    ("--mean", "mean", float, None, "input normalisation mean"),
-    ("--std", "std", float, None, "input normalisation std"),
+    ("--accum-steps", "accum_steps", positive_int, None, "gradient accumulation steps"),
+    ("--grad-clip", "grad_clip", positive_float, None, "clip gradient norm to this value"),
+    ("--mean", "mean", finite_float, None, "input normalisation mean"),
+    ("--std", "std", positive_float, None, "input normalisation std"),
     ("--device", "device", str, None, "auto, cpu, cuda or cuda:N"),
     ("--seed", "seed", int, None, "random seed (python, numpy, torch)"),
     ("--init-from-pooled", "init_from_pooled", bool, None,

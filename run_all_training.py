@@ -20,7 +20,9 @@ CPU, a few minutes) is used. With ``--data-csv``/``--image-root``: the real data
 Re-running: ``<out-dir>/run_state.json`` records each finished stage, its arguments and its
 output files (size and modification time). A stage whose record matches is skipped; the
 first stage that does not is run, and every later stage with it. A stage that was
-interrupted or failed is resumed (its trainers continue from their ``last`` state).
+interrupted or failed is resumed (its trainers continue from their ``last`` state); one
+that finished with the same arguments but whose outputs changed or went missing is re-run
+keeping its finished models (delete one checkpoint and only that model is trained again).
 ``--from-stage K`` redoes stages K.. from scratch; ``--force`` redoes everything, including
 re-drawing the fixed test set. A failing stage stops the run with its error and exit code 1
 (130 after Ctrl-C). One run per output directory (a lock file).
@@ -127,7 +129,17 @@ class RunState:
         rec = self.stages.get(str(stage))
         if not rec or rec.get("status") != "done" or rec.get("argv") != argv:
             return False
-        return all(_fingerprint(Path(p)) == self.files.get(p) for p in rec.get("outputs", []))
+        return not self.changed_outputs(stage)
+
+    def changed_outputs(self, stage: int) -> list[str]:
+        """The recorded outputs of ``stage`` that were changed or removed since it finished."""
+        rec = self.stages.get(str(stage), {})
+        return [p for p in rec.get("outputs", []) if _fingerprint(Path(p)) != self.files.get(p)]
+
+    def finished_with(self, stage: int, argv: list[str]) -> bool:
+        """Whether ``stage`` finished with these arguments (its outputs may have changed since)."""
+        rec = self.stages.get(str(stage), {})
+        return rec.get("status") == "done" and rec.get("argv") == argv
 
     def previous_status(self, stage: int) -> str | None:
         return self.stages.get(str(stage), {}).get("status")
@@ -279,6 +291,16 @@ def summary_table(state: RunState, out: Path) -> str:
     return "\n".join(lines)
 
 
+def _mark_quietly(state: RunState, stage: int, status: str, argv: list[str], **extra: Any) -> None:
+    """Record a stage's failure if the disk lets us: a full disk, often the failure itself,
+    must not replace the stage's error with a second one."""
+    try:
+        state.mark(stage, status, argv, **extra)
+    except OSError as exc:
+        print(f"note: could not record stage {stage} as {status} in {state.path} ({errors.one_line(exc)})",
+              file=sys.stderr, flush=True)
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     real = args.data_csv is not None or args.image_root is not None
     out = Path(args.out_dir or ("runs/real" if real else "runs/demo"))
@@ -302,11 +324,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if not redo and not ran_earlier and state.up_to_date(stage, argv):
                 print(f"-- stage {stage} ({NAMES[stage]}): up to date, skipped", flush=True)
                 continue
-            # resume only what this stage itself left unfinished; after an upstream stage ran,
-            # its inputs are new and old state would not match them
-            resume = (not redo and not ran_earlier
-                      and state.previous_status(stage) in ("running", "failed", "interrupted"))
-            print(f"-- stage {stage} ({NAMES[stage]}): {'resuming' if resume else 'running'}", flush=True)
+            # Resume only what this stage itself left unfinished, or finished with these very
+            # arguments but whose outputs changed since (e.g. one checkpoint deleted: the trainers
+            # keep every finished model whose settings still match and train the rest). After an
+            # upstream stage ran, its inputs are new and old state would not match them.
+            unfinished = state.previous_status(stage) in ("running", "failed", "interrupted")
+            changed = state.changed_outputs(stage) if state.finished_with(stage, argv) else []
+            resume = not redo and not ran_earlier and (unfinished or bool(changed))
+            if resume and changed:
+                names = ", ".join(os.path.relpath(p, out) for p in changed)
+                print(f"-- stage {stage} ({NAMES[stage]}): re-running, {names} changed or missing since it "
+                      "finished" + (" (finished models are kept)" if stage in (3, 4) else ""), flush=True)
+            else:
+                print(f"-- stage {stage} ({NAMES[stage]}): {'resuming' if resume else 'running'}", flush=True)
             state.invalidate_after(stage - 1)
             state.mark(stage, "running", argv)
             t0 = time.perf_counter()
@@ -315,18 +345,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             except (KeyboardInterrupt, SystemExit) as exc:
                 code = 130 if isinstance(exc, KeyboardInterrupt) else exc.code
                 if code == 130:
-                    state.mark(stage, "interrupted", argv)
+                    _mark_quietly(state, stage, "interrupted", argv)
                     print(f"stage {stage} ({NAMES[stage]}) interrupted; re-run the same command to resume",
                           flush=True)
                     raise SystemExit(130) from None
-                state.mark(stage, "failed", argv, error=str(code))
+                _mark_quietly(state, stage, "failed", argv, error=str(code))
                 print(StageFailed(stage, str(code)), file=sys.stderr, flush=True)
                 raise SystemExit(1) from None
             except Exception as exc:  # noqa: BLE001 - any stage error ends the run with its message
-                state.mark(stage, "failed", argv, error=f"{type(exc).__name__}: {exc}")
-                if not isinstance(exc, (StageFailed, *errors.EXPECTED_ERRORS)):
+                _mark_quietly(state, stage, "failed", argv, error=f"{type(exc).__name__}: {exc}")
+                known = exc if isinstance(exc, StageFailed) else errors.expected(exc)
+                if known is None:
                     traceback.print_exc()
-                msg = str(exc) if isinstance(exc, StageFailed) else str(StageFailed(stage, str(exc)))
+                else:
+                    exc = known
+                msg = str(exc) if isinstance(exc, StageFailed) else str(StageFailed(stage, errors.one_line(exc)))
                 if isinstance(exc, ResumeError):
                     msg += f" (here: --from-stage {stage} trains this stage from scratch)"
                 print(msg, file=sys.stderr, flush=True)

@@ -6,10 +6,16 @@ the patient rather than the wrist, and test scores would be inflated. Within
 that constraint, sklearn's ``StratifiedGroupKFold`` balances the image-level
 strata ``age_group x fracture`` across folds; one fold, the one whose share of
 patients is nearest the requested fraction, becomes the held-out split.
+
+Patient ids are compared as :func:`columns.patient_ids` gives them (text, surrounding
+whitespace removed). The fixed test set is tamper-evident: stage 1 records its identity
+(:func:`identity_of_test_set`) in ``age_test_split.json``, and every stage checks it, and
+that no patient or image is in two split CSVs, before using them (:func:`check_splits`).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -19,8 +25,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+import columns
 import columns as C
 from io_utils import write_csv
+import unified_dataset
 from unified_dataset import DataError
 
 
@@ -46,7 +54,7 @@ def split_patients(df: pd.DataFrame, frac: float, seed: int, source: Any = None)
     source = source if source is not None else df.attrs.get("source", "<DataFrame>")
     if not 0.0 < frac <= 0.5:
         raise ValueError(f"split fraction must be in (0, 0.5], got {frac}")
-    groups = df["patient_id"].astype(str).to_numpy()
+    groups = columns.patient_ids(df["patient_id"]).to_numpy()
     n_patients = len(np.unique(groups))
     n_splits = max(2, int(round(1.0 / frac)))
     if n_patients < n_splits:
@@ -89,10 +97,10 @@ def check_disjoint(frames: Mapping[str, pd.DataFrame]) -> None:
     """
     items = list(frames.items())
     for i, (name_a, a) in enumerate(items):
-        ids_a = a["patient_id"].astype(str)
+        ids_a = columns.patient_ids(a["patient_id"])
         set_a = set(ids_a)
         for name_b, b in items[i + 1:]:
-            ids_b = b["patient_id"].astype(str)
+            ids_b = columns.patient_ids(b["patient_id"])
             shared = ids_b[ids_b.isin(set_a)]
             if len(shared):
                 row_b = shared.index[0]
@@ -125,10 +133,10 @@ def split_counts(frames: Mapping[str, pd.DataFrame], n_groups: int) -> dict[str,
         by = {str(g): {str(f): int(((ag == g) & (fr == f)).sum()) for f in (0, 1)} for g in range(n_groups)}
         out[name] = {
             "images": int(len(df)),
-            "patients": int(df["patient_id"].astype(str).nunique()),
+            "patients": int(columns.patient_ids(df["patient_id"]).nunique()),
             "fracture_rate": round(float(fr.mean()), 4) if len(df) else None,
             "images_by_age_group_fracture": by,
-            "patients_by_age_group": {str(g): int(df.loc[ag == g, "patient_id"].astype(str).nunique())
+            "patients_by_age_group": {str(g): int(columns.patient_ids(df.loc[ag == g, "patient_id"]).nunique())
                                       for g in range(n_groups)},
         }
     return out
@@ -158,3 +166,125 @@ def describe(counts: Mapping[str, Any]) -> str:
         lines.append(f"  {name:<6} {c['images']:>6} images {c['patients']:>5} patients  fracture rate "
                      f"{c['fracture_rate']}  [{per}]")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the fixed test set's identity
+TEST_MANIFEST = "age_test_split.json"  # written by stage 1 next to age_test.csv
+IDENTITY_KEY = "test_identity"
+
+
+def identity_of_test_set(test: pd.DataFrame) -> dict[str, Any]:
+    """What makes the test set the one that was drawn, independent of its file's bytes.
+
+    ``sha256`` of the canonical columns in a normalised text form (one tab-separated line
+    per image, rows sorted by ``image_path``; ids as :func:`columns.patient_ids`, ages as
+    ``repr(float)``), plus the number of images of each patient. Columns later stages add
+    (stage 3's predictions) and the row order do not change it; any added, removed or
+    edited row does.
+    """
+    canon = pd.DataFrame({
+        "image_path": test["image_path"].astype(str).to_numpy(),
+        "patient_id": columns.patient_ids(test["patient_id"]).to_numpy(),
+        "age": [repr(float(a)) for a in test["age"]],
+        "age_group": [str(int(g)) for g in test["age_group"]],
+        "fracture": [str(int(f)) for f in test["fracture"]],
+    }).sort_values(["image_path", "patient_id"], kind="mergesort")
+    lines = ["\t".join(columns.CANONICAL)] + ["\t".join(row) for row in canon.itertuples(index=False, name=None)]
+    digest = hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+    per_patient = canon.groupby("patient_id", sort=True).size()
+    return {"sha256": digest, "images": int(len(canon)), "columns": list(columns.CANONICAL),
+            "images_per_patient": {str(p): int(n) for p, n in per_patient.items()}}
+
+
+def _few(ids: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(map(str, ids[:n]))
+    return shown + (f" (+{len(ids) - n} more)" if len(ids) > n else "")
+
+
+def describe_identity_change(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """What differs between two :func:`identity_of_test_set` results, in a few words."""
+    old, new = recorded.get("images_per_patient", {}), now["images_per_patient"]
+    removed = sum(max(0, n - new.get(p, 0)) for p, n in old.items())
+    added = sum(max(0, n - old.get(p, 0)) for p, n in new.items())
+    gone = sorted(set(old) - set(new))
+    came = sorted(set(new) - set(old))
+    parts = []
+    if removed:
+        parts.append(f"{removed} row(s) removed")
+    if added:
+        parts.append(f"{added} row(s) added")
+    if gone:
+        parts.append(f"patient(s) {_few(gone)} no longer in it")
+    if came:
+        parts.append(f"patient(s) {_few(came)} not in it when drawn")
+    if not (removed or added):
+        parts.append("rows edited (image_path, patient_id, age, age_group or fracture)")
+    return f"{recorded.get('images', '?')} -> {now['images']} images: " + ", ".join(parts)
+
+
+def recorded_test_identity(manifest: str | os.PathLike) -> dict[str, Any] | None:
+    """The identity stage 1 recorded in ``manifest`` (None when the manifest has none)."""
+    manifest = Path(manifest)
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError.at(manifest, None, f"cannot read stage 1's manifest ({exc}); restore it, or re-draw "
+                           "the test set with age_split_testset.py --force") from None
+    ident = data.get(IDENTITY_KEY) if isinstance(data, dict) else None
+    return ident if isinstance(ident, dict) and "sha256" in ident else None
+
+
+def verify_test_set(test: pd.DataFrame, test_csv: str | os.PathLike, recorded: Mapping[str, Any],
+                    remedy: str = "restore it, or re-draw the test set with age_split_testset.py --force "
+                                  "(run_all_training.py --force)") -> None:
+    """Raise ``DataError`` (one line: what changed, how to proceed) if ``test`` is not the
+    test set whose identity stage 1 recorded."""
+    now = identity_of_test_set(test)
+    if now["sha256"] != recorded["sha256"]:
+        raise DataError.at(test_csv, None, "the fixed test set changed since stage 1 drew it ("
+                           + describe_identity_change(recorded, now) + f"); {remedy}")
+
+
+def check_images_disjoint(frames: Mapping[str, pd.DataFrame]) -> None:
+    """Raise ``DataError`` if one image path is in two of ``frames`` (name -> frame)."""
+    items = list(frames.items())
+    for i, (name_a, a) in enumerate(items):
+        paths_a = a["image_path"].astype(str).map(os.path.normpath)
+        set_a = set(paths_a)
+        for name_b, b in items[i + 1:]:
+            paths_b = b["image_path"].astype(str).map(os.path.normpath)
+            shared = paths_b[paths_b.isin(set_a)]
+            if len(shared):
+                row_a = paths_a.index[paths_a == shared.iloc[0]][0]
+                raise DataError.at(name_b, shared.index[0], f"image {shared.iloc[0]} is also in {name_a} "
+                                   f"(row {row_a}); {len(shared)} image(s) shared: splits must not share images")
+
+
+def check_splits(frames: Mapping[str, pd.DataFrame], test_csv: str | os.PathLike | None = None,
+                 also: Sequence[str | os.PathLike] = ()) -> list[str]:
+    """What every stage checks before it uses the split CSVs; returns notes to print.
+
+    ``frames``: path -> frame of the split CSVs the stage read; ``also``: further split
+    CSVs to include when they exist (read here). Checks, in this order: the test set
+    (``frames[str(test_csv)]``) is the one stage 1 drew, by the identity recorded in
+    ``age_test_split.json`` beside it (a note when there is none to check against); no
+    patient and no image is in two of the CSVs. Raises ``DataError`` otherwise.
+    """
+    frames = dict(frames)
+    for path in also:
+        if str(path) not in frames and Path(path).is_file():
+            frames[str(path)] = unified_dataset.read_split_csv(path, validate=False)
+    notes = []
+    if test_csv is not None:
+        manifest = Path(test_csv).parent / TEST_MANIFEST
+        recorded = recorded_test_identity(manifest) if manifest.is_file() else None
+        if recorded is not None:
+            verify_test_set(frames[str(test_csv)], test_csv, recorded)
+        elif manifest.is_file():
+            notes.append(f"{manifest} (from an older version) records no identity of the test set, so "
+                         f"{test_csv} is not checked against it; re-running age_split_testset.py records it")
+        else:
+            notes.append(f"no {TEST_MANIFEST} beside {test_csv}: the test set's identity is not checked")
+    check_disjoint(frames)
+    check_images_disjoint(frames)
+    return notes

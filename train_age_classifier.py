@@ -30,6 +30,7 @@ import pandas as pd
 import errors
 import distributed
 import engine
+import splits
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES, PREDICTION_COLUMNS
 from config import print_config, to_dict
 from io_utils import write_csv, write_json
@@ -68,6 +69,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if info.is_main:
             print_config(to_dict(cfg), "train_age_classifier.py")
         frames = {split: read_split_csv(path) for split, path in csvs.items()}
+        for note in splits.check_splits({str(csvs[k]): df for k, df in frames.items()}, csvs["test"]):
+            engine.log(f"note: {note}")
         result = engine.train_classifier(
             cfg, kind="age", train_df=frames["train"], val_df=frames["val"], target_col="age_group",
             class_names=AGE_GROUP_NAMES, files=files, device=info.device, age_bounds=AGE_BOUNDS,

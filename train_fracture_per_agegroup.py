@@ -19,7 +19,8 @@ evaluation can compare routing with a pooled system of the same training budget
 training rows, is skipped with a message, not a crash.
 
 Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv (with
-``age_group_label`` from stage 3 unless ``--group-column age_group``).
+``age_group_label`` from stage 3 unless ``--group-column age_group``), and age_test.csv,
+only to check that the test set is the one stage 1 drew and shares no patient with them.
 Outputs (``--models-dir``, default ``<out-dir>/saved_agegroup_models``), per model
 ``fracture_classifier_agegroup{g}``, ``fracture_classifier_pooled`` or
 ``fracture_classifier_pooled_continued``:
@@ -40,6 +41,8 @@ import pandas as pd
 import errors
 import distributed
 import engine
+import presets
+import splits
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES
 from config import print_config, to_dict
 from io_utils import write_json
@@ -55,7 +58,7 @@ STEM = "fracture_classifier"
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_data_args(parser)
+    add_data_args(parser, test_csv=True)  # read only to check the splits are still patient-disjoint
     g = parser.add_argument_group("groups")
     g.add_argument("--groups", type=int, nargs="+", default=None, choices=range(len(AGE_GROUP_NAMES)),
                    help="age groups to train [default: all]")
@@ -68,7 +71,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="with --init-from-pooled: also train the equal-budget control "
                         "(fracture_classifier_pooled_continued.pt: the pooled model trained further on all "
                         "rows with the group models' settings) [default: yes when all groups are trained]")
-    g.add_argument("--min-rows", type=int, default=10,
+    g.add_argument("--min-rows", type=presets.non_negative_int, default=10,
                    help="skip a group with fewer training rows than this [default: 10]")
     add_training_args(parser)
     return parser
@@ -137,6 +140,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if info.is_main:
             print_config(to_dict(cfg), "train_fracture_per_agegroup.py")
         train_all, val_all = read_split_csv(cfg.train_csv), read_split_csv(cfg.val_csv)
+        frames = {str(cfg.train_csv): train_all, str(cfg.val_csv): val_all,
+                  str(cfg.test_csv): read_split_csv(cfg.test_csv, validate=False)}
+        for note in splits.check_splits(frames, cfg.test_csv):
+            engine.log(f"note: {note}")
         pooled_ckpt = cfg.models_dir / f"{STEM}_pooled.pt"
         models: dict[str, Any] = {}
         for key, label, train_df, val_df in plan_jobs(cfg, train_all, val_all):

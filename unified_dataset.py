@@ -31,6 +31,7 @@ import hashlib
 import math
 import os
 import re
+import stat
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -53,6 +54,9 @@ from io_utils import atomic_write, write_csv
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 PCT_LOW, PCT_HIGH = 0.5, 99.5
+# The decode checks refuse images smaller than this on a side (or of one value): no
+# radiograph is, and a thumbnail or placeholder would only be upscaled into noise.
+MIN_IMAGE_SIDE = 32
 # Percentiles from at most this many pixels: a strided subsample estimates them
 # to well under one grey level and keeps full-resolution images fast.
 _PCT_MAX_SAMPLES = 1 << 18
@@ -313,39 +317,105 @@ def _tail_has(path: Path, marker: bytes, tail: int = 64) -> bool:
         return marker in fh.read()
 
 
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode is, in words (``regular file``, ``FIFO``, ...)."""
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def degenerate_image(arr: np.ndarray) -> str | None:
+    """Why a decoded image cannot be a radiograph (too small, or one value), or ``None``."""
+    h, w = arr.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        return f"image too small ({w}x{h} px; at least {MIN_IMAGE_SIDE} px a side)"
+    lo, hi = np.nanmin(arr), np.nanmax(arr)
+    if not hi > lo:
+        return f"constant image (every pixel {float(lo):g})"
+    return None
+
+
 def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | None:
     """Why an image file is unusable, or ``None`` if it looks fine.
 
-    Cheap checks always (exists, not empty, PNG/JPEG/DICOM header, PNG ``IEND``
-    or JPEG end-of-image marker present, so truncated downloads are caught);
-    ``decode=True`` also decodes the whole image.
+    Cheap checks always (exists, a regular file (a FIFO would block a reader), not
+    empty, PNG/JPEG/DICOM header, PNG ``IEND`` or JPEG end-of-image marker present, so
+    truncated downloads are caught); ``decode=True`` also decodes the whole image and
+    refuses degenerate ones (:func:`degenerate_image`: under ``MIN_IMAGE_SIDE`` px on a
+    side, or constant). DICOM files are always decoded.
     """
+    return _check_image(path, decode)[0]
+
+
+def _check_image(path: str | os.PathLike, decode: bool) -> tuple[str | None, np.ndarray | None]:
+    """:func:`check_image_file`'s reason, and the decoded image when it was decoded."""
     p = Path(path)
     if not str(path):
-        return "no image path"
+        return "no image path", None
     if not p.exists():
-        return f"image file not found: {p}"
+        return f"image file not found: {p}", None
     if not p.is_file():
-        return f"image path is not a file: {p}"
+        return f"image path is not a regular file ({file_kind(p.stat().st_mode)}): {p}", None
     if p.stat().st_size == 0:
-        return f"zero-byte image file: {p}"
+        return f"zero-byte image file: {p}", None
+    arr = None
     try:
         with open(p, "rb") as fh:
             head = fh.read(132)
         kind = _sniff(head, p)
         if kind == "png" and not _tail_has(p, b"IEND"):
-            return f"truncated PNG (no IEND chunk): {p}"
+            return f"truncated PNG (no IEND chunk): {p}", None
         if kind == "jpeg" and not _tail_has(p, b"\xff\xd9"):
-            return f"truncated JPEG (no end-of-image marker): {p}"
+            return f"truncated JPEG (no end-of-image marker): {p}", None
         if kind is None and p.suffix.lower() in IMAGE_EXTENSIONS:
-            return f"not a {p.suffix.lstrip('.').upper()} file (unrecognised header): {p}"
+            return f"not a {p.suffix.lstrip('.').upper()} file (unrecognised header): {p}", None
         if decode or kind == "dicom":
-            read_raw(p)
+            arr = read_raw(p)
+            why = degenerate_image(arr)
+            if why is not None:
+                return f"{why}: {p}", arr
     except DataError as exc:
-        return str(exc)
+        return str(exc), None
     except OSError as exc:
-        return f"cannot read image file: {p}: {exc.strerror or exc}"
-    return None
+        return f"cannot read image file: {p}: {exc.strerror or exc}", None
+    return None, arr
+
+
+def _pixel_digest(arr: np.ndarray) -> str:
+    """Identity of an image's pixels (shape, type and values), whatever file holds them."""
+    h = hashlib.sha256(f"{arr.shape}|{arr.dtype.str}|".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _duplicate_problems(keys: pd.Series, paths: pd.Series, pids: pd.Series, how: str) -> dict[Any, str]:
+    """Rows whose ``keys`` (row -> image identity) repeat, and why each is bad.
+
+    Under one patient the repeat is a duplicate row (the later rows are flagged). Under
+    two or more patients every row of the image is flagged: it cannot be known which
+    patient is right, and keeping any of them could put one image in two splits.
+    """
+    out: dict[Any, str] = {}
+    groups: dict[Any, list[Any]] = {}
+    for row, key in keys[keys.duplicated(keep=False)].items():  # rows in frame order
+        groups.setdefault(key, []).append(row)
+    for rows in groups.values():
+
+        def same(r: Any, o: Any) -> str:
+            return "also in" if paths[r] == paths[o] else f"{how} {paths[o]} in"
+
+        if pids[rows].nunique() == 1:
+            for r in rows[1:]:
+                out[r] = f"duplicate image row: {paths[r]} is {same(r, rows[0])} row {rows[0]}"
+            continue
+        for r in rows:
+            o = next(x for x in rows if pids[x] != pids[r])
+            out[r] = (f"image {paths[r]} of patient {pids[r]} is {same(r, o)} row {o} under patient {pids[o]}: "
+                      "one image cannot belong to two patients; correct the patient ids")
+    return out
 
 
 def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = True, skip_bad: bool = False,
@@ -354,9 +424,12 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
     """Check a canonical frame; raise on the first bad row, or set bad rows aside.
 
     Checked: required columns; image path and patient id present; age present
-    and within 0..25 years; ``fracture`` and flag columns 0/1; no image twice
-    (the later rows are the duplicates); with ``check_images`` the files
-    (missing, zero bytes, not an image, truncated; ``decode`` decodes them all).
+    and within 0..25 years; ``fracture`` and flag columns 0/1; no image twice:
+    by path, resolved (symlinks) when ``check_images``, and by decoded pixels with
+    ``decode`` (under one patient the later rows are the duplicates; under two
+    patients every row of that image is bad, naming the other); with
+    ``check_images`` the files (missing, not a regular file, zero bytes, not an
+    image, truncated; ``decode`` decodes them all and refuses degenerate ones).
     ``age_group`` is (re)computed from ``age`` when ``age_bounds`` is given or
     the column is missing; otherwise an existing one is kept and only checked
     to be an integer >= 0 (a split CSV records the bounds it was made with).
@@ -396,15 +469,20 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
         flag(~(ag.notna() & (ag >= 0) & (np.mod(ag.fillna(0), 1) == 0)) & age.notna(),
              lambda r: f"age_group must be an integer >= 0, got {df.at[r, 'age_group']}")
     paths = df["image_path"].astype(str)
-    dup = paths.duplicated(keep="first") & (paths.str.strip() != "")
-    if dup.any():
-        first_row = {p: r for r, p in zip(reversed(df.index), reversed(paths.tolist()))}
-        flag(dup, lambda r: f"duplicate image row: {paths[r]} is also in row {first_row[paths[r]]}")
+    pids = df["patient_id"]
+    named = paths[paths.str.strip() != ""]
+    # One image, one row: a symlink, or another spelling of the path, is the same file.
+    # Resolving touches the filesystem, so only when the images are looked at.
+    same_file = named.map(os.path.realpath if check_images else os.path.normpath)
+    for row, reason in _duplicate_problems(same_file, paths, pids, "the same file as").items():
+        problems.setdefault(row, reason)
     if check_images:
         todo = [(r, p) for r, p in zip(df.index, paths) if r not in problems]
         if todo:
-            def check(item: tuple[Any, str]) -> tuple[Any, str | None]:
-                return item[0], check_image_file(item[1], decode=decode)
+            def check(item: tuple[Any, str]) -> tuple[Any, str | None, str | None]:
+                reason, arr = _check_image(item[1], decode)
+                return item[0], reason, (_pixel_digest(arr) if decode and reason is None and arr is not None
+                                         else None)
 
             workers = max(1, min(num_workers, len(todo) // 256 + 1))
             if workers > 1:
@@ -412,9 +490,17 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
                     results = pool.map(check, todo, chunksize=64)
             else:
                 results = [check(t) for t in todo]
-            for row, reason in results:
+            digests = {}
+            for row, reason, digest in results:
                 if reason is not None:
                     problems[row] = reason
+                elif digest is not None:
+                    digests[row] = digest
+            # decoded: the same pixels under two file names (a copy, a re-encoding) are one image too
+            if digests:
+                by_pixels = pd.Series(digests).reindex([r for r in df.index if r in digests])
+                for row, reason in _duplicate_problems(by_pixels, paths, pids, "identical in pixels to").items():
+                    problems.setdefault(row, reason)
 
     n_bad = len(problems)
     if n_bad and not skip_bad:
@@ -493,6 +579,9 @@ def read_raw(path: str | os.PathLike) -> np.ndarray:
     MONOCHROME1 inversion. Raises :class:`DataError` naming the file."""
     p = Path(path)
     try:
+        mode = os.stat(p).st_mode
+        if not stat.S_ISREG(mode):  # reading a FIFO or a device would block or never end
+            raise DataError.at(p, None, f"not a regular file ({file_kind(mode)})")
         data = p.read_bytes()
     except FileNotFoundError:
         raise DataError.at(p, None, "image file not found") from None

@@ -1,6 +1,7 @@
 """The scripts as users run them: --help, and bad input reported in one line."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,75 @@ def test_bad_benchmark_variant_is_one_line(variant: str, tmp_path: Path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
     assert proc.stderr.startswith("error: --variants:") and repr(variant.split("+")[-1].split("@")[-1]) in proc.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_option_fails_before_any_work_in_one_line(tmp_path: Path):
+    proc = _run("predict.py", "scan.png", "--batch-size", "0")
+    _assert_one_line_error(proc, "error: predict.py: argument --batch-size: must be an integer >= 1, got 0")
+    assert proc.stdout == ""  # refused while parsing: no config printed, nothing started
+
+
+def _run_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, script: str,
+                    *argv: str) -> tuple[int, str, str]:
+    """errors.run(main, parser) of ``script`` with ``argv``, as its ``__main__`` block calls it."""
+    import importlib
+
+    import errors
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exc:
+        errors.run(module.main, module.get_args_parser())
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["predict.py", "scan.png", "--output", "{tmp}"], "argument --output: {tmp} is a folder"),
+    (["predict.py", "scan.png", "--threshold", "1.5"], "argument --threshold: must be a number in [0, 1], got 1.5"),
+    (["age_split_testset.py", "--age-bounds", "15", "8"], "argument --age-bounds: must be strictly increasing"),
+    (["age_split_testset.py", "--test-frac", "0"], "argument --test-frac: must be a fraction in (0, 0.5], got 0"),
+    (["generate_age_trainval_split.py", "--val-frac", "0.7"], "argument --val-frac: must be a fraction in (0, 0.5]"),
+    (["train_fracture_per_agegroup.py", "--lr", "nan"], "argument --lr: must be a number > 0, got 'nan'"),
+    (["train_age_classifier.py", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got 0"),
+    (["run_all_training.py", "--epochs", "-3"], "argument --epochs: must be an integer >= 1, got -3"),
+])
+def test_bad_options_are_refused_while_parsing(argv: list[str], words: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    code, out, err = _run_in_process(monkeypatch, capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: {argv[0]}: {words.format(tmp=tmp_path)}") and err.count("\n") == 1, err
+
+
+def test_predict_malformed_thresholds_json_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture):
+    bad = tmp_path / "thresholds.json"
+    bad.write_text('{"thresholds": {"hard": 0.3,}}')
+    out = tmp_path / "pred.csv"
+    code, _, err = _run_in_process(monkeypatch, capsys, "predict.py", str(tmp_path / "scan.png"),
+                                   "--thresholds", str(bad), "--output", str(out))
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: {bad}: not valid JSON (line 1, column 29"), err
+    assert not out.exists()
+    code, _, err = _run_in_process(monkeypatch, capsys, "predict.py", str(tmp_path / "scan.png"),
+                                   "--thresholds", str(tmp_path / "missing.json"))
+    assert code == 1 and err == f"error: {tmp_path / 'missing.json'}: thresholds file not found (--thresholds)\n"
+
+
+def test_predict_refuses_a_fifo_without_hanging(tmp_path: Path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    os.mkfifo(folder / "scan.png")  # no writer: opening it for reading would block forever
+    os.mkfifo(folder / "scan")  # extension-less files are sniffed for DICOM: must not be opened
+    proc = _run("predict.py", str(folder), "--output", str(tmp_path / "pred.csv"))
+    _assert_one_line_error(proc, str(folder / "scan.png"), "not a regular file (FIFO)")

@@ -420,3 +420,137 @@ def test_stage1_skip_bad(tiny_phantom: Path, tmp_path: Path) -> None:
     assert bad["source_row"].tolist() == [7] and "zero-byte" in bad["reason"][0]
     out = pd.concat([pd.read_csv(res["test_csv"]), pd.read_csv(res["pool_csv"])])
     assert df.loc[7, "image_path"] not in set(out["image_path"])
+
+
+# --------------------------------------------------------------------------- percentile scaling
+
+def _with_markers(rng: np.random.Generator, h: int = 120, w: int = 90, top: int = 65535) -> np.ndarray:
+    """Anatomy in a narrow band of values plus burnt-in marker pixels at both ends (under 0.5 %)."""
+    img = rng.normal(0.4 * top, 0.05 * top, (h, w)).clip(0.2 * top, 0.6 * top)
+    flat = img.reshape(-1)
+    idx = rng.choice(flat.size, size=2 * (flat.size // 400), replace=False)
+    flat[idx[: len(idx) // 2]] = top  # a bright text marker
+    flat[idx[len(idx) // 2:]] = 0  # collimator black
+    return img.round().astype(np.uint16)
+
+
+def _percentile_scaled(raw: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(raw.astype(np.float64), [0.5, 99.5])
+    return np.clip((raw - lo) / (hi - lo), 0, 1)
+
+
+def test_percentile_scaling_matches_numpy_png_and_dicom(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    arr = _with_markers(rng)
+    png = tmp_path / "marked.png"
+    cv2.imwrite(str(png), arr)
+    dcm = write_dicom(tmp_path / "marked.dcm", _with_markers(rng, top=4095))  # 12-bit DICOM
+    for path in (png, dcm):
+        raw = U.read_raw(path)
+        img = U.read_image(path)
+        np.testing.assert_allclose(img, _percentile_scaled(raw), atol=2e-6, err_msg=str(path))
+        # the markers saturate; the anatomy keeps most of the [0, 1] range (min-max scaling
+        # would squeeze it into about a quarter of it)
+        anatomy = img[(raw > 0) & (raw < raw.max())]
+        assert np.percentile(anatomy, 99) - np.percentile(anatomy, 1) > 0.6, path
+
+
+# --------------------------------------------------------------------------- degenerate and special files
+
+@pytest.mark.parametrize("shape, value, words", [
+    ((1, 1), None, "image too small (1x1 px"),
+    ((31, 64), None, "image too small (64x31 px"),
+    ((64, 64), 1234, "constant image (every pixel 1234)"),
+])
+def test_degenerate_images_refused_at_decode_check(tmp_path: Path, shape, value, words: str) -> None:
+    rng = np.random.default_rng(0)
+    arr = np.full(shape, value, np.uint16) if value is not None else rng.integers(0, 65535, shape, dtype=np.uint16)
+    path = tmp_path / "img.png"
+    cv2.imwrite(str(path), arr)
+    assert U.check_image_file(path) is None  # the cheap checks cannot see it
+    reason = U.check_image_file(path, decode=True)
+    assert reason is not None and reason.startswith(words) and reason.endswith(str(path)), reason
+    ok = tmp_path / "ok.png"
+    cv2.imwrite(str(ok), rng.integers(0, 65535, (32, 32), dtype=np.uint16))
+    assert U.check_image_file(ok, decode=True) is None
+
+
+def test_stage1_decode_check_refuses_a_1x1_png(tiny_phantom: Path, tmp_path: Path) -> None:
+    import age_split_testset as S1
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data)
+    df = U.load_grazpedwri(data / "dataset.csv")
+    cv2.imwrite(df.loc[9, "image_path"], np.zeros((1, 1), np.uint8))
+    args = ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(DataError) as err:
+        S1.main(S1.get_args_parser().parse_args(args + ["--decode-check"]))
+    assert_one_line(err.value, data / "dataset.csv", 9, "image too small (1x1 px")
+
+
+def test_fifo_socket_and_device_are_refused_not_read(tmp_path: Path) -> None:
+    import socket
+
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock.png"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    dev = tmp_path / "zero.png"
+    dev.symlink_to("/dev/zero")  # reading it would never end
+    try:
+        for path, kind in ((fifo, "FIFO"), (sock_path, "socket"), (dev, "character device")):
+            reason = U.check_image_file(path, decode=True)
+            assert reason == f"image path is not a regular file ({kind}): {path}"
+            with pytest.raises(DataError) as err:
+                U.read_raw(path)
+            assert_one_line(err.value, path, None, f"not a regular file ({kind})")
+    finally:
+        sock.close()
+
+
+# --------------------------------------------------------------------------- one image, one row
+
+def _rows(csv: Path) -> pd.DataFrame:
+    return pd.read_csv(csv, dtype=str, keep_default_na=False)
+
+
+def test_symlink_is_the_same_image(small_generic: Path) -> None:
+    rows = _rows(small_generic)
+    same = rows.index[rows.patient_id == rows.patient_id[0]]
+    assert len(same) >= 2  # the first phantom patient has several images
+    link = small_generic.parent / "img" / "link.png"
+    link.symlink_to(_image(small_generic, 2))
+    _edit(small_generic, same[1] + 2, image_path="img/link.png")  # same patient: a duplicate row
+    with pytest.raises(DataError) as err:
+        U.validate_frame(U.load_dataset(small_generic))
+    assert_one_line(err.value, small_generic, same[1] + 2, "duplicate image row", "is the same file as", "row 2")
+    # without looking at the files the link cannot be seen
+    assert len(U.validate_frame(U.load_dataset(small_generic), check_images=False)) == len(rows)
+
+
+def test_one_image_under_two_patients_sets_both_rows_aside(small_generic: Path, tmp_path: Path) -> None:
+    rows = _rows(small_generic)
+    j = int(np.flatnonzero(rows.patient_id != rows.patient_id[0])[0])  # another patient's row
+    link = small_generic.parent / "img" / "link.png"
+    link.symlink_to(_image(small_generic, 2))
+    _edit(small_generic, j + 2, image_path="img/link.png")
+    with pytest.raises(DataError) as err:
+        U.validate_frame(U.load_dataset(small_generic))
+    assert_one_line(err.value, small_generic, 2, f"is the same file as {link} in row {j + 2}",
+                    f"under patient {rows.patient_id[j]}", "one image cannot belong to two patients")
+    rej = tmp_path / "rejected_rows.csv"
+    df = U.validate_frame(U.load_dataset(small_generic), skip_bad=True, rejected_csv=rej)
+    assert pd.read_csv(rej).source_row.tolist() == [2, j + 2]
+    assert 2 not in df.index and j + 2 not in df.index and len(df) == len(rows) - 2
+
+
+def test_pixel_identical_copy_caught_with_decode(small_generic: Path) -> None:
+    rows = _rows(small_generic)
+    j = int(np.flatnonzero(rows.patient_id != rows.patient_id[0])[0])
+    shutil.copy(_image(small_generic, 2), small_generic.parent / "img" / "copy.png")
+    _edit(small_generic, j + 2, image_path="img/copy.png")
+    assert len(U.validate_frame(U.load_dataset(small_generic))) == len(rows)  # a copy is another file
+    with pytest.raises(DataError) as err:
+        U.validate_frame(U.load_dataset(small_generic), decode=True)
+    assert_one_line(err.value, small_generic, 2, "identical in pixels to", "one image cannot belong to two patients")

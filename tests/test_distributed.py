@@ -40,12 +40,15 @@ def test_gather_rows_drops_padding_duplicates_and_orders_by_index():
     assert got_idx.tolist() == [0, 1, 2, 3, 4] and got_vals.tolist() == [10, 11, 12, 13, 14]
 
 
-def test_torchrun_two_gloo_processes_train_one_model(fresh_splits: Path, tmp_path: Path):
+def test_torchrun_two_gloo_processes_train_one_model_and_stop_early(fresh_splits: Path, tmp_path: Path):
     result_json = tmp_path / "result.json"
+    # --min-delta 10: no epoch can improve on the first, so with --patience 1 rank 0 decides to
+    # stop after epoch 2 of 3, and both ranks must leave the loop on that broadcast (a rank that
+    # missed it would wait in epoch 3's first collective until the timeout)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "train_fracture_per_agegroup.py"), "--out-dir", str(fresh_splits), "--pooled",
-           "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--quiet", "--device", "cpu",
-           "--result-json", str(result_json)]
+           "--img-size", "32", "--batch-size", "8", "--epochs", "3", "--patience", "1", "--min-delta", "10",
+           "--quiet", "--device", "cpu", "--result-json", str(result_json)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     log = done.stdout + done.stderr
@@ -60,6 +63,9 @@ def test_torchrun_two_gloo_processes_train_one_model(fresh_splits: Path, tmp_pat
     assert sum(map(sum, result["best_metrics"]["val_confusion_matrix"])) == n_val
     ckpt = load_checkpoint(models / "fracture_classifier_pooled.pt", expect={"kind": "fracture"})
     assert ckpt["finished"] and ckpt["metrics"]["val_n"] == n_val
+    assert ckpt["stopped_early"] and ckpt["epochs_run"] == 2 and ckpt["epoch"] == 1
+    assert result["stopped_early"] and result["epochs_run"] == 2
     assert len(pd.read_csv(models / "fracture_classifier_pooled_metrics.csv")) == 2
+    assert log.count("Early stopping at epoch 2") == 1 and "[Epoch 3]" not in log
     assert log.count("[Epoch 1] Train Loss") == 1  # rank 0 alone logs
     assert not (fresh_splits / ".run.lock").exists()

@@ -148,6 +148,30 @@ def test_resume_after_interrupt_gives_the_uninterrupted_result(tmp_path, capsys)
     assert load_checkpoint(files.best)["settings"]["img_size"] == 32
 
 
+CHANGED_SETTINGS = [
+    ("model", "swin_demo", "model: saved 'cnn_demo', now 'swin_demo'"),
+    ("classes", ["neg", "pos", "unsure"], "classes: saved ['neg', 'pos'], now ['neg', 'pos', 'unsure']"),
+    ("train data", "other rows", "train data: saved 'synthetic', now 'other rows'"),
+]
+
+
+def test_resume_refused_for_changed_model_classes_and_data(tmp_path, capsys):
+    files = engine.RunFiles.from_stem(tmp_path, "m")
+    with pytest.raises(KeyboardInterrupt):  # an unfinished run: state of epoch 1 in `last`
+        _fit(tmp_path, epochs=2, train_ds=InterruptAfter(_data(), 48 + 20))
+    for key, value, shown in CHANGED_SETTINGS:
+        with pytest.raises(engine.ResumeError) as err:
+            _fit(tmp_path, epochs=2, resume=True, settings={**SETTINGS, key: value})
+        assert str(err.value).startswith(f"{files.last}: cannot resume, essential settings differ: {shown}.")
+    assert load_checkpoint(files.last)["epoch"] == 1  # refused before anything was trained or saved
+    _fit(tmp_path, epochs=2, resume=True)  # the same settings resume and finish
+    assert "Resuming from epoch 2" in capsys.readouterr().out
+    for key, value, shown in CHANGED_SETTINGS:  # a finished model is not silently kept either
+        with pytest.raises(engine.ResumeError) as err:
+            _fit(tmp_path, epochs=2, resume=True, settings={**SETTINGS, key: value})
+        assert str(err.value).startswith(f"{files.best}: cannot resume, essential settings differ: {shown}.")
+
+
 def test_ctrl_c_right_after_an_epoch_is_reported_keeps_that_epoch(tmp_path, monkeypatch, capsys):
     # the H100 smoke run once lost a reported epoch: SIGINT landed between its Val line and
     # its save. Ctrl-C at the moment epoch 2's Val line is printed must keep epoch 2.

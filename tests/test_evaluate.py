@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from timm.models import register_model
 from torch import nn
 
 import evaluate
@@ -61,6 +62,35 @@ class ConstFracture(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.seen += BandAgeModel()(x).argmax(1).tolist()
         return torch.full((x.shape[0], 1), self.logit)
+
+
+class ProbeAge(BandAgeModel):
+    """BandAgeModel as a timm architecture, so evaluate.py loads it from a real checkpoint."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__()
+        self.register_buffer("unused", torch.zeros(1))  # a checkpoint needs a non-empty state dict
+
+
+class ProbeFracture(nn.Module):
+    """A fracture 'model' whose one logit is its only weight: its output says which model ran."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logit.expand(x.shape[0], 1)
+
+
+@register_model
+def routing_probe_age(pretrained: bool = False, **kwargs: object) -> nn.Module:
+    return ProbeAge(**kwargs)
+
+
+@register_model
+def routing_probe_fracture(pretrained: bool = False, **kwargs: object) -> nn.Module:
+    return ProbeFracture(**kwargs)
 
 
 def _lm(model: nn.Module, name: str, nc: int) -> P.LoadedModel:
@@ -240,10 +270,18 @@ def test_predict_png_and_dicom(run_dir, tmp_path):
     assert sorted(Path(p).name for p in df.image_path) == ["wrist.dcm", "wrist.png"]
     probs = df[[f"age_group_prob_{g}" for g in range(3)]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
-    assert df.fracture_prob.between(0, 1).all()
     assert (df.fracture_label == (df.fracture_prob >= df.threshold)).all()
-    assert set(df.fracture_model) <= {"agegroup0", "agegroup1", "pooled"}
-    assert (df.fracture_model[df.age_group_label == 2] == "pooled").all()
+    # each image's probability is that of the model serving its predicted group (group 2: pooled), with TTA
+    routed = P.load_routed_models(mdir, torch.device("cpu"))
+    serving = {0: "agegroup0", 1: "agegroup1", 2: "pooled"}
+    assert df.fracture_model.tolist() == [serving[g] for g in df.age_group_label]
+    for i, row in df.iterrows():
+        lm = routed.model_for_group(int(row.age_group_label))
+        one = pd.DataFrame({"image_path": [row.image_path]})
+        assert row.fracture_prob == pytest.approx(float(P.model_probs(lm, one, torch.device("cpu"), tta=True)[0]),
+                                                  rel=1e-5)
+        np.testing.assert_allclose(probs[i], P.model_probs(routed.age, one, torch.device("cpu"), tta=True)[0],
+                                   rtol=1e-5)
     for p in df.cam_path:
         cam = cv2.imread(p)
         assert cam is not None and cam.shape == (IMG, IMG, 3)
@@ -280,6 +318,43 @@ def test_predict_errors_are_one_line(run_dir, tmp_path):
         predict.main(_predict_args([good], wrong, tmp_path / "p.csv"))
 
 
+def test_predict_refuses_degenerate_images(run_dir, tmp_path):
+    mdir = run_dir / "saved_agegroup_models"
+    flat = tmp_path / "flat.png"
+    cv2.imwrite(str(flat), np.full((64, 64), 900, np.uint16))
+    tiny = tmp_path / "tiny.png"
+    cv2.imwrite(str(tiny), np.array([[0, 255]], np.uint8))
+    for bad, words in ((flat, "constant image"), (tiny, "image too small (2x1 px")):
+        with pytest.raises(ud.DataError) as err:
+            predict.main(_predict_args([bad], mdir, tmp_path / "p.csv"))
+        assert str(err.value).startswith(f"{bad}: {words}") and "\n" not in str(err.value)
+
+
+def test_predict_skips_fifo_socket_and_device_without_hanging(run_dir, tmp_path):
+    import socket
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "good.png"), _wrist_like(np.random.default_rng(2)))
+    os.mkfifo(folder / "scan.png")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock.png"))
+    out = tmp_path / "pred.csv"
+    try:
+        done = subprocess.run([sys.executable, str(REPO / "predict.py"), str(folder), "--models-dir",
+                               str(run_dir / "saved_agegroup_models"), "--output", str(out), "--skip-bad",
+                               "--device", "cpu"], capture_output=True, text=True, cwd=REPO, timeout=240)
+    finally:
+        sock.close()
+    assert done.returncode == 0, done.stderr[-3000:]
+    skipped = sorted(line for line in done.stderr.splitlines() if line.startswith("skipped: "))
+    # predict.py names files by their resolved path, so the link is reported as /dev/zero
+    assert skipped == sorted(f"skipped: {os.path.realpath(folder / n)}: not a regular file ({k})" for n, k in
+                             (("scan.png", "FIFO"), ("sock.png", "socket"), ("zero.png", "character device")))
+    assert pd.read_csv(out).image_path.map(lambda p: Path(p).name).tolist() == ["good.png"]
+
+
 # --------------------------------------------------------------------------- evaluate.py
 def test_evaluate_end_to_end(run_dir):
     args = evaluate.get_args_parser().parse_args(
@@ -290,12 +365,19 @@ def test_evaluate_end_to_end(run_dir):
     pred = pd.read_csv(written["test_predictions"])
     test = pd.read_csv(run_dir / "age_test.csv")
     assert len(pred) == len(test)
-    for s in ("hard", "soft", "oracle", "pooled"):
-        assert pred[f"prob_{s}"].between(0, 1).all()
-    # routing: the hard system equals the oracle where the predicted group is the true one
-    same = pred.age_group_label == pred.age_group
-    np.testing.assert_allclose(pred.prob_hard[same], pred.prob_oracle[same])
-    assert (pred.routed_model[pred.age_group_label == 2] == "pooled").all()
+    # every system's probability, row by row, from the models themselves
+    device = torch.device("cpu")
+    routed = P.load_routed_models(run_dir / "saved_agegroup_models", device)
+    inf = evaluate.infer(routed, ud.read_split_csv(run_dir / "age_test.csv"), device)
+    rows = np.arange(len(pred))
+    label = inf["age_probs"].argmax(1)
+    assert pred.age_group_label.tolist() == label.tolist()
+    np.testing.assert_allclose(pred.prob_hard, inf["group_probs"][rows, label], rtol=1e-6)
+    np.testing.assert_allclose(pred.prob_oracle, inf["group_probs"][rows, pred.age_group], rtol=1e-6)
+    np.testing.assert_allclose(pred.prob_soft, (inf["age_probs"] * inf["group_probs"]).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(pred.prob_pooled, inf["pooled"], rtol=1e-6)
+    serving = {0: "agegroup0", 1: "agegroup1", 2: "pooled"}
+    assert pred.routed_model.tolist() == [serving[g] for g in label]
 
     res = json.loads(Path(written["metrics"]).read_text())
     assert any("group 2" in n and "pooled" in n for n in res["notes"])
@@ -313,8 +395,6 @@ def test_evaluate_end_to_end(run_dir):
 
     # thresholds come from the validation CSV, not from test; per-group ones from the
     # validation images each group model decided
-    device = torch.device("cpu")
-    routed = P.load_routed_models(run_dir / "saved_agegroup_models", device)
     val = ud.read_split_csv(run_dir / "age_val_tmp.csv")
     true_val = val["age_group"].to_numpy()
     val_out = evaluate.system_probs(evaluate.infer(routed, val, device), true_val)
@@ -347,6 +427,59 @@ def test_evaluate_end_to_end(run_dir):
     names = {Path(f).name for f in written["figures"]}
     assert {"roc_by_age_group.png", "training_curves.png", "calibration.png",
             "gradcam_examples.png"} <= names
+
+
+PROBE_LOGITS = (-2.0, 0.0, 2.0)  # fracture model of group g outputs sigmoid(PROBE_LOGITS[g])
+
+
+def _probe_ckpt(path: Path, name: str, kind: str, classes: list[str], logit: float | None = None) -> None:
+    model = models.create_model(name, num_classes=len(classes))
+    if logit is not None:
+        model.logit.data.fill_(logit)
+    models.save_checkpoint(path, models.make_checkpoint(
+        model, model_name=name, kind=kind, class_names=classes, img_size=48, in_chans=1, mean=0.5, std=0.25,
+        age_bounds=[8.0, 15.0]))
+
+
+def test_evaluate_hard_routing_follows_the_predicted_group(tmp_path):
+    """An age model that misroutes known rows across all three groups: the hard system must use
+    the model of the predicted group on every row, the oracle that of the true group."""
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    ages = (4.0, 11.0, 16.5)
+    for split in ("val", "test"):
+        rows = []
+        for rep in range(2):
+            for true in range(3):
+                for band in range(3):  # every (true group, predicted group) pair, 6 of 9 misrouted
+                    path = _square_png(img_dir / f"{split}_{rep}_{true}_{band}.png", band, size=48)
+                    rows.append({"image_path": str(path), "patient_id": f"{split}{rep}{true}{band}",
+                                 "age": ages[true] + 0.1 * rep, "age_group": true, "fracture": int(true == 2),
+                                 "split": split})
+        pd.DataFrame(rows).to_csv(tmp_path / ("age_test.csv" if split == "test" else "age_val_tmp.csv"),
+                                  index=False)
+    mdir = tmp_path / "saved_agegroup_models"
+    _probe_ckpt(mdir / "age_classifier.pt", "routing_probe_age", "age", ["0-7 y", "8-14 y", "15-19 y"])
+    for g, logit in enumerate(PROBE_LOGITS):
+        _probe_ckpt(mdir / f"fracture_classifier_agegroup{g}.pt", "routing_probe_fracture", "fracture",
+                    ["fracture"], logit)
+    _probe_ckpt(mdir / "fracture_classifier_pooled.pt", "routing_probe_fracture", "fracture", ["fracture"], 0.5)
+
+    written = evaluate.main(evaluate.get_args_parser().parse_args(
+        ["--out-dir", str(tmp_path), "--n-boot", "20", "--n-cam", "0", "--batch-size", "4", "--device", "cpu"]))
+    pred = pd.read_csv(written["test_predictions"])
+    band = pred.image_path.map(lambda p: int(Path(p).stem[-1]))
+    sig = 1 / (1 + np.exp(-np.array(PROBE_LOGITS)))
+    assert pred.age_group_label.tolist() == band.tolist()
+    assert (pred.age_group != pred.age_group_label).sum() == 12 and set(pred.age_group) == {0, 1, 2}
+    np.testing.assert_allclose(pred.prob_hard, sig[band], rtol=1e-6)  # the predicted group's model
+    np.testing.assert_allclose(pred.prob_oracle, sig[pred.age_group], rtol=1e-6)  # the true group's
+    np.testing.assert_allclose(pred.prob_pooled, 1 / (1 + np.exp(-0.5)), rtol=1e-6)
+    assert pred.routed_model.tolist() == [f"agegroup{b}" for b in band]
+    res = json.loads(Path(written["metrics"]).read_text())
+    assert res["misrouted"]["n"] == 12 and res["misrouted"]["n_total"] == 18
+    hard, oracle = (res["systems"][s]["overall"]["auroc"] for s in ("hard", "oracle"))
+    assert oracle == 1.0 and hard == pytest.approx(0.5)  # the label follows the true group only
 
 
 def _odd_copy(run_dir: Path, dest: Path) -> Path:

@@ -251,3 +251,33 @@ def test_min_detectable_difference_from_the_bootstrap_spread():
     d2 = M.paired_bootstrap_difference(twice.y, twice.prob, np.concatenate([other, other]), twice.patient_id,
                                        0.5, 0.5, n_boot=300, seed=0)
     assert d2["auroc"]["se"] < se
+
+
+def test_patient_bootstrap_gives_all_images_of_a_patient_the_same_weight():
+    rng = np.random.default_rng(5)
+    per = rng.integers(1, 6, 25)
+    pid = np.repeat([f"p{i}" for i in range(25)], per).astype(object)
+    pid[::3] = [p + " " for p in pid[::3]]  # a stray space: still the same patient
+    df = pd.DataFrame({"patient_id": pid, "image": np.arange(pid.size), "y": rng.integers(0, 2, pid.size),
+                       "prob": rng.random(pid.size)})
+    patients = pd.Series(pid).str.strip()
+    groups = [np.asarray(idx) for idx in patients.groupby(patients).groups.values()]
+    resampled = []
+
+    def metric(rows: pd.DataFrame) -> float:
+        resampled.append(rows)
+        return 0.5
+
+    n_boot = 30
+    M.patient_bootstrap_ci(df, metric, n_boot=n_boot, seed=3)
+    assert len(resampled) == n_boot + 1  # the point estimate, then the resamples
+    vec = M.bootstrap_samples(df.y, [df.prob], [0.5], df.patient_id, n_boot=n_boot, seed=3)[0]
+    for b, rows in enumerate(resampled[1:]):
+        weight = np.bincount(rows.image, minlength=len(df))
+        for idx in groups:
+            assert len(set(weight[idx])) == 1, (b, idx, weight[idx])  # one weight per patient
+        assert sum(weight[idx[0]] for idx in groups) == len(groups)  # 25 patients drawn per resample
+        # the vectorised path weights images exactly so: its metrics equal those of these rows
+        ref = M.binary_metrics(rows.y, rows.prob, 0.5)
+        for k in M.BINARY_METRICS:
+            assert vec[k][b] == pytest.approx(ref[k], nan_ok=True), (b, k)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +136,9 @@ def test_manifests(tiny_splits: Path, tiny_phantom: Path) -> None:
     for g in range(3):
         for f in (0, 1):
             assert by[str(g)][str(f)] == int(((test.age_group == g) & (test.fracture == f)).sum())
-    assert m1["exclusions"]["excluded"]["metal"] >= 0
+    metal = int(U.load_dataset(tiny_phantom / "dataset.csv")["metal"].sum())
+    assert m1["exclusions"]["excluded"]["metal"] == metal
+    assert m1["counts"]["test"]["images"] + m1["counts"]["pool"]["images"] == m1["source"]["rows"] - metal
     m2 = json.loads((tiny_splits / S2.MANIFEST).read_text())
     assert m2["seed"] == 42 and m2["source"]["sha256"] == SP.file_sha256(tiny_splits / "age_pool.csv")
     assert m2["counts"]["train"]["images"] == len(pd.read_csv(tiny_splits / "age_train_tmp.csv"))
@@ -230,3 +234,224 @@ def test_stage_scripts_help(module, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "--out-dir" in out and "--seed" in out and "--force" in out
     assert module.__doc__ and "Example" in module.__doc__ and "Outputs" in module.__doc__
+
+
+# --------------------------------------------------------------------------- the fixed test set is tamper-evident
+
+def _csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+
+
+def _test_patient(out: Path, min_images: int = 2) -> str:
+    counts = _csv(out / "age_test.csv").groupby("patient_id").size()
+    return str(counts[counts >= min_images].index[0])
+
+
+def _tamper(out: Path, how: str) -> str:
+    """Change age_test.csv by hand as a user or a sync tool might; return the patient involved."""
+    path = out / "age_test.csv"
+    df = _csv(path)
+    pid = _test_patient(out, 2)
+    if how == "patient dropped":  # e.g. the only image of a patient deleted
+        df = df[df.patient_id != pid]
+    elif how == "row dropped":
+        df = df.drop(index=df.index[df.patient_id == pid][0])
+    elif how == "row added":
+        pool = _csv(out / "age_pool.csv")
+        df = pd.concat([df, pool.iloc[[0]].assign(split="test")])
+        pid = pool.patient_id.iloc[0]
+    elif how == "age edited":
+        i = df.index[df.patient_id == pid][0]
+        df.loc[i, "age"] = f"{float(df.loc[i, 'age']) + 0.25:g}"  # same age group, other age
+    df.to_csv(path, index=False)
+    return pid
+
+
+def _stage_mains(out: Path) -> dict:
+    """Every stage's main on ``out`` (training stages with a tiny recipe; they must stop first)."""
+    import evaluate
+    import train_age_classifier as S3
+    import train_fracture_per_agegroup as S4
+
+    fast = ["--out-dir", str(out), "--img-size", "32", "--epochs", "1", "--quiet", "--device", "cpu"]
+    return {
+        "stage 2": lambda: S2.main(S2.get_args_parser().parse_args(["--out-dir", str(out)])),
+        "stage 3": lambda: S3.main(S3.get_args_parser().parse_args(fast)),
+        "stage 4": lambda: S4.main(S4.get_args_parser().parse_args(fast + ["--group-column", "age_group"])),
+        "stage 5": lambda: evaluate.main(evaluate.get_args_parser().parse_args(["--out-dir", str(out)])),
+    }
+
+
+def test_tampered_test_csv_stops_every_stage(fresh_splits: Path, tiny_phantom: Path) -> None:
+    pool_before = (fresh_splits / "age_pool.csv").read_bytes()
+    pid = _tamper(fresh_splits, "patient dropped")
+    s1 = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]
+    with pytest.raises(DataError) as err:
+        S1.main(S1.get_args_parser().parse_args(s1))
+    msg = str(err.value)
+    assert msg.startswith(f"{fresh_splits / 'age_test.csv'}: the fixed test set changed since stage 1 drew it")
+    assert f"patient(s) {pid} no longer in it" in msg and "row(s) removed" in msg and "--force" in msg
+    assert "\n" not in msg
+    # the patient did not move into the pool: nothing was rewritten
+    assert (fresh_splits / "age_pool.csv").read_bytes() == pool_before
+    for stage, run in _stage_mains(fresh_splits).items():
+        with pytest.raises(DataError, match="the fixed test set changed since stage 1 drew it") as err:
+            run()
+        assert str(err.value).startswith(str(fresh_splits / "age_test.csv")), stage
+    assert not (fresh_splits / "saved_agegroup_models").exists()  # stopped before any training
+
+    # --force re-draws: a new identity, and the later stages accept the new test set
+    S1.main(S1.get_args_parser().parse_args(s1 + ["--force"]))
+    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    SP.check_disjoint(read_splits(fresh_splits))
+
+
+@pytest.mark.parametrize("how, words", [
+    ("row dropped", ["1 row(s) removed"]),
+    ("row added", ["1 row(s) added", "not in it when drawn"]),
+    ("age edited", ["rows edited"]),
+])
+def test_tampered_test_csv_says_what_changed(fresh_splits: Path, how: str, words: list[str]) -> None:
+    pid = _tamper(fresh_splits, how)
+    with pytest.raises(DataError) as err:
+        S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    msg = str(err.value)
+    assert "the fixed test set changed since stage 1 drew it" in msg and "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+    if how == "row added":
+        assert pid in msg  # the pool patient that moved in is named
+    assert "age_split_testset.py --force" in msg
+
+
+def test_test_set_identity_ignores_added_columns_and_row_order(fresh_splits: Path, tiny_phantom: Path) -> None:
+    path = fresh_splits / "age_test.csv"
+    df = _csv(path)
+    df["age_group_label"] = df["age_group"]  # what stage 3 adds
+    df["age_group_prob_0"] = "0.5"
+    df.iloc[::-1].to_csv(path, index=False)
+    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    res = S1.main(S1.get_args_parser().parse_args(
+        ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]))
+    assert res["test_kept"]
+    ident = SP.identity_of_test_set(U.read_split_csv(path))
+    assert json.loads((fresh_splits / S1.MANIFEST).read_text())[SP.IDENTITY_KEY] == ident
+    assert sum(ident["images_per_patient"].values()) == ident["images"] == len(df)
+
+
+def test_manifest_without_identity_is_recorded_on_rerun(fresh_splits: Path, tiny_phantom: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    manifest = fresh_splits / S1.MANIFEST
+    old = json.loads(manifest.read_text())
+    recorded = old.pop(SP.IDENTITY_KEY)
+    manifest.write_text(json.dumps(old))  # as an older version wrote it
+    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    assert "records no identity of the test set" in capsys.readouterr().out
+    S1.main(S1.get_args_parser().parse_args(
+        ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]))
+    assert "recording it now" in capsys.readouterr().out
+    assert json.loads(manifest.read_text())[SP.IDENTITY_KEY] == recorded
+    _tamper(fresh_splits, "row dropped")  # from now on a change is caught
+    with pytest.raises(DataError, match="changed since stage 1 drew it"):
+        S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+
+
+def _changed_dataset(tiny_phantom: Path, tiny_splits: Path, tmp_path: Path, how: str) -> Path:
+    """A copy of the phantom's dataset.csv with one test image's row changed as ``how`` says."""
+    meta = _csv(tiny_phantom / "dataset.csv")
+    test = _csv(tiny_splits / "age_test.csv")
+    pool = _csv(tiny_splits / "age_pool.csv")
+    stem = Path(test.image_path[0]).stem
+    i = meta.index[meta.filestem == stem][0]
+    if how == "image removed":
+        meta = meta.drop(index=i)
+    elif how == "image moved to a pool patient":
+        meta.loc[i, "patient_id"] = pool.patient_id[0]
+    elif how == "label changed":
+        meta.loc[i, "fracture_visible"] = "" if meta.loc[i, "fracture_visible"] == "1" else "1"
+    elif how == "age changed":
+        meta.loc[i, "age"] = f"{float(meta.loc[i, 'age']) + 0.5:g}"
+    meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
+    return tmp_path / "dataset.csv"
+
+
+@pytest.mark.parametrize("how, words", [
+    ("image removed", "is not in"),
+    ("image moved to a pool patient", "belongs to patient"),
+    ("label changed", "has fracture label"),
+    ("age changed", "has age"),
+])
+def test_kept_test_set_checked_against_changed_dataset(fresh_splits: Path, tiny_phantom: Path, tiny_splits: Path,
+                                                       tmp_path: Path, how: str, words: str) -> None:
+    data_csv = _changed_dataset(tiny_phantom, tiny_splits, tmp_path, how)
+    pool_before = (fresh_splits / "age_pool.csv").read_bytes()
+    with pytest.raises(DataError) as err:
+        S1.main(S1.get_args_parser().parse_args(
+            ["--data-csv", str(data_csv), "--image-root", str(tiny_phantom), "--out-dir", str(fresh_splits)]))
+    msg = str(err.value)
+    assert msg.startswith(f"{fresh_splits / 'age_test.csv'}:2: ") and words in msg and "--force" in msg, msg
+    assert (fresh_splits / "age_pool.csv").read_bytes() == pool_before
+
+
+def test_whitespace_in_patient_ids_does_not_split_a_patient(tiny_phantom: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    meta = _csv(tiny_phantom / "dataset.csv")
+    n_patients = meta.patient_id.nunique()
+    # every patient with several images gets a stray space on one of them, before or after
+    for k, (pid, rows) in enumerate(meta.groupby("patient_id").groups.items()):
+        if len(rows) > 1:
+            meta.loc[rows[-1], "patient_id"] = f"{pid} " if k % 2 else f"\t{pid}"
+    meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
+    S1.main(S1.get_args_parser().parse_args(["--data-csv", str(tmp_path / "dataset.csv"), "--image-root",
+                                             str(tiny_phantom), "--out-dir", str(tmp_path / "out")]))
+    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(tmp_path / "out")]))
+    frames = read_splits(tmp_path / "out")
+    SP.check_disjoint(frames)
+    ids = pd.concat([df.patient_id for df in frames.values()])
+    assert ids.map(lambda s: s == s.strip()).all()
+    assert ids.nunique() == n_patients
+    # written ids are the stripped ones, so a later stage reading them agrees
+    raw = pd.concat([_csv(tmp_path / "out" / f) for f in SPLIT_FILES.values()])
+    assert raw.patient_id.map(lambda s: s == s.strip()).all()
+    assert "differ only in case or leading zeros" not in capsys.readouterr().out
+
+
+def test_patient_ids_case_and_leading_zeros_count(tiny_phantom: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    a, b = C.patient_ids(["007", "7 "]), C.patient_ids(["A1", "a1"])
+    assert a.tolist() == ["007", "7"] and b.nunique() == 2
+    with pytest.raises(DataError, match="patient 7 is also in"):
+        SP.check_disjoint({"a.csv": pd.DataFrame({"patient_id": ["7 "]}), "b.csv": pd.DataFrame({"patient_id": ["7"]})})
+    SP.check_disjoint({"a.csv": pd.DataFrame({"patient_id": ["007"]}), "b.csv": pd.DataFrame({"patient_id": ["7"]})})
+    meta = _csv(tiny_phantom / "dataset.csv")
+    meta.loc[meta.patient_id == "1", "patient_id"] = ["1", "01"][: int((meta.patient_id == "1").sum())]
+    meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
+    S1.main(S1.get_args_parser().parse_args(["--data-csv", str(tmp_path / "dataset.csv"), "--image-root",
+                                             str(tiny_phantom), "--out-dir", str(tmp_path / "o")]))
+    assert "'01' / '1'" in capsys.readouterr().out
+
+
+def test_symlinked_image_under_another_patient_is_refused(tiny_phantom: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data, symlinks=True)
+    meta = _csv(data / "dataset.csv")
+    first = meta.iloc[0]
+    other = meta.patient_id[meta.patient_id != first.patient_id].iloc[0]
+    (data / "images" / "alias.png").symlink_to(data / "images" / f"{first.filestem}.png")
+    meta = pd.concat([meta, meta.iloc[[1]].assign(filestem="alias", patient_id=other)], ignore_index=True)
+    meta.to_csv(data / "dataset.csv", index=False, encoding="utf-8-sig")
+    args = ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "out")]
+    with pytest.raises(DataError) as err:
+        S1.main(S1.get_args_parser().parse_args(args))
+    last = len(meta) + 1
+    msg = str(err.value)
+    assert msg.startswith(f"{data / 'dataset.csv'}:2: ") and f"row {last}" in msg, msg
+    assert "one image cannot belong to two patients" in msg and f"patient {other}" in msg
+
+    res = S1.main(S1.get_args_parser().parse_args(args + ["--skip-bad"]))
+    rejected = pd.read_csv(res["rejected_csv"])
+    assert rejected.source_row.tolist() == [2, last]  # we cannot know which patient is right: both go
+    kept = pd.concat([pd.read_csv(res["test_csv"]), pd.read_csv(res["pool_csv"])])
+    real = kept.image_path.map(os.path.realpath)
+    assert not real.duplicated().any()
+    assert os.path.realpath(data / "images" / f"{first.filestem}.png") not in set(real)

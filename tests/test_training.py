@@ -66,6 +66,19 @@ def test_driver_end_to_end_on_tiny_phantom(tiny_phantom: Path, tmp_path: Path, c
     assert all(f"stage {s} (" in printed and "up to date, skipped" in printed for s in (1, 2, 3, 4))
     assert {p: p.stat().st_mtime_ns for p in models.glob("*.pt")} == mtimes
 
+    # one group checkpoint deleted: only that model is trained again
+    gone = models / "fracture_classifier_agegroup1.pt"
+    gone.unlink()
+    _driver(base + ["--to-stage", "4"])
+    printed = capsys.readouterr().out
+    assert "stage 4 (fracture classifiers): re-running, saved_agegroup_models/fracture_classifier_agegroup1.pt " \
+           "changed or missing" in printed
+    assert printed.count("already trained") == 3 and printed.count("[Epoch 1] Train Loss") == 1
+    assert load_checkpoint(gone)["finished"]
+    after = {p: p.stat().st_mtime_ns for p in models.glob("*.pt")}
+    assert after.keys() == mtimes.keys() and after[gone] != mtimes[gone]
+    assert {p: t for p, t in after.items() if p != gone} == {p: t for p, t in mtimes.items() if p != gone}
+
 
 def test_tiny_swin_trains_through_the_same_path(fresh_splits: Path, capsys):
     result = stage4.main(stage4.get_args_parser().parse_args(
@@ -180,3 +193,15 @@ def test_no_control_and_group_subsets_leave_the_control_out(fresh_splits: Path):
     assert "pooled_continued" not in stage4.main(stage4.get_args_parser().parse_args(base + ["--no-control"]))["models"]
     assert "pooled_continued" not in stage4.main(stage4.get_args_parser().parse_args(base + ["--groups", "1"]))["models"]
 
+
+def test_resume_refused_when_the_training_rows_changed(fresh_splits: Path):
+    base = ["--out-dir", str(fresh_splits), "--pooled", "--img-size", "32", "--epochs", "1", "--quiet"]
+    stage4.main(stage4.get_args_parser().parse_args(base))
+    train = pd.read_csv(fresh_splits / "age_train_tmp.csv", dtype=str, keep_default_na=False)
+    train.iloc[1:].to_csv(fresh_splits / "age_train_tmp.csv", index=False)  # one row fewer
+    with pytest.raises(engine.ResumeError) as err:
+        stage4.main(stage4.get_args_parser().parse_args(base + ["--resume"]))
+    msg = str(err.value)
+    assert f"train data: saved '{len(train)} rows, sha256 " in msg and f"now '{len(train) - 1} rows, sha256 " in msg
+    with pytest.raises(engine.ResumeError, match="model: saved 'cnn_demo', now 'swin_demo'"):
+        stage4.main(stage4.get_args_parser().parse_args(base + ["--resume", "--model", "swin_demo"]))
