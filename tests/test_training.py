@@ -50,7 +50,8 @@ def test_driver_end_to_end_on_tiny_phantom(tiny_phantom: Path, tmp_path: Path, c
     models = out / "saved_agegroup_models"
     age = load_checkpoint(models / "age_classifier.pt", expect={"kind": "age", "num_classes": 3})
     assert age["finished"] and age["img_size"] == 32
-    for stem in [f"fracture_classifier_agegroup{g}" for g in range(3)] + ["fracture_classifier_pooled"]:
+    for stem in [f"fracture_classifier_agegroup{g}" for g in range(3)] + ["fracture_classifier_pooled",
+                                                                           "fracture_classifier_pooled_continued"]:
         ckpt = load_checkpoint(models / f"{stem}.pt", expect={"kind": "fracture", "num_classes": 2})
         model = build_from_checkpoint(ckpt)
         assert torch.isfinite(model(torch.zeros(2, 1, 32, 32))).all()
@@ -73,7 +74,8 @@ def test_driver_end_to_end_on_tiny_phantom(tiny_phantom: Path, tmp_path: Path, c
     printed = capsys.readouterr().out
     assert "stage 4 (fracture classifiers): re-running, saved_agegroup_models/fracture_classifier_agegroup1.pt " \
            "changed or missing" in printed
-    assert printed.count("already trained") == 3 and printed.count("[Epoch 1] Train Loss") == 1
+    # the other two groups, the pooled model and the equal-budget control are kept
+    assert printed.count("already trained") == 4 and printed.count("[Epoch 1] Train Loss") == 1
     assert load_checkpoint(gone)["finished"]
     after = {p: p.stat().st_mtime_ns for p in models.glob("*.pt")}
     assert after.keys() == mtimes.keys() and after[gone] != mtimes[gone]
