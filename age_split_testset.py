@@ -2,7 +2,8 @@
 
 Patients, not images, are split: every image of a test patient is in the test set
 and no other patient's image is. The split is stratified by age group x fracture
-(sklearn ``StratifiedGroupKFold``) and deterministic for a given ``--seed``. Once
+(sklearn ``StratifiedGroupKFold``) and deterministic for a given ``--split-seed``
+(``--seed``). Once
 ``age_test.csv`` exists it is kept and reused (the remaining patients are derived
 from it again); drawing a new one needs ``--force``, and the run says which happened.
 
@@ -21,7 +22,7 @@ Example::
 
     python age_split_testset.py --out-dir runs/demo                      # phantom data
     python age_split_testset.py --data-csv /data/GRAZPEDWRI-DX/dataset.csv \\
-        --image-root /data/GRAZPEDWRI-DX --out-dir runs/real --seed 42
+        --image-root /data/GRAZPEDWRI-DX --out-dir runs/real --split-seed 42
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import pandas as pd
 import errors
 import columns as C
 import phantom
+import presets
 from config import print_config, save_config, to_dict
 from io_utils import RunLock, write_json
 from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
@@ -53,35 +55,9 @@ LATER_SPLITS = ("age_train_tmp.csv", "age_val_tmp.csv")
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Stage 1: the fixed patient-level test set (age_test.csv).",
                                 add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-csv", type=Path, default=None,
-                   help="dataset CSV (default: <image-root>/dataset.csv, or a generated phantom)")
-    p.add_argument("--image-root", type=Path, default=None, help="image folder, searched recursively "
-                   "(default: the CSV's folder)")
-    p.add_argument("--format", choices=("auto", "grazpedwri", "generic"), default="auto",
-                   help="CSV layout; auto recognises GRAZPEDWRI-DX by its header")
-    p.add_argument("--image-col", default="image_path", help="generic CSV: image path column")
-    p.add_argument("--patient-col", default="patient_id", help="generic CSV: patient id column")
-    p.add_argument("--age-col", default="age", help="generic CSV: age (years) column")
-    p.add_argument("--label-col", default="fracture", help="generic CSV: fracture 0/1 column")
     p.add_argument("--out-dir", type=Path, default=Path("."), help="where the split files go")
-    p.add_argument("--test-frac", type=float, default=0.15, help="share of patients in the test set (0-0.5]")
-    p.add_argument("--seed", type=int, default=42, help="random seed of the split")
     p.add_argument("--force", action="store_true", help="re-draw age_test.csv even if it exists")
-    p.add_argument("--exclude", nargs="*", default=["metal"], choices=C.EXCLUDABLE + ("none",),
-                   help="drop images with these flags before splitting ('none' or no value: keep all)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="set bad rows aside in rejected_rows.csv instead of stopping at the first")
-    p.add_argument("--age-bounds", type=float, nargs="+", default=list(C.AGE_BOUNDS),
-                   help="age group boundaries in years (group g: bounds[g-1] <= age < bounds[g])")
-    p.add_argument("--no-image-check", action="store_true",
-                   help="do not look at the image files (metadata-only split)")
-    p.add_argument("--decode-check", action="store_true",
-                   help="decode every image once to find corrupt files (slow on full-resolution data)")
-    p.add_argument("--phantom-patients", type=int, default=phantom.DEFAULT_N_PATIENTS,
-                   help="phantom size when no dataset is given")
-    p.add_argument("--phantom-img-size", type=int, default=phantom.DEFAULT_IMG_SIZE,
-                   help="phantom image height in pixels")
-    p.add_argument("--phantom-seed", type=int, default=0, help="phantom generator seed")
+    presets.add_split_args(p, "testset")
     return p
 
 
@@ -189,8 +165,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         else:
             if test_csv.is_file():
                 print(f"{test_csv}: exists, re-drawing it because of --force")
-            test, _ = split_patients(df, args.test_frac, args.seed, source=data_csv)
-            drawn = {"seed": args.seed, "test_frac": args.test_frac, "source_sha256": None}
+            test, _ = split_patients(df, args.test_frac, args.split_seed, source=data_csv)
+            drawn = {"seed": args.split_seed, "test_frac": args.test_frac, "source_sha256": None}
             kept = False
         test_ids = set(test["patient_id"].astype(str))
         pool = df.loc[~df["patient_id"].astype(str).isin(test_ids)]
@@ -208,7 +184,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(describe(counts))
         manifest = {
             "stage": "age_split_testset",
-            "seed": args.seed,
+            "seed": args.split_seed,
             "test_frac": args.test_frac,
             "test_set": "kept" if kept else "drawn",
             "test_drawn": drawn,
@@ -219,6 +195,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "age_group_names": list(C.age_group_names(bounds)),
             "exclusions": excl,
             "rejected_rows": n_rejected,
+            # stage 2 follows a metadata-only split (mode "none"); the seconds say what the check cost
+            "image_check": df.attrs.get("image_check", {"mode": "none"}),
             "removed_stale": removed,
             "counts": counts,
             "outputs": {TEST_CSV: file_sha256(test_csv), POOL_CSV: file_sha256(pool_csv)},
