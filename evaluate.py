@@ -59,6 +59,7 @@ import report as R
 import unified_dataset as ud
 from config import print_config, save_config, to_dict, versions
 from io_utils import write_csv, write_json, write_text
+import presets
 from presets import AMP_MODES
 
 SYSTEMS: dict[str, str] = {
@@ -397,6 +398,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="mixed-precision inference (auto: bf16 on CUDA, off on the CPU)")
     p.add_argument("--result-json", type=Path, default=None,
                    help="also write the returned summary as JSON (used by run_all_training.py)")
+    presets.add_split_args(p, "evaluate")
     return p
 
 
@@ -434,6 +436,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         cache = None if args.no_cache else (args.cache_dir or paths["out"] / "image.cache")
         amp = engine.resolve_amp(args.amp, device)
         infer_kw = dict(batch_size=args.batch_size, num_workers=args.workers, cache_dir=cache, amp=amp)
+        # every image decoded (into the cache, at each model's size) before inference: an
+        # undecodable one stops here in one line, or with --skip-bad is left out and counted
+        sizes = sorted({lm.img_size for lm in (routed.age, *routed.groups.values(), routed.pooled) if lm})
+        frames, left_out = {"test": test_df, "val": val_df}, {}
+        for split, df in list(frames.items()):
+            for size in sizes if cache is not None else sizes[:1]:
+                frames[split] = engine.decode_pass(frames[split], size, cache_dir=cache, skip_bad=args.skip_bad,
+                                                   rejected_csv=paths["out"] / ud.REJECTED_CSV)
+            left_out[split] = len(df) - len(frames[split])
+            if left_out[split]:
+                notes.append(f"{split}: {left_out[split]} of {len(df)} images could not be decoded and were "
+                             f"left out (--skip-bad; listed in {paths['out'] / ud.REJECTED_CSV})")
+        test_df, val_df = frames["test"], frames["val"]
 
         true = {}
         for split, df in (("test", test_df), ("val", val_df)):
@@ -562,6 +577,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "config": cfg, "versions": versions(), "device": str(device),
             "world_size": info.world_size,
             "n_test_images": int(len(test_df)), "n_test_patients": int(pd.Series(pid).nunique()),
+            "undecodable_left_out": left_out,
             "test_prevalence": float(y.mean()), "n_val_images": int(len(val_df)),
             "age_bounds": list(bounds), "age_group_names": list(names),
             "threshold_method": method if method == "youden"

@@ -33,6 +33,7 @@ import pandas as pd
 import errors
 import distributed
 import engine
+import presets
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES
 from config import print_config, to_dict
 from io_utils import write_json
@@ -48,6 +49,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_data_args(parser)
+    presets.add_split_args(parser, "train")
     g = parser.add_argument_group("groups")
     g.add_argument("--groups", type=int, nargs="+", default=None, choices=range(len(AGE_GROUP_NAMES)),
                    help="age groups to train [default: all]")
