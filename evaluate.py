@@ -356,9 +356,10 @@ def cam_figure(report_dir: Path, df: pd.DataFrame, y: np.ndarray, prob: np.ndarr
         lm = routed.model_for_group(int(pred_group[i]))
         (img, cam), = P.cam_examples(lm, df.iloc[[i]], device)
         items.append({"image": img, "cam": cam,
-                      "caption": f"{kind}: p={prob[i]:.2f}, label {int(y[i])}\n"
-                                 f"age {df['age'].iloc[i]:.1f} y ({names[true_group[i]]})\n"
-                                 f"model {lm.name}"})
+                      "caption": f"{kind}: label {int(y[i])}, age {df['age'].iloc[i]:.1f} y "
+                                 f"({names[true_group[i]]})\nmodel {lm.name}, {img.shape[1]}x{img.shape[0]} px",
+                      "overlay": f"predicted age group {names[pred_group[i]]}\n"
+                                 f"fracture p {prob[i]:.2f}, threshold {thr:.2f}"})
     return R.plot_cam_grid(items, report_dir / "gradcam_examples.png",
                            "Grad-CAM, hard-routed fracture model (test images)")
 
