@@ -598,7 +598,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
     except KeyboardInterrupt:
         done = saved_epoch
         log(f"\nInterrupted during epoch {epoch}. State of epoch {done} is saved in {files.last}; "
-            f"re-run with --resume to continue from epoch {done + 1}." if done >= 1 else
+            f"re-run with --resume (run_all_training.py: the same command) to continue from epoch {done + 1}."
+            if done >= 1 else
             f"\nInterrupted during epoch {epoch}, before any epoch completed; nothing to resume.")
         raise
 
