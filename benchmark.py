@@ -774,7 +774,7 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str], list[di
         args.matmul_n = 8192 if device.type == "cuda" else (256 if args.quick else 1024)
     known = ("data", "flops", "train", "e2e", "stage1check")
     if args.sections == "auto":
-        sections = [s for s in known if s not in ("e2e", "stage1check") or (s == "e2e" and device.type == "cuda")]
+        sections = ["data", "flops", "train"] + (["e2e"] if device.type == "cuda" else [])
     else:
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
         bad = [s for s in sections if s not in known]

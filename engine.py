@@ -692,8 +692,8 @@ def decode_pass(df: pd.DataFrame, img_size: int, *, cache_dir: str | Path | None
     """
     kept = None
     if distributed.is_main():
-        kept = unified_dataset.check_decodable(df, img_size, cache_dir, skip_bad=skip_bad, rejected_csv=rejected_csv,
-                               progress=progress)
+        kept = unified_dataset.check_decodable(df, img_size, cache_dir, skip_bad=skip_bad,
+                                               rejected_csv=rejected_csv, progress=progress)
     dropped = distributed.broadcast_object(
         [r for r in df.index if r not in kept.index] if kept is not None else None)
     if kept is None:
@@ -715,10 +715,10 @@ def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.
     seed_everything(cfg.seed + distributed.get_rank())
     num_classes = len(class_names)
     if not images_checked:
+        rejected = Path(cfg.out_dir) / unified_dataset.REJECTED_CSV
         progress = not cfg.quiet and sys.stderr.isatty()
         train_df, val_df = (decode_pass(df, cfg.img_size, cache_dir=cache_dir, skip_bad=cfg.skip_bad,
-                                        rejected_csv=Path(cfg.out_dir) / unified_dataset.REJECTED_CSV, progress=progress)
-                            for df in (train_df, val_df))
+                                        rejected_csv=rejected, progress=progress) for df in (train_df, val_df))
     datasets = {}
     for name, df, train in (("train", train_df, True), ("val", val_df, False)):
         transform = build_transforms(cfg.img_size, train=train, mean=cfg.mean, std=cfg.std)

@@ -28,6 +28,10 @@ Outputs
   <out>/report/report.md       tables + figures (ROC, confusion matrices, training curves,
                                calibration, Grad-CAM) as PNG beside it
 
+Every validation and test image is decoded before inference (the cache warm-up at each
+model's size): one that cannot be decoded stops the run in one line, or with ``--skip-bad``
+is left out, listed in ``<out>/rejected_rows.csv`` and counted in the report's notes.
+
 Under ``torchrun`` the model inference (every model on validation and test) is sharded over
 the processes and gathered back in row order; rank 0 alone then computes the bootstrap
 metrics, writes every file and prints, while the other ranks leave as soon as inference is

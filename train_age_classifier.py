@@ -5,6 +5,9 @@ Trains on ``age_train_tmp.csv`` with the true ``age_group`` (0: < 8 y, 1: 8-14 y
 predicts every row of the train, val AND test CSVs and writes ``age_group_label`` (argmax)
 and ``age_group_prob_0..2`` back into them atomically, keeping every other row and column.
 Stage 4 routes training data by ``age_group_label``; stage 5 routes test images by it.
+Every image of the three CSVs is decoded first (the cache warm-up): one that cannot be
+decoded stops the run in one line before training, or with ``--skip-bad`` is listed in
+``<out-dir>/rejected_rows.csv`` and gets empty prediction cells.
 
 Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv, age_test.csv.
 Outputs (``--models-dir``, default ``<out-dir>/saved_agegroup_models``):

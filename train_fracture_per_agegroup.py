@@ -10,7 +10,8 @@ cosine schedule, early stopping on validation F1 (``--metric auroc`` for AUROC).
 routing against. With ``--init-from-pooled`` (the demo preset's default) each group model
 starts from the pooled model's weights, and the pooled model is trained first if it is
 not there yet: small groups then learn what all groups share from all the data. A group with too few rows, or only one class in its training rows, is
-skipped with a message, not a crash.
+skipped with a message, not a crash. Each model's images are decoded before its first
+epoch; ``--skip-bad`` leaves those that cannot be decoded out (``rejected_rows.csv``).
 
 Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv (with
 ``age_group_label`` from stage 3 unless ``--group-column age_group``).

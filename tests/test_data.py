@@ -440,7 +440,8 @@ def test_damaged_idat_passes_the_cheap_check_and_fails_to_decode(small_generic: 
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_decode_pass_finds_every_undecodable_image(small_generic: Path, tmp_path: Path, cached: bool, capsys) -> None:
+def test_decode_pass_finds_every_undecodable_image(small_generic: Path, tmp_path: Path, cached: bool,
+                                                   capsys) -> None:
     from conftest import damage_idat
 
     for row in (4, 6):
