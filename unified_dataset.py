@@ -32,6 +32,8 @@ import itertools
 import math
 import os
 import re
+import signal
+import threading
 import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -119,9 +121,12 @@ def run_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
     in the calling thread, in completion order. An exception of ``fn`` propagates.
 
     Work is handed out a few chunks at a time, and however this returns (an exception, a
-    Ctrl-C) the running chunks are finished and the pending ones dropped first. A thread
+    Ctrl-C) the running chunks are finished and the pending ones dropped first: a thread
     still inside OpenCV while the interpreter shuts down aborts the process ("terminate
     called without an active exception", SIGABRT) instead of the Ctrl-C's exit status 130.
+    The Ctrl-C itself is only noted while the threads run and raised here once they have
+    stopped: a KeyboardInterrupt raised inside ``threading.Condition.wait`` can leave its
+    lock released and turn into "RuntimeError: release unlocked lock".
     """
     items = list(items)
     if workers <= 1 or len(items) <= 1:
@@ -133,11 +138,17 @@ def run_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
     def run_chunk(idx: range) -> list[tuple[int, Any]]:
         return [(i, fn(items[i])) for i in idx]
 
+    interrupted = threading.Event()
+    # only the main thread can take signals, and only Python's own Ctrl-C handler is replaced
+    own_handler = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if own_handler:
+        signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
     pool = ThreadPoolExecutor(max_workers=workers)
     pending = {pool.submit(run_chunk, c) for c in itertools.islice(chunks, 2 * workers)}
     try:
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        while pending and not interrupted.is_set():
+            done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
             for fut in done:
                 for i, res in fut.result():
                     on_result(i, res)
@@ -148,6 +159,10 @@ def run_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
         for fut in pending:
             fut.cancel()
         pool.shutdown(wait=True)
+        if own_handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 # --------------------------------------------------------------------------- CSV loading
