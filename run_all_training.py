@@ -80,7 +80,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--out-dir", type=Path, default=None,
                    help="run directory [default: runs/demo for the phantom, runs/real with --data-csv]")
     g.add_argument("--from-stage", type=int, choices=sorted(NAMES), default=None,
-                   help="redo this stage and all later ones from scratch")
+                   help="redo this stage and all later ones from scratch; earlier stages' files are used "
+                        "as they are where they exist")
     g.add_argument("--to-stage", type=int, choices=sorted(NAMES), default=5, help="stop after this stage")
     g.add_argument("--no-pooled", action="store_true", help="do not train the pooled baseline model")
     g.add_argument("--group-column", choices=("age_group_label", "age_group"), default=None,
