@@ -2,7 +2,8 @@
 
 Patients, not images, are split: every image of a test patient is in the test set
 and no other patient's image is. The split is stratified by age group x fracture
-(sklearn ``StratifiedGroupKFold``) and deterministic for a given ``--seed``. Once
+(sklearn ``StratifiedGroupKFold``) and deterministic for a given ``--split-seed``
+(``--seed``). Once
 ``age_test.csv`` exists it is kept and reused (the remaining patients are derived
 from it again); drawing a new one needs ``--force``, and the run says which happened.
 A kept test set must be the one that was drawn (its identity, recorded in the
@@ -25,7 +26,7 @@ Example::
 
     python age_split_testset.py --out-dir runs/demo                      # phantom data
     python age_split_testset.py --data-csv /data/GRAZPEDWRI-DX/dataset.csv \\
-        --image-root /data/GRAZPEDWRI-DX --out-dir runs/real --seed 42
+        --image-root /data/GRAZPEDWRI-DX --out-dir runs/real --split-seed 42
 """
 from __future__ import annotations
 
@@ -61,37 +62,9 @@ LATER_SPLITS = ("age_train_tmp.csv", "age_val_tmp.csv")
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Stage 1: the fixed patient-level test set (age_test.csv).",
                                 add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-csv", type=Path, default=None,
-                   help="dataset CSV (default: <image-root>/dataset.csv, or a generated phantom)")
-    p.add_argument("--image-root", type=Path, default=None, help="image folder, searched recursively "
-                   "(default: the CSV's folder)")
-    p.add_argument("--format", choices=("auto", "grazpedwri", "generic"), default="auto",
-                   help="CSV layout; auto recognises GRAZPEDWRI-DX by its header")
-    p.add_argument("--image-col", default="image_path", help="generic CSV: image path column")
-    p.add_argument("--patient-col", default="patient_id", help="generic CSV: patient id column")
-    p.add_argument("--age-col", default="age", help="generic CSV: age (years) column")
-    p.add_argument("--label-col", default="fracture", help="generic CSV: fracture 0/1 column")
     p.add_argument("--out-dir", type=Path, default=Path("."), help="where the split files go")
-    p.add_argument("--test-frac", type=presets.split_fraction, default=0.15,
-                   help="share of patients in the test set (0-0.5]")
-    p.add_argument("--seed", type=int, default=42, help="random seed of the split")
     p.add_argument("--force", action="store_true", help="re-draw age_test.csv even if it exists")
-    p.add_argument("--exclude", nargs="*", default=["metal"], choices=C.EXCLUDABLE + ("none",),
-                   help="drop images with these flags before splitting ('none' or no value: keep all)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="set bad rows aside in rejected_rows.csv instead of stopping at the first")
-    p.add_argument("--age-bounds", type=float, nargs="+", default=list(C.AGE_BOUNDS),
-                   action=presets.AgeBoundsAction,
-                   help="age group boundaries in years (group g: bounds[g-1] <= age < bounds[g])")
-    p.add_argument("--no-image-check", action="store_true",
-                   help="do not look at the image files (metadata-only split)")
-    p.add_argument("--decode-check", action="store_true",
-                   help="decode every image once to find corrupt files (slow on full-resolution data)")
-    p.add_argument("--phantom-patients", type=presets.positive_int, default=phantom.DEFAULT_N_PATIENTS,
-                   help="phantom size when no dataset is given")
-    p.add_argument("--phantom-img-size", type=presets.positive_int, default=phantom.DEFAULT_IMG_SIZE,
-                   help="phantom image height in pixels")
-    p.add_argument("--phantom-seed", type=int, default=0, help="phantom generator seed")
+    presets.add_split_args(p, "testset")
     return p
 
 
@@ -234,8 +207,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         else:
             if test_csv.is_file():
                 print(f"{test_csv}: exists, re-drawing it because of --force")
-            test, _ = split_patients(df, args.test_frac, args.seed, source=data_csv)
-            drawn = {"seed": args.seed, "test_frac": args.test_frac, "source_sha256": None}
+            test, _ = split_patients(df, args.test_frac, args.split_seed, source=data_csv)
+            drawn = {"seed": args.split_seed, "test_frac": args.test_frac, "source_sha256": None}
             kept = False
         test_ids = set(columns.patient_ids(test["patient_id"]))
         pool = df.loc[~columns.patient_ids(df["patient_id"]).isin(test_ids).to_numpy()]
@@ -262,7 +235,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             write_split_csv(pool, tmp[pool_csv], "pool")
             manifest = {
                 "stage": "age_split_testset",
-                "seed": args.seed,
+                "seed": args.split_seed,
                 "test_frac": args.test_frac,
                 "test_set": "kept" if kept else "drawn",
                 "test_drawn": drawn,
@@ -274,6 +247,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "age_group_names": list(C.age_group_names(bounds)),
                 "exclusions": excl,
                 "rejected_rows": n_rejected,
+                # stage 2 follows a metadata-only split (mode "none"); the seconds say what the check cost
+                "image_check": df.attrs.get("image_check", {"mode": "none"}),
                 "removed_stale": [str(p) for p in stale],
                 "counts": counts,
                 "outputs": {TEST_CSV: file_sha256(written_test), POOL_CSV: file_sha256(tmp[pool_csv])},

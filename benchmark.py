@@ -27,6 +27,14 @@ Sections (``--sections``; default all, ``e2e`` only on CUDA):
   e2e    end to end, ``engine.make_loader`` with ``--workers`` workers feeding the training
          step: the baseline (fp32, contiguous, uncached images) against the fast path
          (``--fast-variant`` fed from the cache); the issue's target is >= 3x.
+  stage1check  stage 1's image check on ``--check-files`` full-size 16-bit PNGs (the phantom's
+         images at ``--phantom-size``, copied to that many files with their own rows in a
+         GRAZPEDWRI-DX-style dataset.csv under ``<work-dir>/stage1check``, kept for the next
+         run): ``age_split_testset.py`` itself runs twice, with the cheap check and with
+         ``--decode-check``, each after the files were dropped from the page cache (as after a
+         download that did not fit in memory); reported: the seconds stage 1 prints for its
+         check, its threads, files/s, and stage 1's whole wall time. Not in ``auto``: it writes
+         about 0.5-1 MB per file (20,000 files: 10-20 GB).
 Each timing is the median over at least ``--steps`` calls and ``--min-time`` seconds after
 ``--warmup`` calls (data: the median per item), so other processes on a shared CPU
 disturb it little.
@@ -42,6 +50,9 @@ model takes 1-2 minutes on 2 CPU cores, so the CPU default leaves it out.
 
 Example (CPU, demo model; about 1.5 minutes on 2 shared cores):
     python benchmark.py --out runs/benchmark.json
+Stage 1's image check on 20,000 full-size files (give a --work-dir with 20 GB free):
+    python benchmark.py --sections stage1check --check-files 20000 --work-dir /data/bench \
+        --out runs/stage1check.json
 GPU (paper model):
     python benchmark.py --device cuda --model swin_large_patch4_window12_384 --img-size 384 \\
         --batch-size 32 --workers 12 --variants fp32,bf16,bf16+cl,bf16+cl+compile \\
@@ -52,6 +63,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
+import json
 import math
 import os
 import platform
@@ -291,6 +304,90 @@ def bench_data(df: pd.DataFrame, sizes: list[int], work_dir: Path, seconds: floa
         speedup[str(size)] = rate["cached"] / rate["uncached"]
     return {"rows": rows, "cached_speedup": speedup, "cache_disk": disk,
             "full_size": _image_shape(paths[0])}
+
+
+def _drop_from_page_cache(paths: list[Path]) -> bool:
+    """Ask the kernel to forget the files' cached pages (no root needed), so the next read
+    comes from the disk; False where the platform cannot."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    os.sync()  # dirty pages cannot be dropped
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
+def make_check_files(df: pd.DataFrame, n_files: int, folder: Path) -> tuple[Path, list[Path]]:
+    """``n_files`` full-size files made from the phantom's images (real files, not links: each
+    is read from disk) with one dataset.csv row each; reused when ``folder`` already holds them.
+    Each copy differs from the others in two corner pixels: stage 1 refuses one image under two
+    patients, pixel-identical copies included, when it decodes."""
+    images = folder / "images"
+    csv = folder / "dataset.csv"
+    marker = folder / "files.json"
+    src = [Path(p) for p in df["image_path"]]
+    want = {"n_files": n_files, "sources": [p.name for p in src], "bytes": [p.stat().st_size for p in src],
+            "distinct": True}
+    meta = pd.read_csv(Path(df.attrs["source"]), encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    meta = meta.set_index("filestem").loc[[p.stem for p in src]].reset_index()
+    paths = [images / f"{src[i % len(src)].stem}_{i:06d}.png" for i in range(n_files)]
+    if marker.is_file() and json.loads(marker.read_text()) == want and csv.is_file():
+        return csv, paths
+    shutil.rmtree(folder, ignore_errors=True)
+    images.mkdir(parents=True)
+    originals = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in src]
+
+    def write(i: int) -> None:
+        img = originals[i % len(src)].copy()
+        copy_round = i // len(src)
+        img[0, 0], img[0, 1] = copy_round & 0xFFFF, copy_round >> 16
+        ok, buf = cv2.imencode(".png", img)
+        if not ok:
+            raise OSError(f"{paths[i]}: PNG encoding failed")
+        paths[i].write_bytes(buf.tobytes())
+
+    ud.run_threaded(write, range(n_files), ud.default_workers(), lambda i, result: None, chunksize=16)
+    rows = []
+    for i, path in enumerate(paths):
+        row = meta.iloc[i % len(src)].copy()
+        row["filestem"] = path.stem
+        row["patient_id"] = f"{row['patient_id']}{i // len(src):05d}"  # each copy round: new patients
+        rows.append(row)
+    pd.DataFrame(rows).to_csv(csv, index=False, encoding="utf-8-sig")
+    write_json(want, marker)
+    return csv, paths
+
+
+def bench_stage1check(df: pd.DataFrame, n_files: int, work_dir: Path) -> dict[str, Any]:
+    """Stage 1 (age_split_testset.main, in this process) on ``n_files`` full-size files,
+    with the cheap image check and with --decode-check."""
+    stage1 = importlib.import_module("age_split_testset")
+    folder = work_dir / "stage1check"
+    t0 = time.perf_counter()
+    csv, paths = make_check_files(df, n_files, folder)
+    out: dict[str, Any] = {"files": n_files, "distinct_images": len(df), "image": _image_shape(str(paths[0])),
+                           "mb_per_file": sum(p.stat().st_size for p in paths[:200]) / min(200, n_files) / 2**20,
+                           "prepare_s": time.perf_counter() - t0, "rows": []}
+    for check, extra in (("cheap", []), ("decode", ["--decode-check"])):
+        run_dir = folder / f"run_{check}"
+        argv = ["--data-csv", str(csv), "--image-root", str(folder / "images"), "--out-dir", str(run_dir),
+                "--force", *extra]
+        cold = _drop_from_page_cache(paths)
+        print(f"[benchmark] stage 1, {check} image check on {n_files} files ...", flush=True)
+        log = folder / f"stage1_{check}.log"
+        t0 = time.perf_counter()
+        with log.open("w") as fh, contextlib.redirect_stdout(fh):
+            stage1.main(stage1.get_args_parser().parse_args(argv))
+        wall = time.perf_counter() - t0
+        ran = json.loads((run_dir / stage1.MANIFEST).read_text())["image_check"]
+        out["rows"].append({"check": check, "seconds": ran["seconds"], "threads": ran["threads"],
+                            "files": ran["files"], "files_per_s": ran["files"] / max(ran["seconds"], 1e-9),
+                            "stage1_wall_s": wall, "page_cache_dropped": cold, "log": str(log)})
+    return out
 
 
 def _image_shape(path: str) -> list[int]:
@@ -583,6 +680,13 @@ def format_report(result: dict[str, Any]) -> str:
                  (100 * r["mfu"]) if r.get("mfu") is not None else None] for r in e2e["rows"]]
         out.append(_table(["variant", "loader", "workers", "batch", "img/s", "MFU %"], rows))
         out.append(f"speed-up fast / baseline: {e2e['speedup']:.2f}x")
+    s1 = result.get("stage1check")
+    if s1:
+        out.append(f"\nStage 1 image check, {s1['files']} files of {'x'.join(map(str, s1['image'][:2]))} px "
+                   f"{s1['image'][2] if len(s1['image']) > 2 else '?'}-bit ({s1['mb_per_file']:.2f} MB each, "
+                   f"page cache {'dropped' if s1['rows'][0]['page_cache_dropped'] else 'NOT dropped'} before each):")
+        rows = [[r["check"], r["threads"], r["seconds"], r["files_per_s"], r["stage1_wall_s"]] for r in s1["rows"]]
+        out.append(_table(["check", "threads", "check s", "files/s", "stage 1 wall s"], rows))
     tg = result.get("targets")
     if tg:
         out.append("\nTargets:")
@@ -636,7 +740,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         f"{DEFAULT_VARIANTS['cuda']} on CUDA, {DEFAULT_VARIANTS['cpu']} on the CPU "
                         "(a cold torch.compile takes about 2 min on 2 cores)")
     p.add_argument("--sections", default="auto",
-                   help="comma list of data,flops,train,e2e; auto = all, e2e on CUDA only")
+                   help="comma list of data,flops,train,e2e,stage1check; auto = data,flops,train, "
+                        "and e2e on CUDA")
+    p.add_argument("--check-files", type=int, default=300,
+                   help="stage1check: full-size files stage 1 checks (each a copy of a phantom image)")
     p.add_argument("--data-sizes", default="auto",
                    help=f"comma list of sizes for the data section; auto: --img-size and {PAPER_SIZE}")
     p.add_argument("--fast-variant", default="bf16+cl",
@@ -670,6 +777,8 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str], list[di
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")
+    if args.check_files < 1:
+        raise SystemExit(f"error: --check-files must be >= 1, got {args.check_files}")
     if args.quick:
         args.warmup, args.steps, args.min_time = 1, 1, 0.0
         args.data_seconds = min(args.data_seconds, 0.3)
@@ -677,9 +786,9 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str], list[di
         args.phantom_size = min(args.phantom_size, 512)
     if not args.matmul_n:
         args.matmul_n = 8192 if device.type == "cuda" else (256 if args.quick else 1024)
-    known = ("data", "flops", "train", "e2e")
+    known = ("data", "flops", "train", "e2e", "stage1check")
     if args.sections == "auto":
-        sections = [s for s in known if s != "e2e" or device.type == "cuda"]
+        sections = ["data", "flops", "train"] + (["e2e"] if device.type == "cuda" else [])
     else:
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
         bad = [s for s in sections if s not in known]
@@ -722,7 +831,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         df = None
-        if "data" in sections or "e2e" in sections:
+        if {"data", "e2e", "stage1check"} & set(sections):
             t0 = time.perf_counter()
             df = make_phantom(work_dir, args.phantom_patients, args.phantom_size, args.seed)
             result["phantom"] = {"images": len(df), "long_side": args.phantom_size,
@@ -752,6 +861,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if "e2e" in sections:
             result["e2e"] = _run_e2e(args, device, df, work_dir, result)
             save("e2e")
+        if "stage1check" in sections:
+            result["stage1check"] = bench_stage1check(df, args.check_files, work_dir)
+            save("stage1check")
     finally:
         if own_tmp:
             shutil.rmtree(work_dir, ignore_errors=True)

@@ -102,9 +102,9 @@ COLUMNS: tuple[Column, ...] = (
     Column("age_group_prob_0", "float", "predicted probability of age group 0", STAGE3, STAGE5),
     Column("age_group_prob_1", "float", "predicted probability of age group 1", STAGE3, STAGE5),
     Column("age_group_prob_2", "float", "predicted probability of age group 2", STAGE3, STAGE5),
-    Column("source_file", "str", "CSV the rejected row came from (rejected_rows.csv only)", f"{STAGE1}, {STAGE2}", "people"),
-    Column("source_row", "int", "1-based line of the rejected row in that CSV, header = 1", f"{STAGE1}, {STAGE2}", "people"),
-    Column("reason", "str", "why the row was rejected (rejected_rows.csv only)", f"{STAGE1}, {STAGE2}", "people"),
+    Column("source_file", "str", "CSV the rejected row came from (rejected_rows.csv only)", "every stage", "people"),
+    Column("source_row", "int", "1-based line of the rejected row in that CSV, header = 1", "every stage", "people"),
+    Column("reason", "str", "why the row was rejected (rejected_rows.csv only)", "every stage", "people"),
 )
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 
@@ -115,7 +115,7 @@ CSV_FILES: dict[str, tuple[str, str]] = {
     "age_pool.csv": (STAGE1, "patients not in the test set; input of stage 2"),
     "age_train_tmp.csv": (STAGE2, "as age_test.csv"),
     "age_val_tmp.csv": (STAGE2, "as age_test.csv"),
-    "rejected_rows.csv": (f"{STAGE1} / {STAGE2} with --skip-bad",
+    "rejected_rows.csv": ("every stage with --skip-bad (stages 3-5: images that cannot be decoded)",
                           "source_file, source_row, reason + the row's columns"),
 }
 

@@ -53,7 +53,8 @@ from io_utils import write_csv
 from losses import FocalLoss
 from models import create_model, load_checkpoint, make_checkpoint, resolve_model_name, save_checkpoint
 from presets import AMP_MODES, model_note
-from unified_dataset import DataError, WristDataset, build_transforms, validate_frame
+import unified_dataset
+from unified_dataset import DataError, WristDataset, build_transforms
 
 HISTORY_COLUMNS: tuple[str, ...] = (
     "epoch", "lr", "train_loss", "train_acc", "train_f1", "train_images",
@@ -597,7 +598,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
     except KeyboardInterrupt:
         done = saved_epoch
         log(f"\nInterrupted during epoch {epoch}. State of epoch {done} is saved in {files.last}; "
-            f"re-run with --resume to continue from epoch {done + 1}." if done >= 1 else
+            f"re-run with --resume (run_all_training.py: the same command) to continue from epoch {done + 1}."
+            if done >= 1 else
             f"\nInterrupted during epoch {epoch}, before any epoch completed; nothing to resume.")
         raise
 
@@ -696,18 +698,47 @@ def frame_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
     return f"{len(df)} rows, sha256 {digest[:16]}"
 
 
+def decode_pass(df: pd.DataFrame, img_size: int, *, cache_dir: str | Path | None, skip_bad: bool,
+                rejected_csv: str | Path | None, progress: bool = False) -> pd.DataFrame:
+    """``unified_dataset.check_decodable`` before the first epoch or inference: rank 0 decodes
+    (into the cache) and every rank gets the same rows back.
+
+    Every image is decoded here anyway (the cache warm-up), so this is where a file that
+    passed stage 1's cheap checks but cannot be decoded fails, in one line, rather than in
+    a DataLoader worker hours into training.
+    """
+    kept = None
+    if distributed.is_main():
+        kept = unified_dataset.check_decodable(df, img_size, cache_dir, skip_bad=skip_bad,
+                                               rejected_csv=rejected_csv, progress=progress)
+    dropped = distributed.broadcast_object(
+        [r for r in df.index if r not in kept.index] if kept is not None else None)
+    if kept is None:
+        kept = df.drop(index=dropped)
+        kept.attrs.update(df.attrs)
+    return kept
+
+
 def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.DataFrame, target_col: str,
                      class_names: Sequence[str], files: RunFiles, device: torch.device, age_bounds: Sequence[float],
                      cache_dir: str | Path | None = None, extra_meta: Mapping[str, Any] | None = None,
                      title: str = "", init_state: Mapping[str, torch.Tensor] | None = None,
-                     init_from: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     init_from: Mapping[str, Any] | None = None,
+                     images_checked: bool = False) -> dict[str, Any]:
     """Build data, model, loss, optimizer and schedule from ``cfg`` (presets.resolve_config)
     and :func:`fit` them. ``init_state`` (a state dict of the same architecture) replaces the
     initial weights, and ``init_from`` says where it came from (stored as the checkpoint's
-    ``init``, so a comparison of models can state each one's training budget). Returns fit's
-    result dict."""
+    ``init``, so a comparison of models can state each one's training budget). Unless
+    ``images_checked`` (the caller ran :func:`decode_pass` on both frames at
+    ``cfg.img_size``), every image is decoded first; with ``cfg.skip_bad`` the ones that fail
+    are left out. Returns fit's result dict."""
     seed_everything(cfg.seed + distributed.get_rank())
     num_classes = len(class_names)
+    if not images_checked:
+        rejected = Path(cfg.out_dir) / unified_dataset.REJECTED_CSV
+        progress = not cfg.quiet and sys.stderr.isatty()
+        train_df, val_df = (decode_pass(df, cfg.img_size, cache_dir=cache_dir, skip_bad=cfg.skip_bad,
+                                        rejected_csv=rejected, progress=progress) for df in (train_df, val_df))
     datasets = {}
     for name, df, train in (("train", train_df, True), ("val", val_df, False)):
         transform = build_transforms(cfg.img_size, train=train, mean=cfg.mean, std=cfg.std)
@@ -717,14 +748,6 @@ def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.
             raise DataError.at(ds.source, ds.rows[bad[0]], f"{target_col} is {ds.labels[bad[0]]}, expected "
                                                            f"0..{num_classes - 1}")
         datasets[name] = ds
-    # Fail on a bad image now, not in a DataLoader worker hours into training
-    if distributed.is_main():
-        for name, ds in datasets.items():
-            if cache_dir is not None:
-                ds.warm_cache(num_workers=max(cfg.workers, 2), progress=not cfg.quiet and sys.stderr.isatty())
-            else:
-                validate_frame(train_df if name == "train" else val_df, check_images=True)
-    distributed.barrier()
     amp = resolve_amp(cfg.amp, device)
     train_loader = make_loader(datasets["train"], cfg.batch_size, train=True, sampler=cfg.sampler,
                                workers=cfg.workers, seed=cfg.seed, device=device)

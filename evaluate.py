@@ -44,6 +44,10 @@ Outputs
   <out>/report/report.md       the Answer, tables and figures (ROC, confusion matrices, training
                                curves, calibration before/after, Grad-CAM) as PNG beside it
 
+Every validation and test image is decoded before inference (the cache warm-up at each
+model's size): one that cannot be decoded stops the run in one line, or with ``--skip-bad``
+is left out, listed in ``<out>/rejected_rows.csv`` and counted in the report's notes.
+
 Under ``torchrun`` the model inference (every model on validation and test) is sharded over
 the processes and gathered back in row order; rank 0 alone then computes the bootstrap
 metrics, writes every file and prints, while the other ranks leave as soon as inference is
@@ -77,6 +81,7 @@ import splits
 import unified_dataset
 from config import print_config, save_config, to_dict, versions
 from io_utils import write_csv, write_json
+import presets
 from presets import AMP_MODES
 
 # Every system, in table order. The per-group variants share their base system's
@@ -540,11 +545,12 @@ def cam_figure(report_dir: Path, df: pd.DataFrame, y: np.ndarray, prob: np.ndarr
         lm = routed.model_for_group(int(pred_group[i]))
         (img, cam), = inference.cam_examples(lm, df.iloc[[i]], device)
         items.append({"image": img, "cam": cam,
-                      "caption": f"{kind}: p={prob[i]:.2f}, label {int(y[i])}\n"
-                                 f"age {df['age'].iloc[i]:.1f} y ({names[true_group[i]]})\n"
-                                 f"model {lm.name}"})
+                      "caption": f"{kind}: label {int(y[i])}, age {df['age'].iloc[i]:.1f} y "
+                                 f"({names[true_group[i]]})\nmodel {lm.name}, {img.shape[1]}x{img.shape[0]} px",
+                      "overlay": f"predicted age group {names[pred_group[i]]}\n"
+                                 f"fracture p {prob[i]:.2f}, threshold {thr:.2f}"})
     return report.plot_cam_grid(items, report_dir / "gradcam_examples.png",
-                           "Grad-CAM, hard-routed fracture model (test images)")
+                                "Grad-CAM, hard-routed fracture model (test images)")
 
 
 # --------------------------------------------------------------------------- main
@@ -585,6 +591,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="mixed-precision inference (auto: bf16 on CUDA, off on the CPU)")
     p.add_argument("--result-json", type=Path, default=None,
                    help="also write the returned summary as JSON (used by run_all_training.py)")
+    presets.add_split_args(p, "evaluate")
     return p
 
 
@@ -607,6 +614,27 @@ def true_groups(df: pd.DataFrame, bounds: Sequence[float], split: str, notes: li
         notes.append(f"{split}: age_group in the CSV differs from the age classifier's bounds {bounds} "
                      f"for {n_diff} rows; the bounds were used")
     return g
+
+
+def decode_splits(test_df: pd.DataFrame, val_df: pd.DataFrame, routed: inference.RoutedModels,
+                  cache: str | Path | None, skip_bad: bool, out: Path,
+                  notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """Every test and validation image decoded (into the cache, at each model's size) before
+    inference: an undecodable one stops here in one line, or with ``skip_bad`` is left out,
+    listed in rejected_rows.csv and counted in the notes. The CSVs themselves keep every row."""
+    models = (routed.age, *routed.groups.values(), routed.pooled, routed.pooled_continued)
+    sizes = sorted({lm.img_size for lm in models if lm})
+    frames, left_out = {"test": test_df, "val": val_df}, {}
+    rejected = out / unified_dataset.REJECTED_CSV
+    for split, df in list(frames.items()):
+        for size in sizes if cache is not None else sizes[:1]:
+            frames[split] = engine.decode_pass(frames[split], size, cache_dir=cache, skip_bad=skip_bad,
+                                               rejected_csv=rejected)
+        left_out[split] = len(df) - len(frames[split])
+        if left_out[split]:
+            notes.append(f"{split}: {left_out[split]} of {len(df)} images could not be decoded and were "
+                         f"left out (--skip-bad; listed in {rejected})")
+    return frames["test"], frames["val"], left_out
 
 
 def study_column(df: pd.DataFrame, name: str | None, notes: list[str]) -> str | None:
@@ -640,10 +668,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             notes.append("no fracture_classifier_pooled.pt: the pooled baseline (d) is missing")
         bounds = routed.age_bounds
         names = columns.age_group_names(bounds)
-        true_val, true_test = (true_groups(df, bounds, split, notes) for split, df in (("val", val_df), ("test", test_df)))
         cache = None if args.no_cache else (args.cache_dir or paths["out"] / "image.cache")
         amp = engine.resolve_amp(args.amp, device)
         infer_kw = dict(batch_size=args.batch_size, num_workers=args.workers, cache_dir=cache, amp=amp)
+        test_df, val_df, left_out = decode_splits(test_df, val_df, routed, cache, args.skip_bad, paths["out"], notes)
+        true_val, true_test = (true_groups(df, bounds, split, notes) for split, df in (("val", val_df), ("test", test_df)))
         engine.log(f"inference: validation ({len(val_df)} images), test ({len(test_df)} images) "
                    f"on {device} (amp {amp})"
                    + (f", sharded over {info.world_size} processes" if info.distributed else ""))
@@ -681,6 +710,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "inputs": {k: str(v) for k, v in paths.items()},
             "config": cfg, "versions": versions(), "device": str(device), "world_size": info.world_size,
             "n_test_images": int(len(test_df)), "n_test_patients": int(pd.unique(patients).size),
+            "undecodable_left_out": left_out,
             "test_prevalence": float(y.mean()), "n_val_images": int(len(val_df)),
             "age_bounds": list(bounds), "age_group_names": list(names),
             "threshold_method": method if method == "youden" else f"sensitivity >= {target}",

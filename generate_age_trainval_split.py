@@ -19,7 +19,7 @@ Outputs (in ``--out-dir``)
 
 Example::
 
-    python generate_age_trainval_split.py --out-dir runs/demo --val-frac 0.2 --seed 42
+    python generate_age_trainval_split.py --out-dir runs/demo --val-frac 0.2 --split-seed 42
 """
 from __future__ import annotations
 
@@ -53,24 +53,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=Path("."), help="folder with stage 1's files; outputs go here")
     p.add_argument("--pool-csv", type=Path, default=None, help="default: <out-dir>/age_pool.csv")
     p.add_argument("--test-csv", type=Path, default=None, help="default: <out-dir>/age_test.csv")
-    p.add_argument("--val-frac", type=presets.split_fraction, default=0.2,
-                   help="share of pool patients for validation (0-0.5]")
-    p.add_argument("--seed", type=int, default=42, help="random seed of the split")
     p.add_argument("--force", action="store_true", help="re-draw train/val even if they match the pool")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="set bad pool rows aside in rejected_rows.csv instead of stopping at the first")
-    p.add_argument("--age-bounds", type=float, nargs="+", default=None,
-                   action=presets.AgeBoundsAction,
-                   help="age group boundaries (default: those recorded by stage 1; must match them)")
-    p.add_argument("--no-image-check", action="store_true", help="do not look at the image files")
+    presets.add_split_args(p, "trainval")
     return p
+
+
+def _stage1_manifest(out: Path) -> dict[str, Any]:
+    path = out / STAGE1_MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _bounds(args: argparse.Namespace, out: Path) -> tuple[float, ...]:
     recorded = None
     path = out / STAGE1_MANIFEST
     if path.is_file():
-        recorded = tuple(float(b) for b in json.loads(path.read_text()).get("age_bounds", C.AGE_BOUNDS))
+        recorded = tuple(float(b) for b in _stage1_manifest(out).get("age_bounds", C.AGE_BOUNDS))
     if args.age_bounds is None:
         return recorded or C.AGE_BOUNDS
     wanted = tuple(float(b) for b in args.age_bounds)
@@ -109,7 +106,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         n_groups = C.num_age_groups(bounds)
         test = read_split_csv(test_csv)
         pool = read_split_csv(pool_csv, validate=False)
-        pool = validate_frame(pool, pool_csv, check_images=not args.no_image_check, skip_bad=args.skip_bad,
+        check_images = not args.no_image_check
+        if check_images and _stage1_manifest(out).get("image_check", {}).get("mode") == "none":
+            print(f"{out / STAGE1_MANIFEST}: stage 1 split without looking at the images "
+                  "(--no-image-check): so does this stage")
+            check_images = False
+        pool = validate_frame(pool, pool_csv, check_images=check_images, skip_bad=args.skip_bad,
                               rejected_csv=out / REJECTED_CSV, append_rejected=True)
         if pool.attrs.get("n_rejected"):
             wrote["rejected_csv"] = out / REJECTED_CSV
@@ -118,7 +120,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         _check_groups(test, test_csv, bounds)
         _check_groups(pool, pool_csv, bounds)
         pool_sha = file_sha256(pool_csv)
-        recipe = {"pool_sha256": pool_sha, "seed": args.seed, "val_frac": args.val_frac,
+        recipe = {"pool_sha256": pool_sha, "seed": args.split_seed, "val_frac": args.val_frac,
                   "skip_bad": bool(args.skip_bad)}
         old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         if (not args.force and train_csv.is_file() and val_csv.is_file()
@@ -131,7 +133,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if train_csv.is_file() or val_csv.is_file():
                 why = "--force" if args.force else "the pool, seed or fraction changed"
                 print(f"{train_csv.name}, {val_csv.name}: re-drawing them ({why})")
-            val, train = split_patients(pool, args.val_frac, args.seed, source=pool_csv)
+            val, train = split_patients(pool, args.val_frac, args.split_seed, source=pool_csv)
             kept = False
         frames = {str(train_csv): train, str(val_csv): val, str(test_csv): test}
         check_disjoint(frames)
@@ -144,7 +146,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(describe(counts))
         manifest = {
             "stage": "generate_age_trainval_split",
-            "seed": args.seed,
+            "seed": args.split_seed,
             "val_frac": args.val_frac,
             "recipe": recipe,
             "trainval": "kept" if kept else "drawn",

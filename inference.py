@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -350,31 +350,42 @@ def gradcam(model: nn.Module, images: torch.Tensor, target_index: int | None = N
     return np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
 
 
-def denormalise(x: torch.Tensor, mean: float, std: float) -> np.ndarray:
-    """A model input tensor [1, H, W] back to a displayable HxW image in [0, 1]."""
-    return np.clip(x.detach().cpu().numpy().reshape(x.shape[-2:]) * std + mean, 0, 1)
-
-
 def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
-                 tta: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(input image, CAM) pairs for the rows of ``df`` explained by model ``lm``."""
+                 tta: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image, CAM) for each row of ``df`` explained by model ``lm``, both at the ORIGINAL
+    image's resolution: the image in the display window the model sees (its 0.5/99.5
+    percentile normalisation, ``unified_dataset.read_image``), the CAM mapped back from the
+    letterboxed model input (``unified_dataset.unletterbox``). One row at a time, since
+    full-size images add up."""
     if len(df) == 0:
-        return []
+        return
     loader = make_loader(lm, df, batch_size=8, shard=False)
     model = HFlipTTA(lm.model) if tta else lm.model
-    out = []
+    paths = iter(df["image_path"].astype(str))
     for x, _ in loader:
-        maps = gradcam(model, x.to(device))
-        out += [(denormalise(xi, lm.mean, lm.std), m) for xi, m in zip(x, maps)]
-    return out
+        for m in gradcam(model, x.to(device)):
+            image = ud.read_image(next(paths))
+            yield image, ud.unletterbox(m, image.shape)
 
 
-def overlay_png_bytes(image: np.ndarray, cam: np.ndarray) -> bytes:
-    """The CAM over the image as PNG bytes (jet colour map, 40% opacity)."""
+def overlay_png_bytes(image: np.ndarray, cam: np.ndarray, lines: Sequence[str] = ()) -> bytes:
+    """The CAM over the image (jet colour map, 40% opacity) at the image's size, with
+    ``lines`` of text in its top-left corner, as PNG bytes."""
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     rgb = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=2).astype(np.float32)
-    vis = show_cam_on_image(rgb, cam, use_rgb=False, image_weight=0.6)  # BGR for OpenCV
+    vis = np.ascontiguousarray(show_cam_on_image(rgb, np.clip(cam, 0, 1), use_rgb=False,
+                                                 image_weight=0.6))  # BGR for OpenCV
+    # text about 1/40 of the longer side high, whatever the resolution
+    scale = max(0.35, max(vis.shape[:2]) / 1400)
+    thick = max(1, round(2 * scale))
+    y = 0
+    for text in lines:
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        y += th + base + 4 * thick
+        cv2.rectangle(vis, (0, y - th - base - 2 * thick), (tw + 6 * thick, y + thick), (0, 0, 0), -1)
+        cv2.putText(vis, text, (3 * thick, y - base), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick,
+                    cv2.LINE_AA)
     ok, buf = cv2.imencode(".png", vis)
     if not ok:
         raise RuntimeError("PNG encoding of the Grad-CAM overlay failed")

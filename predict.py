@@ -15,8 +15,9 @@ Outputs
   --output CSV              one row per image: image_path, age_group_label, age_group_name,
                             age_group_prob_0..2, fracture_model, fracture_prob,
                             fracture_label, threshold, threshold_source, routing, tta, cam_path
-  --cam DIR                 one Grad-CAM overlay PNG per image (the fracture model that
-                            decided it, on the letterboxed model input)
+  --cam DIR                 one Grad-CAM overlay PNG per image: the fracture model that
+                            decided it, over the original image at its own size and display
+                            window, with the age group, fracture probability and threshold
 
 Example
   python predict.py scans/ extra/image.dcm --models-dir runs/demo/saved_agegroup_models \\
@@ -209,7 +210,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             lm = next(m for m in [*routed.groups.values(), routed.pooled] if m and m.name == name)
             for i, (img, cam) in zip(rows, cam_examples(lm, df.loc[rows], device, args.tta)):
                 target = cam_dir / f"{i:04d}_{Path(out.at[i, 'image_path']).stem}_cam.png"
-                data = overlay_png_bytes(img, cam)
+                group = int(out.at[i, "age_group_label"])
+                verdict = "FRACTURE" if out.at[i, "fracture_label"] else "no fracture"
+                data = overlay_png_bytes(img, cam, [
+                    f"age group {out.at[i, 'age_group_name']} (p {out.at[i, f'age_group_prob_{group}']:.2f})",
+                    f"fracture p {out.at[i, 'fracture_prob']:.3f}, threshold {threshold:.3f}: {verdict}",
+                    f"Grad-CAM of {name}"])
                 atomic_write(target, lambda tmp, d=data: tmp.write_bytes(d))
                 out.at[i, "cam_path"] = str(target)
                 cams.append(target)

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 import columns
+import phantom
 
 # --------------------------------------------------------------------------- argument types
 # ``type=`` functions (and one Action) for the scripts' numeric and path options, so a bad
@@ -412,3 +413,123 @@ def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
     elif args.cache_dir is None:
         args.cache_dir = out / "image.cache"
     return args
+
+
+# --------------------------------------------------------------------------- data options
+# The data options of the stages, defined once. Each stage script adds the ones it takes;
+# run_all_training.py adds all of them and passes each on to the stages that take it
+# (:func:`split_argv`). Stages: "testset" (stage 1), "trainval" (stage 2), "train"
+# (stages 3 and 4), "evaluate" (stage 5).
+DATA_STAGES: tuple[str, ...] = ("testset", "trainval", "train", "evaluate")
+_STAGE_NUMBERS = {"testset": "1", "trainval": "2", "train": "3-4", "evaluate": "5"}
+_DATA_OPTIONS: tuple[dict[str, Any], ...] = (
+    # flags[0] is the driver's name; the stages also take the others (--seed, the old name,
+    # would clash with the driver's training seed). A dict default or help is per stage.
+    {"flags": ("--data-csv",), "stages": ("testset",), "type": Path, "default": None,
+     "help": "dataset CSV: GRAZPEDWRI-DX's dataset.csv or a generic one "
+             "[default: <image-root>/dataset.csv, or a generated phantom]"},
+    {"flags": ("--image-root",), "stages": ("testset",), "type": Path, "default": None,
+     "help": "image folder, searched recursively (images_part1..4 may stay as unpacked) "
+             "[default: the CSV's folder]"},
+    {"flags": ("--format",), "stages": ("testset",), "choices": ("auto", "grazpedwri", "generic"),
+     "default": "auto", "help": "CSV layout; auto recognises GRAZPEDWRI-DX by its header"},
+    {"flags": ("--image-col",), "stages": ("testset",), "default": "image_path",
+     "help": "generic CSV: image path column"},
+    {"flags": ("--patient-col",), "stages": ("testset",), "default": "patient_id",
+     "help": "generic CSV: patient id column"},
+    {"flags": ("--age-col",), "stages": ("testset",), "default": "age", "help": "generic CSV: age (years) column"},
+    {"flags": ("--label-col",), "stages": ("testset",), "default": "fracture",
+     "help": "generic CSV: fracture 0/1 column"},
+    {"flags": ("--exclude",), "stages": ("testset",), "nargs": "*",
+     "choices": columns.EXCLUDABLE + ("none",), "default": ["metal"],
+     "help": "drop images with these flags before splitting ('none' or no value: keep all)"},
+    {"flags": ("--test-frac",), "stages": ("testset",), "type": split_fraction, "default": 0.15,
+     "help": "share of patients in the test set (0-0.5]"},
+    {"flags": ("--val-frac",), "stages": ("trainval",), "type": split_fraction, "default": 0.2,
+     "help": "share of the other patients in the validation set (0-0.5]"},
+    {"flags": ("--split-seed", "--seed"), "stages": ("testset", "trainval"), "type": int, "default": 42,
+     "help": "random seed of the patient split"},
+    {"flags": ("--age-bounds",), "stages": ("testset", "trainval"), "type": float, "nargs": "+",
+     "action": AgeBoundsAction,
+     "default": {"testset": list(columns.AGE_BOUNDS), "trainval": None},
+     "help": {"testset": "age group boundaries in years (group g: bounds[g-1] <= age < bounds[g])",
+              "trainval": "age group boundaries (default: those recorded by stage 1; must match them)",
+              "driver": "age group boundaries in years (group g: bounds[g-1] <= age < bounds[g]) "
+                        "[default: 8 15]"}},
+    {"flags": ("--skip-bad",), "stages": DATA_STAGES, "action": "store_true", "default": False,
+     "help": {"testset": "set bad rows aside in rejected_rows.csv instead of stopping at the first",
+              "trainval": "set bad pool rows aside in rejected_rows.csv instead of stopping at the first",
+              "train": "leave images that cannot be decoded out (stage 3 also leaves their predictions "
+                       "empty) and list them in <out-dir>/rejected_rows.csv, instead of stopping",
+              "evaluate": "leave validation and test images that cannot be decoded out (the report "
+                          "counts them) and list them in <out-dir>/rejected_rows.csv, instead of stopping",
+              "driver": "every stage sets bad rows and undecodable images aside in "
+                        "<out-dir>/rejected_rows.csv instead of stopping; the split CSVs keep every row"}},
+    {"flags": ("--no-image-check",), "stages": ("testset", "trainval"), "action": "store_true", "default": False,
+     "help": {"testset": "do not look at the image files (metadata-only split; stage 2 follows)",
+              "trainval": "do not look at the image files (without it: as stage 1 did, from "
+                          "age_test_split.json)",
+              "driver": "metadata-only split: stages 1 and 2 do not look at the image files"}},
+    {"flags": ("--decode-check",), "stages": ("testset",), "action": "store_true", "default": False,
+     "help": "decode every image once to find corrupt files (one thread per core; stage 1 prints "
+             "how long its image check took)"},
+    {"flags": ("--phantom-patients",), "stages": ("testset",), "type": positive_int,
+     "default": phantom.DEFAULT_N_PATIENTS, "help": "phantom size when no dataset is given"},
+    {"flags": ("--phantom-img-size",), "stages": ("testset",), "type": positive_int,
+     "default": phantom.DEFAULT_IMG_SIZE,
+     "help": "phantom image height in pixels"},
+    {"flags": ("--phantom-seed",), "stages": ("testset",), "type": int, "default": 0,
+     "help": "phantom generator seed"},
+)
+
+
+def _dest(opt: Mapping[str, Any]) -> str:
+    return opt["flags"][0].lstrip("-").replace("-", "_")
+
+
+def _per_stage(value: Any, stage: str) -> Any:
+    return value.get(stage) if isinstance(value, dict) else value
+
+
+def add_split_args(parser: argparse.ArgumentParser, stage: str) -> argparse.ArgumentParser:
+    """Add the "data" options that ``stage`` takes (one of :data:`DATA_STAGES`), or all of
+    them for ``stage="driver"``: there every default is ``None`` ("the stage's default",
+    which the help shows) and only the first flag name is taken."""
+    if stage not in DATA_STAGES + ("driver",):
+        raise ValueError(f"unknown stage {stage!r}")
+    g = parser.add_argument_group("data")
+    for opt in _DATA_OPTIONS:
+        if stage != "driver" and stage not in opt["stages"]:
+            continue
+        kw = {k: v for k, v in opt.items() if k in ("type", "choices", "nargs", "action")}
+        text = _per_stage(opt["help"], stage) or _per_stage(opt["help"], opt["stages"][0])
+        if stage == "driver":
+            default = _per_stage(opt["default"], opt["stages"][0])
+            if not (isinstance(opt["help"], dict) and "driver" in opt["help"]) \
+                    and default is not None and default is not False:
+                text += f" [default: {' '.join(map(str, default)) if isinstance(default, list) else default}]"
+            numbers = [_STAGE_NUMBERS[s] for s in opt["stages"]]
+            text += " (every stage)" if opt["stages"] == DATA_STAGES else \
+                f" (stage{'s' if len(numbers) > 1 else ''} {', '.join(numbers)})"
+            g.add_argument(opt["flags"][0], dest=_dest(opt), default=None, help=text.replace("%", "%%"), **kw)
+        else:
+            g.add_argument(*opt["flags"], dest=_dest(opt), default=_per_stage(opt["default"], stage),
+                           help=text.replace("%", "%%"), **kw)
+    return parser
+
+
+def split_argv(args: argparse.Namespace, stage: str) -> list[str]:
+    """The data options given to the driver that ``stage`` takes, as that stage's argv."""
+    argv: list[str] = []
+    for opt in _DATA_OPTIONS:
+        value = getattr(args, _dest(opt), None)
+        if stage not in opt["stages"] or value is None or value is False:
+            continue
+        flag = opt["flags"][0]
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

@@ -269,23 +269,28 @@ def plot_cam_grid(
     path: str | os.PathLike,
     title: str = "Grad-CAM examples",
 ) -> Path:
-    """A grid: per example the input image (top) and the Grad-CAM overlay (bottom).
+    """A grid: per example the image (top) and the Grad-CAM overlay (bottom).
 
-    Each item: ``image`` (HxW float in [0, 1]), ``cam`` (HxW in [0, 1]) and ``caption``.
+    Each item: ``image`` (HxW float in [0, 1], the original image in its display window),
+    ``cam`` (HxW in [0, 1], the same size), ``caption`` (above the column) and ``overlay``
+    (text written on the overlay, e.g. the predicted age group, probability and threshold).
     """
     n = max(len(items), 1)
-    fig, axes = plt.subplots(2, n, figsize=(2.7 * n, 6.0), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(2.9 * n, 7.0), squeeze=False)
     for j, item in enumerate(items):
         img = np.asarray(item["image"], float)
         axes[0, j].imshow(img, cmap="gray", vmin=0, vmax=1)
         axes[0, j].set_title(item.get("caption", ""), fontsize=8)
         axes[1, j].imshow(img, cmap="gray", vmin=0, vmax=1)
         axes[1, j].imshow(np.asarray(item["cam"], float), cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        if item.get("overlay"):
+            axes[1, j].text(0.02, 0.98, item["overlay"], transform=axes[1, j].transAxes, va="top", ha="left",
+                            fontsize=7, color="white", bbox={"facecolor": "black", "alpha": 0.6, "pad": 2})
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     if items:
-        axes[0, 0].set_ylabel("input", fontsize=9)
+        axes[0, 0].set_ylabel("image", fontsize=9)
         axes[1, 0].set_ylabel("Grad-CAM", fontsize=9)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()

@@ -15,7 +15,11 @@ training and evaluation stages with ``--nproc-per-node N``):
 Without arguments: a phantom data set is generated and the ``demo`` preset (small model,
 CPU, a few minutes) is used. With ``--data-csv``/``--image-root``: the real data and the
 ``paper`` preset (Swin-L 384, GPU) unless ``--preset`` says otherwise. Any training flag
-(``--epochs``, ``--model``, ``--img-size``, ``--config``, ...) is passed on to stages 3-4.
+(``--epochs``, ``--model``, ``--img-size``, ``--config``, ...) is passed on to stages 3-4,
+and every data option of the stages (``--skip-bad``, ``--exclude``, ``--format`` and the
+column mapping, ``--test-frac``, ``--val-frac``, ``--split-seed``, ``--age-bounds``,
+``--no-image-check``, ``--decode-check``, the phantom's size) to the stages that take it
+(``--help`` lists them under "data", each with its stages).
 
 Re-running: ``<out-dir>/run_state.json`` records each finished stage, its arguments and its
 output files (size and modification time). A stage whose record matches is skipped; the
@@ -23,7 +27,8 @@ first stage that does not is run, and every later stage with it. A stage that wa
 interrupted or failed is resumed (its trainers continue from their ``last`` state); one
 that finished with the same arguments but whose outputs changed or went missing is re-run
 keeping its finished models (delete one checkpoint and only that model is trained again).
-``--from-stage K`` redoes stages K.. from scratch; ``--force`` redoes everything, including
+``--from-stage K`` redoes stages K.. from scratch, and takes the files of earlier stages as
+they are where they exist (a stage 1 run by hand, say); ``--force`` redoes everything, including
 re-drawing the fixed test set. A failing stage stops the run with its error and exit code 1
 (130 after Ctrl-C). One run per output directory (a lock file).
 
@@ -56,7 +61,7 @@ from distributed import LOCK_HELD_ENV
 from engine import ResumeError
 from io_utils import RunLock, write_json
 from models import to_jsonable
-from presets import add_training_args, chosen_preset, explicit_training_argv
+from presets import add_split_args, add_training_args, chosen_preset, explicit_training_argv, split_argv
 
 STATE_FILE = "run_state.json"
 HERE = Path(__file__).resolve().parent
@@ -74,16 +79,13 @@ class StageFailed(RuntimeError):
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    g = parser.add_argument_group("data and run")
-    g.add_argument("--data-csv", type=Path, default=None,
-                   help="dataset CSV (GRAZPEDWRI-DX dataset.csv or generic) [default: generate a phantom]")
-    g.add_argument("--image-root", type=Path, default=None, help="image folder (searched recursively)")
+    add_split_args(parser, "driver")
+    g = parser.add_argument_group("run")
     g.add_argument("--out-dir", type=Path, default=None,
                    help="run directory [default: runs/demo for the phantom, runs/real with --data-csv]")
-    g.add_argument("--phantom-patients", type=int, default=None, help="phantom size (stage 1's default if unset)")
-    g.add_argument("--phantom-img-size", type=int, default=None, help="phantom image size (stage 1's default)")
     g.add_argument("--from-stage", type=int, choices=sorted(NAMES), default=None,
-                   help="redo this stage and all later ones from scratch")
+                   help="redo this stage and all later ones from scratch; earlier stages' files are used "
+                        "as they are where they exist")
     g.add_argument("--to-stage", type=int, choices=sorted(NAMES), default=5, help="stop after this stage")
     g.add_argument("--no-pooled", action="store_true", help="do not train the pooled baseline model")
     g.add_argument("--no-control", action="store_true",
@@ -162,19 +164,13 @@ class RunState:
 
 # --------------------------------------------------------------------------- stages
 def _stage_argvs(args: argparse.Namespace, out: Path, preset: str) -> dict[int, list[str]]:
-    s1 = ["--out-dir", str(out)]
-    if args.data_csv:
-        s1 += ["--data-csv", str(args.data_csv)]
-    if args.image_root:
-        s1 += ["--image-root", str(args.image_root)]
-    if args.phantom_patients:
-        s1 += ["--phantom-patients", str(args.phantom_patients)]
-    if args.phantom_img_size:
-        s1 += ["--phantom-img-size", str(args.phantom_img_size)]
+    s1 = ["--out-dir", str(out)] + split_argv(args, "testset")
+    s2 = ["--out-dir", str(out)] + split_argv(args, "trainval")
     train = ["--out-dir", str(out)] + explicit_training_argv(args)
     if "--preset" not in train:
         train += ["--preset", preset]
-    s5 = ["--out-dir", str(out), "--cache-dir", str(out / "image.cache")]
+    train += split_argv(args, "train")
+    s5 = ["--out-dir", str(out), "--cache-dir", str(out / "image.cache")] + split_argv(args, "evaluate")
     if args.n_boot is not None:
         s5 += ["--n-boot", str(args.n_boot)]
     if args.device:
@@ -186,7 +182,18 @@ def _stage_argvs(args: argparse.Namespace, out: Path, preset: str) -> dict[int, 
         s4 += ["--min-rows", str(args.min_rows)]
     if args.no_control:
         s4 += ["--no-control"]
-    return {1: s1, 2: ["--out-dir", str(out)], 3: train, 4: s4, 5: s5}
+    return {1: s1, 2: s2, 3: train, 4: s4, 5: s5}
+
+
+# What each stage leaves behind (stage 4: at least one fracture model).
+STAGE_FILES = {1: ("age_test.csv", "age_pool.csv"), 2: ("age_train_tmp.csv", "age_val_tmp.csv"),
+               3: (f"{MODELS_SUBDIR}/age_classifier.pt",)}
+
+
+def _has_outputs(stage: int, out: Path) -> bool:
+    if stage == 4:
+        return any(not p.stem.endswith("_last") for p in (out / MODELS_SUBDIR).glob("fracture_classifier_*.pt"))
+    return all((out / name).is_file() for name in STAGE_FILES.get(stage, ("-",)))
 
 
 def _call_main(module: str, argv: list[str]) -> dict[str, Any]:
@@ -323,6 +330,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             redo = redo_from is not None and stage >= redo_from
             if not redo and not ran_earlier and state.up_to_date(stage, argv):
                 print(f"-- stage {stage} ({NAMES[stage]}): up to date, skipped", flush=True)
+                continue
+            if redo_from is not None and stage < redo_from and _has_outputs(stage, out):
+                # e.g. stage 1 run by hand: --from-stage 2 must not run (and fail) it again
+                print(f"-- stage {stage} ({NAMES[stage]}): not run (--from-stage {redo_from}); using its "
+                      f"files in {out}", flush=True)
                 continue
             # Resume only what this stage itself left unfinished, or finished with these very
             # arguments but whose outputs changed since (e.g. one checkpoint deleted: the trainers

@@ -121,7 +121,7 @@ def check_coverage(df: pd.DataFrame, name: Any, n_groups: int, groups: Sequence[
     for g in (groups if groups is not None else range(n_groups)):
         if g not in present:
             raise DataError.at(name, None, f"age group {g} ({names[g]}) has no images; every split needs "
-                               "each age group (use more data, another --seed or fraction, or other --age-bounds)")
+                               "each age group (use more data, another --split-seed or fraction, or other --age-bounds)")
 
 
 def split_counts(frames: Mapping[str, pd.DataFrame], n_groups: int) -> dict[str, Any]:

@@ -5,6 +5,9 @@ Trains on ``age_train_tmp.csv`` with the true ``age_group`` (0: < 8 y, 1: 8-14 y
 predicts every row of the train, val AND test CSVs and writes ``age_group_label`` (argmax)
 and ``age_group_prob_0..2`` back into them atomically, keeping every other row and column.
 Stage 4 routes training data by ``age_group_label``; stage 5 routes test images by it.
+Every image of the three CSVs is decoded first (the cache warm-up): one that cannot be
+decoded stops the run in one line before training, or with ``--skip-bad`` is listed in
+``<out-dir>/rejected_rows.csv`` and gets empty prediction cells.
 
 Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv, age_test.csv.
 Outputs (``--models-dir``, default ``<out-dir>/saved_agegroup_models``):
@@ -21,8 +24,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,7 +34,9 @@ import pandas as pd
 import errors
 import distributed
 import engine
+import presets
 import splits
+import unified_dataset
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES, PREDICTION_COLUMNS
 from config import print_config, to_dict
 from io_utils import write_csv, write_json
@@ -45,19 +51,27 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_data_args(parser, test_csv=True)
+    presets.add_split_args(parser, "train")
     add_training_args(parser)
     return parser
 
 
-def write_predictions(csv_path: Path, probs: np.ndarray) -> Path:
-    """Add/replace the prediction columns of ``csv_path``, leaving everything else as it was."""
+def write_predictions(csv_path: Path, probs: np.ndarray, rows: Sequence[int], n_rows: int) -> Path:
+    """Add/replace the prediction columns of ``csv_path`` for the CSV rows ``rows`` (header =
+    row 1); other rows (images that could not be decoded, --skip-bad) get empty cells.
+    Every other column stays as it was. ``n_rows``: the rows the file had when it was read."""
     raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    if len(raw) != len(probs):
-        raise DataError(f"{csv_path}: has {len(raw)} rows but {len(probs)} predictions; the file changed "
+    if len(raw) != n_rows or len(rows) != len(probs):
+        raise DataError(f"{csv_path}: has {len(raw)} rows, {n_rows} when it was read; the file changed "
                         f"during the run")
-    raw[PREDICTION_COLUMNS[0]] = probs.argmax(1)
+    at = np.asarray(rows, dtype=int) - 2
+    label = pd.array([pd.NA] * len(raw), dtype="Int64")
+    label[at] = probs.argmax(1)
+    raw[PREDICTION_COLUMNS[0]] = label
     for k, col in enumerate(PREDICTION_COLUMNS[1:]):
-        raw[col] = probs[:, k]
+        values = np.full(len(raw), np.nan)
+        values[at] = probs[:, k]
+        raw[col] = values
     return write_csv(raw, csv_path)
 
 
@@ -68,13 +82,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
             print_config(to_dict(cfg), "train_age_classifier.py")
-        frames = {split: read_split_csv(path) for split, path in csvs.items()}
-        for note in splits.check_splits({str(csvs[k]): df for k, df in frames.items()}, csvs["test"]):
+        read = {split: read_split_csv(path) for split, path in csvs.items()}
+        for note in splits.check_splits({str(csvs[k]): df for k, df in read.items()}, csvs["test"]):
             engine.log(f"note: {note}")
+        # all three decoded before training: an undecodable test image stops the run now, not
+        # after the last epoch; with --skip-bad its prediction cells stay empty
+        frames = {split: engine.decode_pass(
+            df, cfg.img_size, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
+            rejected_csv=Path(cfg.out_dir) / unified_dataset.REJECTED_CSV,
+            progress=not cfg.quiet and sys.stderr.isatty()) for split, df in read.items()}
         result = engine.train_classifier(
             cfg, kind="age", train_df=frames["train"], val_df=frames["val"], target_col="age_group",
             class_names=AGE_GROUP_NAMES, files=files, device=info.device, age_bounds=AGE_BOUNDS,
-            cache_dir=cfg.cache_dir, title="age-group classifier")
+            cache_dir=cfg.cache_dir, title="age-group classifier", images_checked=True)
 
         ckpt = load_checkpoint(files.best, expect={"kind": "age", "num_classes": len(AGE_GROUP_NAMES)})
         model = build_from_checkpoint(ckpt, info.device, source=str(files.best))
@@ -86,10 +106,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                              device=info.device, cache_dir=cfg.cache_dir)
             probs = engine.predict(model, loader, info.device, amp=amp, channels_last=cfg.channels_last)
             if info.is_main:
-                write_predictions(path, probs)
+                write_predictions(path, probs, frames[split].index, len(read[split]))
             counts[split] = np.bincount(probs.argmax(1), minlength=len(AGE_GROUP_NAMES)).tolist()
+            left = len(read[split]) - len(frames[split])
             engine.log(f"{path}: wrote {', '.join(PREDICTION_COLUMNS)} for {len(probs)} rows "
-                       f"(predicted groups {counts[split]})")
+                       f"(predicted groups {counts[split]})"
+                       + (f"; {left} undecodable image(s) left empty (--skip-bad)" if left else ""))
         distributed.barrier()
         out = {
             "checkpoint": result["checkpoint"], "metrics_csv": result["metrics_csv"],

@@ -16,7 +16,8 @@ control ``fracture_classifier_pooled_continued``: the pooled model trained furth
 training rows with the group models' settings (epochs, schedule, sampler, loss), so that
 evaluation can compare routing with a pooled system of the same training budget
 (``--no-control`` leaves it out). A group with too few rows, or only one class in its
-training rows, is skipped with a message, not a crash.
+training rows, is skipped with a message, not a crash. Each model's images are decoded before its first
+epoch; ``--skip-bad`` leaves those that cannot be decoded out (``rejected_rows.csv``).
 
 Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv (with
 ``age_group_label`` from stage 3 unless ``--group-column age_group``), and age_test.csv,
@@ -59,6 +60,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_data_args(parser, test_csv=True)  # read only to check the splits are still patient-disjoint
+    presets.add_split_args(parser, "train")
     g = parser.add_argument_group("groups")
     g.add_argument("--groups", type=int, nargs="+", default=None, choices=range(len(AGE_GROUP_NAMES)),
                    help="age groups to train [default: all]")

@@ -28,13 +28,18 @@ Intensity normalisation (:func:`read_image`)
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import re
+import signal
 import stat
-from multiprocessing.pool import ThreadPool
+import threading
+import time
+import zlib
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 # albumentations checks PyPI for a newer release on import; the pipeline never reaches
 # the network at run time (offline hospitals, CI), so that check is switched off.
@@ -52,6 +57,10 @@ import columns as C
 from io_utils import atomic_write, write_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Where every stage sets bad rows aside with --skip-bad (in its --out-dir).
+REJECTED_CSV = "rejected_rows.csv"
+# The remedy an error names where the running command has --skip-bad ({them}: it/them).
+SKIP_BAD_REMEDY = f"--skip-bad sets {{them}} aside in {REJECTED_CSV}"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 PCT_LOW, PCT_HIGH = 0.5, 99.5
 # The decode checks refuse images smaller than this on a side (or of one value): no
@@ -87,6 +96,77 @@ def _one_line(message: str) -> str:
         marker = "DataError: "
         return last[last.index(marker) + len(marker):] if marker in last else last
     return " ".join(message.split("\n")).strip()
+
+
+def bad_rows_error(source: Any, problems: Mapping[Any, str], order: Iterable[Any], what: str = "bad rows",
+                   remedy: str | None = SKIP_BAD_REMEDY) -> DataError:
+    """The one-line error for a set of bad rows: the first in ``order``, how many more, and
+    ``remedy`` (a flag the running command accepts; ``None`` where it has none)."""
+    row = next(r for r in order if r in problems)
+    extra = [f"+{len(problems) - 1} more {what}"] if len(problems) > 1 else []
+    if remedy:
+        extra.append(remedy.format(them="them" if len(problems) > 1 else "it"))
+    return DataError.at(source, row, problems[row] + (f" ({'; '.join(extra)})" if extra else ""))
+
+
+# --------------------------------------------------------------------------- threads
+
+def default_workers() -> int:
+    """Threads for image work: the cores this process may run on (OpenCV and zlib release the GIL)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def run_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
+                 on_result: Callable[[int, Any], None], chunksize: int = 1) -> None:
+    """Call ``fn(item)`` for every item on ``workers`` threads and ``on_result(index, result)``
+    in the calling thread, in completion order. An exception of ``fn`` propagates.
+
+    Work is handed out a few chunks at a time, and however this returns (an exception, a
+    Ctrl-C) the running chunks are finished and the pending ones dropped first: a thread
+    still inside OpenCV while the interpreter shuts down aborts the process ("terminate
+    called without an active exception", SIGABRT) instead of the Ctrl-C's exit status 130.
+    The Ctrl-C itself is only noted while the threads run and raised here once they have
+    stopped: a KeyboardInterrupt raised inside ``threading.Condition.wait`` can leave its
+    lock released and turn into "RuntimeError: release unlocked lock".
+    """
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        for i, item in enumerate(items):
+            on_result(i, fn(item))
+        return
+    chunks = iter([range(s, min(s + chunksize, len(items))) for s in range(0, len(items), chunksize)])
+
+    def run_chunk(idx: range) -> list[tuple[int, Any]]:
+        return [(i, fn(items[i])) for i in idx]
+
+    interrupted = threading.Event()
+    # only the main thread can take signals, and only Python's own Ctrl-C handler is replaced
+    own_handler = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if own_handler:
+        signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    pool = ThreadPoolExecutor(max_workers=workers)
+    pending = {pool.submit(run_chunk, c) for c in itertools.islice(chunks, 2 * workers)}
+    try:
+        while pending and not interrupted.is_set():
+            done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+            for fut in done:
+                for i, res in fut.result():
+                    on_result(i, res)
+                nxt = next(chunks, None)
+                if nxt is not None:
+                    pending.add(pool.submit(run_chunk, nxt))
+    finally:
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+        if own_handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 # --------------------------------------------------------------------------- CSV loading
@@ -270,7 +350,8 @@ def read_split_csv(path: str | os.PathLike, validate: bool = True) -> pd.DataFra
     df.index.name = C.ROW_INDEX_NAME
     df.attrs["source"] = str(path)
     if validate:
-        df = validate_frame(df, path, check_images=False)
+        # written by stages 1-2, so nothing to skip here: a bad row means the file was edited
+        df = validate_frame(df, path, check_images=False, remedy=None)
     return df
 
 
@@ -420,7 +501,8 @@ def _duplicate_problems(keys: pd.Series, paths: pd.Series, pids: pd.Series, how:
 
 def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = True, skip_bad: bool = False,
                    rejected_csv: str | os.PathLike | None = None, age_bounds: Sequence[float] | None = None,
-                   decode: bool = False, append_rejected: bool = False, num_workers: int = 4) -> pd.DataFrame:
+                   decode: bool = False, append_rejected: bool = False, num_workers: int | None = None,
+                   remedy: str | None = SKIP_BAD_REMEDY) -> pd.DataFrame:
     """Check a canonical frame; raise on the first bad row, or set bad rows aside.
 
     Checked: required columns; image path and patient id present; age present
@@ -435,9 +517,12 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
     to be an integer >= 0 (a split CSV records the bounds it was made with).
 
     Without ``skip_bad`` the first bad row raises ``DataError("<source>:<row>:
-    <reason> (+N more ...)")``. With it, bad rows go to ``rejected_csv``
+    <reason> (+N more ...; <remedy>)")``; ``remedy`` names the running command's
+    flag (``None``: it has none). With it, bad rows go to ``rejected_csv``
     (columns ``source_file, source_row, reason`` + the row) and the rest is
-    returned. ``df.attrs["n_rejected"]`` says how many were set aside.
+    returned. ``df.attrs["n_rejected"]`` says how many were set aside;
+    ``df.attrs["image_check"]`` how the files were checked and how long it took
+    (also printed), on ``num_workers`` threads (default: one per core).
     """
     source = source if source is not None else df.attrs.get("source", "<DataFrame>")
     _require_columns(df, ("image_path", "patient_id", "age", "fracture"), source)
@@ -476,51 +561,34 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
     same_file = named.map(os.path.realpath if check_images else os.path.normpath)
     for row, reason in _duplicate_problems(same_file, paths, pids, "the same file as").items():
         problems.setdefault(row, reason)
+    image_check: dict[str, Any] = {"mode": "none"}
     if check_images:
         todo = [(r, p) for r, p in zip(df.index, paths) if r not in problems]
-        if todo:
-            def check(item: tuple[Any, str]) -> tuple[Any, str | None, str | None]:
-                reason, arr = _check_image(item[1], decode)
-                return item[0], reason, (_pixel_digest(arr) if decode and reason is None and arr is not None
-                                         else None)
-
-            workers = max(1, min(num_workers, len(todo) // 256 + 1))
-            if workers > 1:
-                with ThreadPool(workers) as pool:
-                    results = pool.map(check, todo, chunksize=64)
-            else:
-                results = [check(t) for t in todo]
-            digests = {}
-            for row, reason, digest in results:
-                if reason is not None:
-                    problems[row] = reason
-                elif digest is not None:
-                    digests[row] = digest
-            # decoded: the same pixels under two file names (a copy, a re-encoding) are one image too
-            if digests:
-                by_pixels = pd.Series(digests).reindex([r for r in df.index if r in digests])
-                for row, reason in _duplicate_problems(by_pixels, paths, pids, "identical in pixels to").items():
-                    problems.setdefault(row, reason)
+        reasons, digests, image_check = check_image_files([p for _, p in todo], decode=decode,
+                                                          num_workers=num_workers)
+        print(f"{source}: image check ({image_check['mode']}, {image_check['threads']} thread(s)): "
+              f"{image_check['files']} files in {image_check['seconds']:.1f} s", flush=True)
+        decoded = {}
+        for (row, _), reason, digest in zip(todo, reasons, digests):
+            if reason is not None:
+                problems[row] = reason
+            elif digest is not None:
+                decoded[row] = digest
+        # decoded: the same pixels under two file names (a copy, a re-encoding) are one image too
+        if decoded:
+            by_pixels = pd.Series(decoded).reindex([r for r in df.index if r in decoded])
+            for row, reason in _duplicate_problems(by_pixels, paths, pids, "identical in pixels to").items():
+                problems.setdefault(row, reason)
 
     n_bad = len(problems)
     if n_bad and not skip_bad:
-        row = next(r for r in df.index if r in problems)
-        more = f" (+{n_bad - 1} more bad rows; --skip-bad sets them aside in rejected_rows.csv)" if n_bad > 1 else ""
-        raise DataError.at(source, row, problems[row] + more)
+        raise bad_rows_error(source, problems, df.index, remedy=remedy)
     is_bad = df.index.isin(list(problems))
     good = df.loc[~is_bad]
     if n_bad:
-        bad = df.loc[is_bad].copy()
-        bad.insert(0, "reason", [problems[r] for r in bad.index])
-        bad.insert(0, "source_row", bad.index)
-        bad.insert(0, "source_file", str(source))
-        bad = bad.astype(object).where(bad.notna(), "")
         if rejected_csv is not None:
-            if append_rejected and Path(rejected_csv).is_file():
-                old = pd.read_csv(rejected_csv, dtype=str, keep_default_na=False)
-                bad = pd.concat([old, bad.astype(str)], ignore_index=True).drop_duplicates(
-                    subset=["source_file", "source_row", "reason"], keep="last")
-            write_csv(bad, rejected_csv)
+            bad = df.loc[is_bad]
+            record_rejected(bad, [problems[r] for r in bad.index], source, rejected_csv, append=append_rejected)
         where = f" -> {rejected_csv}" if rejected_csv is not None else ""
         print(f"{source}: set aside {n_bad} bad row(s) of {len(df)} (--skip-bad){where}")
     if good.empty:
@@ -535,7 +603,52 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
     good.index.name = C.ROW_INDEX_NAME
     good.attrs["source"] = str(source)
     good.attrs["n_rejected"] = n_bad
+    good.attrs["image_check"] = image_check
     return good
+
+
+def record_rejected(bad: pd.DataFrame, reasons: Sequence[str], source: Any, rejected_csv: str | os.PathLike,
+                    append: bool = True) -> Path:
+    """Write ``bad`` (rows indexed by CSV row) with their ``reasons`` to ``rejected_csv``:
+    columns ``source_file, source_row, reason`` + the row's own. With ``append`` the rows
+    already there stay, and a row set aside again (same file, row and reason) is listed once."""
+    bad = bad.copy()
+    bad.insert(0, "reason", list(reasons))
+    bad.insert(0, "source_row", bad.index)
+    bad.insert(0, "source_file", str(source))
+    bad = bad.astype(object).where(bad.notna(), "")
+    if append and Path(rejected_csv).is_file():
+        old = pd.read_csv(rejected_csv, dtype=str, keep_default_na=False)
+        bad = pd.concat([old, bad.astype(str)], ignore_index=True).drop_duplicates(
+            subset=["source_file", "source_row", "reason"], keep="last")
+    return write_csv(bad, rejected_csv)
+
+
+def check_image_files(paths: Sequence[str], decode: bool = False, num_workers: int | None = None
+                      ) -> tuple[list[str | None], list[str | None], dict[str, Any]]:
+    """:func:`check_image_file` for every path, on threads. Returns the reasons in order
+    (``None``: fine); with ``decode`` the pixel digest of every good image (else ``None``s),
+    so that copies of one image under two names can be found; and
+    ``{"mode", "files", "threads", "seconds"}``.
+
+    Decoding takes milliseconds per full-size image and releases the GIL, so it gets a
+    thread per core; the cheap checks are a few system calls per file, where more than
+    one thread per 256 files only adds overhead.
+    """
+    workers = num_workers or default_workers()
+    if not decode:
+        workers = max(1, min(workers, len(paths) // 256 + 1))
+
+    def one(path: str) -> tuple[str | None, str | None]:
+        reason, arr = _check_image(path, decode)
+        return reason, (_pixel_digest(arr) if decode and reason is None and arr is not None else None)
+
+    results: list[tuple[str | None, str | None]] = [(None, None)] * len(paths)
+    start = time.perf_counter()
+    run_threaded(one, paths, workers, results.__setitem__, chunksize=1 if decode else 64)
+    info = {"mode": "decode" if decode else "cheap", "files": len(paths), "threads": workers,
+            "seconds": round(time.perf_counter() - start, 3)}
+    return [r for r, _ in results], [d for _, d in results], info
 
 
 # --------------------------------------------------------------------------- images
@@ -573,6 +686,24 @@ def _read_dicom(path: Path) -> np.ndarray:
     return arr
 
 
+def _png_damage(data: bytes) -> str | None:
+    """Why a PNG's chunk layout is damaged (a chunk running past the end, a critical chunk
+    whose CRC does not match, e.g. a damaged IDAT behind an intact IEND), or ``None``.
+    Ancillary chunks (lower-case first letter) are not CRC-checked: decoders skip them."""
+    view, pos = memoryview(data), len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        end = pos + 8 + int.from_bytes(data[pos:pos + 4], "big")
+        if end + 4 > len(data):
+            return f"the chunk at byte {pos} runs past the end of the file"
+        kind = bytes(data[pos + 4:pos + 8])
+        if kind[:1].isupper() and zlib.crc32(view[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+            return f"CRC error in the {kind.decode('latin-1')!r} chunk at byte {pos}"
+        if kind == b"IEND":
+            return None
+        pos = end + 4
+    return "no IEND chunk where the chunks end"
+
+
 def read_raw(path: str | os.PathLike) -> np.ndarray:
     """The image as stored, one channel: uint8/uint16 for PNG/JPEG (colour -> gray at
     the same bit depth), float64 for DICOM after modality LUT, VOI LUT/window and
@@ -594,6 +725,9 @@ def read_raw(path: str | os.PathLike) -> np.ndarray:
         return _read_dicom(p)
     if kind == "png" and b"IEND" not in data[-64:]:
         raise DataError.at(p, None, "truncated PNG (no IEND chunk)")
+    if kind == "png" and (damage := _png_damage(data)):
+        # before OpenCV, whose libpng would print its own lines to stderr and then fail
+        raise DataError.at(p, None, f"cannot decode image: corrupt PNG ({damage})")
     if kind == "jpeg" and b"\xff\xd9" not in data[-64:]:
         raise DataError.at(p, None, "truncated JPEG (no end-of-image marker)")
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -633,17 +767,32 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return normalize_intensity(read_raw(path))
 
 
+def letterbox_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """Where an ``h`` x ``w`` image lies in its ``size`` x ``size`` letterbox:
+    ``(top, left, height, width)`` (scale ``size / max(h, w)``, centred)."""
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    return (size - nh) // 2, (size - nw) // 2, nh, nw
+
+
 def letterbox(img: np.ndarray, size: int) -> np.ndarray:
     """Resize to fit ``size`` x ``size`` keeping the aspect ratio, centred, zero-padded."""
     h, w = img.shape[:2]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    top, left, nh, nw = letterbox_geometry(h, w, size)
+    interp = cv2.INTER_AREA if size < max(h, w) else cv2.INTER_LINEAR
     resized = cv2.resize(img, (nw, nh), interpolation=interp) if (nh, nw) != (h, w) else img
     out = np.zeros((size, size), dtype=img.dtype)
-    top, left = (size - nh) // 2, (size - nw) // 2
     out[top:top + nh, left:left + nw] = resized
     return out
+
+
+def unletterbox(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """The inverse of :func:`letterbox` for a map over the letterboxed square (a Grad-CAM,
+    say): the padding cropped off and the rest resized to the original ``(h, w)``, float32."""
+    h, w = int(shape[0]), int(shape[1])
+    top, left, nh, nw = letterbox_geometry(h, w, arr.shape[0])
+    inner = np.ascontiguousarray(arr[top:top + nh, left:left + nw], dtype=np.float32)
+    return cv2.resize(inner, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def load_resized(path: str | os.PathLike, img_size: int) -> np.ndarray:
@@ -709,31 +858,88 @@ class ImageCache:
         atomic_write(entry, lambda tmp: _save_npy(tmp, arr), fsync=False)  # re-derivable
         return arr, True
 
-    def warm(self, paths: Iterable[str | os.PathLike], num_workers: int = 2, progress: bool = True) -> dict[str, int]:
-        """Fill the cache for ``paths`` (threads: OpenCV decodes outside the GIL).
+    def warm(self, paths: Iterable[str | os.PathLike], num_workers: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
+        """Fill the cache for ``paths`` (threads, default one per core: OpenCV decodes
+        outside the GIL). Returns ``{"total", "decoded", "cached", "failed"}``; ``failed``
+        maps the position of every image that cannot be decoded to its one-line reason
+        (:func:`check_decodable` turns these into CSV rows)."""
+        return _decode_each(list(paths), lambda p: self._get(p)[1], num_workers, progress,
+                            f"cache {self.img_size}px")
 
-        Returns ``{"total", "decoded", "cached"}``. A bad image raises
-        :class:`DataError` naming it (use :meth:`WristDataset.warm_cache` to get
-        the CSV row).
-        """
-        paths = list(paths)
-        decoded = 0
-        bar = tqdm(total=len(paths), desc=f"cache {self.img_size}px", unit="img", disable=not progress)
 
-        def one(p: str | os.PathLike) -> bool:
-            return self._get(p)[1]
+def _decode_each(paths: Sequence[str | os.PathLike], one: Callable[[Any], bool], num_workers: int | None,
+                 progress: bool, desc: str) -> dict[str, Any]:
+    """Run ``one`` (decode a path; True if it was decoded rather than read from the cache) on
+    every path, collecting the images that fail instead of stopping at the first."""
+    failed: dict[int, str] = {}
+    decoded = 0
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
 
-        if num_workers > 1:
-            with ThreadPool(num_workers) as pool:
-                for new in pool.imap_unordered(one, paths, chunksize=4):
-                    decoded += int(new)
-                    bar.update()
+    def safe(p: str | os.PathLike) -> bool | str:
+        try:
+            return one(p)
+        except DataError as exc:
+            return str(exc)
+        except OSError:
+            raise  # the cache's disk (full, read-only), not this image
+        except Exception as exc:  # any decoder failure is this image's
+            return f"{p}: cannot decode image ({type(exc).__name__}: {exc})"
+
+    def done(i: int, res: bool | str) -> None:
+        nonlocal decoded
+        if isinstance(res, str):
+            failed[i] = res
         else:
-            for p in paths:
-                decoded += int(one(p))
-                bar.update()
+            decoded += int(res)
+        bar.update()
+
+    try:
+        run_threaded(safe, paths, num_workers or default_workers(), done)
+    finally:
         bar.close()
-        return {"total": len(paths), "decoded": decoded, "cached": len(paths) - decoded}
+    return {"total": len(paths), "decoded": decoded, "cached": len(paths) - decoded - len(failed),
+            "failed": failed}
+
+
+def check_decodable(df: pd.DataFrame, img_size: int, cache_dir: str | os.PathLike | None = None, *,
+                    skip_bad: bool = False, rejected_csv: str | os.PathLike | None = None,
+                    num_workers: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """Decode every image of ``df`` once, before any DataLoader worker meets it.
+
+    With ``cache_dir`` this is the cache warm-up at ``img_size`` (later epochs read the
+    cache); without, the images are decoded and dropped. Either way every image is
+    decoded, so a file that passed the cheap checks but is corrupt inside (a damaged IDAT
+    chunk behind an intact IEND) is found here, with all the others like it.
+
+    Without ``skip_bad`` the first one in row order raises ``DataError("<csv>:<row>:
+    <reason> (+N more undecodable images; --skip-bad ...)")``. With it they are appended
+    to ``rejected_csv`` (no row twice) and ``df`` is returned without them; the CSV
+    itself is not changed. ``attrs["n_undecodable"]`` says how many were left out.
+    """
+    source = df.attrs.get("source", "<DataFrame>")
+    paths = df["image_path"].astype(str).tolist()
+    if cache_dir is not None:
+        stats = ImageCache(cache_dir, img_size).warm(paths, num_workers=num_workers, progress=progress)
+    else:
+        stats = _decode_each(paths, lambda p: load_resized(p, img_size) is not None, num_workers, progress,
+                             f"decode {img_size}px")
+    problems = {df.index[i]: reason for i, reason in stats["failed"].items()}
+    if problems and not skip_bad:
+        raise bad_rows_error(source, problems, df.index, what="undecodable images")
+    kept = df.loc[~df.index.isin(list(problems))]
+    kept.attrs.update(df.attrs)
+    kept.attrs["n_undecodable"] = len(problems)
+    if problems:
+        if rejected_csv is not None:
+            bad = df.loc[df.index.isin(list(problems))]
+            record_rejected(bad, [problems[r] for r in bad.index], source, rejected_csv)
+        where = f" -> {rejected_csv}" if rejected_csv is not None else ""
+        print(f"{source}: set aside {len(problems)} undecodable image(s) of {len(df)} (--skip-bad){where}",
+              flush=True)
+        if kept.empty:
+            raise DataError.at(source, None, f"no decodable images left ({len(problems)} rejected)")
+    return kept
 
 
 # --------------------------------------------------------------------------- transforms + Dataset
@@ -830,16 +1036,3 @@ class WristDataset(Dataset):
     def get_labels(self) -> list[int]:
         """Labels in order (torchsampler's ImbalancedDatasetSampler calls this)."""
         return list(self.labels)
-
-    def warm_cache(self, num_workers: int = 2, progress: bool = True) -> dict[str, int]:
-        """Decode every image into the cache once; errors name the CSV row."""
-        if self.cache is None:
-            return {"total": len(self), "decoded": 0, "cached": 0}
-        try:
-            return self.cache.warm(self.paths, num_workers=num_workers, progress=progress)
-        except DataError as exc:
-            msg = str(exc)
-            for i, p in enumerate(self.paths):
-                if msg.startswith(str(Path(p).resolve())) or msg.startswith(p):
-                    raise DataError.at(self.source, self.rows[i], msg) from None
-            raise

@@ -12,10 +12,12 @@
 - ``one_thread`` (autouse): torch runs single-threaded in every test.
 - ``real_metadata`` (session): the real GRAZPEDWRI-DX ``dataset.csv`` loaded and
   validated without looking at images (only two of them are in ``../shared``).
+- ``damage_idat(path)``: corrupt a PNG's pixel data and leave everything else intact.
 """
 from __future__ import annotations
 
 import shutil
+import struct
 import sys
 from pathlib import Path
 
@@ -27,6 +29,23 @@ if str(REPO) not in sys.path:  # flat top-level modules, importable however pyte
 
 TINY_PATIENTS = 40
 TINY_IMG_SIZE = 64
+
+
+def damage_idat(path: Path) -> Path:
+    """Flip the middle half of the first IDAT chunk's bytes: signature, IHDR, the chunk
+    lengths and the IEND at the end stay intact, so the cheap checks pass, but the pixels
+    can no longer be decoded (a file damaged on disk or in transfer)."""
+    data = bytearray(path.read_bytes())
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", bytes(data[pos:pos + 8]))
+        if kind == b"IDAT":
+            start = pos + 8 + length // 4
+            data[start:start + length // 2] = bytes(b ^ 0xFF for b in data[start:start + length // 2])
+            path.write_bytes(bytes(data))
+            return path
+        pos += 12 + length
+    raise ValueError(f"{path}: no IDAT chunk")
 
 
 @pytest.fixture(autouse=True)

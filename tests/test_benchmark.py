@@ -74,3 +74,21 @@ def test_benchmark_smallest_run(tmp_path: Path) -> None:
     assert _positive(result["wall_s"])
     # on the CPU only the data targets apply (MFU and end-to-end are H100 targets)
     assert "bf16_mfu" not in result["targets"]
+
+
+def test_stage1check_section(tmp_path: Path) -> None:
+    # 12 phantom patients (39 images) copied ten times: every age group in both splits
+    argv = ["--device", "cpu", "--sections", "stage1check", "--check-files", "400", "--phantom-patients", "12",
+            "--phantom-size", "96", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "b.json")]
+    result = benchmark.main(benchmark.get_args_parser().parse_args(argv))
+    s1 = result["stage1check"]
+    assert s1["files"] == 400 and s1["image"][0] == 96 and s1["image"][2] == 16
+    assert [r["check"] for r in s1["rows"]] == ["cheap", "decode"]
+    for r in s1["rows"]:  # stage 1's own report of its check, read back from its manifest
+        assert r["files"] == 400 and r["threads"] >= 1 and _positive(r["stage1_wall_s"]) and r["seconds"] >= 0
+    folder = tmp_path / "work" / "stage1check"
+    assert len(list((folder / "images").glob("*.png"))) == 400
+    assert "image check (decode" in (folder / "stage1_decode.log").read_text()
+    marker = (folder / "files.json").stat().st_mtime_ns
+    benchmark.main(benchmark.get_args_parser().parse_args(argv))  # the files are reused
+    assert (folder / "files.json").stat().st_mtime_ns == marker

@@ -1,6 +1,7 @@
 """The scripts as users run them: --help, and bad input reported in one line."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def test_bad_row_is_one_line_naming_file_and_row(tiny_phantom: Path, tmp_path: P
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"error: {bad}:5: age") and lines[0].endswith("is negative")
+    assert lines[0].startswith(f"error: {bad}:5: age")
+    assert lines[0].endswith("is negative (--skip-bad sets it aside in rejected_rows.csv)")
 
 
 @pytest.mark.parametrize("variant", ["fp32+turbo", "bf16@0"])
@@ -120,3 +122,85 @@ def test_predict_refuses_a_fifo_without_hanging(tmp_path: Path):
     os.mkfifo(folder / "scan")  # extension-less files are sniffed for DICOM: must not be opened
     proc = _run("predict.py", str(folder), "--output", str(tmp_path / "pred.csv"))
     _assert_one_line_error(proc, str(folder / "scan.png"), "not a regular file (FIFO)")
+
+
+# --------------------------------------------------------------------------- the driver's data options
+STAGE_MODULES = {1: "age_split_testset", 2: "generate_age_trainval_split", 3: "train_age_classifier",
+                 4: "train_fracture_per_agegroup", 5: "evaluate"}
+# Stage options that are the driver's own business (every path derives from its --out-dir;
+# its --force means more). Every other option of stages 1 and 2, and every "data" option of
+# stages 3-5, must reach the stage through the driver.
+DRIVER_OWN = {1: {"--out-dir", "--force"}, 2: {"--out-dir", "--pool-csv", "--test-csv", "--force"}}
+
+
+def _sample(action) -> tuple[list[str], object]:
+    """Command-line tokens for ``action`` that differ from its default, and the parsed value."""
+    if action.nargs == 0:
+        return [], not action.default
+    if action.choices:
+        pick = [c for c in action.choices if c != action.default and c not in (action.default or [])][0]
+        return [str(pick)], [pick] if action.nargs in ("*", "+") else pick
+    if action.nargs in ("*", "+"):
+        return ["7", "14.5"], [7.0, 14.5]
+    typ = action.type or str
+    for text in ("7", "0.3", "/elsewhere/x"):  # the first that the option's type accepts
+        try:
+            value = typ(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            continue
+        if value != action.default:
+            return [text], value
+    raise AssertionError(f"no sample value for {action.option_strings[0]}")
+
+
+def _stage_options(stage: int, parser) -> list:
+    if stage in DRIVER_OWN:
+        return [a for a in parser._actions
+                if a.option_strings and a.dest != "help" and a.option_strings[0] not in DRIVER_OWN[stage]]
+    group = next(g for g in parser._action_groups if g.title == "data")
+    return list(group._group_actions)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
+def test_driver_forwards_every_data_option(stage: int, tmp_path: Path):
+    import importlib
+
+    import run_all_training
+
+    parser = importlib.import_module(STAGE_MODULES[stage]).get_args_parser()
+    driver = run_all_training.get_args_parser()
+    driver_data = {s for a in next(g for g in driver._action_groups if g.title == "data")._group_actions
+                   for s in a.option_strings}
+    options = _stage_options(stage, parser)
+    assert options, "the stage has no data options to forward"
+    for action in options:
+        flag = action.option_strings[0]
+        assert flag in driver_data, f"stage {stage}'s {flag} is not among the driver's data options"
+        tokens, value = _sample(action)
+        args = driver.parse_args([flag, *tokens])
+        argv = run_all_training._stage_argvs(args, tmp_path, "demo")[stage]
+        got = getattr(parser.parse_args(argv), action.dest)
+        assert got == value, (flag, argv, got, value)
+        # given to the driver, it reaches exactly the stages that take it
+        for other, module in STAGE_MODULES.items():
+            takes = any(flag in a.option_strings
+                        for a in _stage_options(other, importlib.import_module(module).get_args_parser()))
+            assert (flag in run_all_training._stage_argvs(args, tmp_path, "demo")[other]) == takes, (flag, other)
+
+
+def test_driver_help_groups_the_data_options():
+    proc = _run("run_all_training.py", "--help")
+    data = proc.stdout.split("\ndata:\n", 1)[1].split("\n\n", 1)[0]
+    for flag in ("--skip-bad", "--exclude", "--format", "--image-col", "--test-frac", "--val-frac",
+                 "--age-bounds", "--no-image-check", "--decode-check", "--split-seed"):
+        assert f"  {flag}" in data, flag
+
+
+@pytest.mark.parametrize("module", ["run_all_training", *STAGE_MODULES.values()])
+def test_the_suggested_remedy_is_an_option_of_every_command_that_suggests_it(module: str):
+    import importlib
+
+    import unified_dataset
+
+    flag = unified_dataset.SKIP_BAD_REMEDY.split()[0]
+    assert importlib.import_module(module).get_args_parser().parse_args([flag]).skip_bad is True

@@ -231,7 +231,7 @@ def test_image_cache(tiny_phantom: Path, tmp_path: Path) -> None:
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a changed file is a new key
     assert cache.entry_path(paths[0]) != entry
     stats = cache.warm(paths, num_workers=2, progress=False)
-    assert stats == {"total": 6, "decoded": 6, "cached": 0}
+    assert stats == {"total": 6, "decoded": 6, "cached": 0, "failed": {}}
     assert cache.warm(paths, num_workers=2, progress=False)["decoded"] == 0
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 7
     assert not list((tmp_path / "cache").rglob("*.tmp"))
@@ -263,8 +263,10 @@ def test_wrist_dataset(tiny_splits: Path, tmp_path: Path) -> None:
     assert len(ds) == len(df) and ds.get_labels() == df["age_group"].tolist()
     x, y = ds[0]
     assert x.shape == (1, 48, 48) and x.dtype == torch.float32 and isinstance(y, int)
+    kept = U.check_decodable(df, 48, tmp_path / "cache", num_workers=2)
+    assert kept.index.equals(df.index) and kept.attrs["source"] == str(csv)
+    assert len(list((tmp_path / "cache" / "48px").rglob("*.npy"))) == len(df)  # the warm-up filled it
     cached = U.WristDataset(df, "age_group", tf, 48, cache_dir=tmp_path / "cache")
-    assert cached.warm_cache(num_workers=2, progress=False)["decoded"] == len(df)
     assert torch.equal(cached[3][0], ds[3][0])  # the cache changes speed, not pixels
     assert U.WristDataset(df, None, tf, 48)[0][1] == -1
     assert U.WristDataset(df, "fracture", None, 48)[0][0].shape == (1, 48, 48)
@@ -554,3 +556,135 @@ def test_pixel_identical_copy_caught_with_decode(small_generic: Path) -> None:
     with pytest.raises(DataError) as err:
         U.validate_frame(U.load_dataset(small_generic), decode=True)
     assert_one_line(err.value, small_generic, 2, "identical in pixels to", "one image cannot belong to two patients")
+
+
+# --------------------------------------------------------------------------- late corrupt images
+
+def test_damaged_idat_passes_the_cheap_check_and_fails_to_decode(small_generic: Path, capfd) -> None:
+    from conftest import damage_idat
+
+    img = damage_idat(_image(small_generic, 3))
+    assert img.read_bytes()[-12:-8] == b"\x00\x00\x00\x00" and b"IEND" in img.read_bytes()[-12:]
+    assert U.check_image_file(img) is None
+    reason = U.check_image_file(img, decode=True)
+    assert reason.startswith(f"{img}: cannot decode image: corrupt PNG (CRC error in the 'IDAT' chunk")
+    with pytest.raises(DataError, match="corrupt PNG"):
+        U.read_image(img)
+    assert "libpng" not in capfd.readouterr().err  # found before OpenCV, which would print its own lines
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_decode_pass_finds_every_undecodable_image(small_generic: Path, tmp_path: Path, cached: bool,
+                                                   capsys) -> None:
+    from conftest import damage_idat
+
+    for row in (4, 6):
+        damage_idat(_image(small_generic, row))
+    df = U.validate_frame(U.load_dataset(small_generic))  # the cheap checks let them through
+    before = small_generic.read_bytes()
+    cache = tmp_path / "cache" if cached else None
+    with pytest.raises(DataError) as err:
+        U.check_decodable(df, 32, cache)
+    assert_one_line(err.value, small_generic, 4, str(_image(small_generic, 4)), "cannot decode",
+                    "(+1 more undecodable images; --skip-bad sets them aside in rejected_rows.csv)")
+    rej = tmp_path / "out" / "rejected_rows.csv"
+    for _ in range(2):  # found again (a resumed run, the next stage): listed once
+        kept = U.check_decodable(df, 32, cache, skip_bad=True, rejected_csv=rej)
+        assert kept.index.tolist() == [2, 3, 5, 7] and kept.attrs["n_undecodable"] == 2
+        assert kept.attrs["source"] == str(small_generic)
+    bad = pd.read_csv(rej)
+    assert bad["source_row"].tolist() == [4, 6] and bad["source_file"].unique().tolist() == [str(small_generic)]
+    assert bad["reason"].str.contains("CRC error in the 'IDAT' chunk").all()
+    assert bad["image_path"].tolist() == [str(_image(small_generic, r)) for r in (4, 6)]
+    assert small_generic.read_bytes() == before  # the CSV keeps every row
+    assert "set aside 2 undecodable image(s) of 6 (--skip-bad)" in capsys.readouterr().out
+    if cached:
+        assert len(list((tmp_path / "cache").rglob("*.npy"))) == 4
+
+
+def test_undecodable_image_in_a_dataloader_worker_is_one_line(small_generic: Path) -> None:
+    from conftest import damage_idat
+
+    df = U.validate_frame(U.load_dataset(small_generic))
+    img = damage_idat(_image(small_generic, 5))  # damaged after any up-front pass
+    ds = U.WristDataset(df, "fracture", U.build_transforms(32, False, 0.5, 0.25), 32)
+    with pytest.raises(DataError) as err:
+        list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1))
+    assert_one_line(err.value, small_generic, 5, str(img), "corrupt PNG")
+
+
+def test_unletterbox_maps_back_onto_the_original() -> None:
+    for h, w, y0, x0 in ((300, 200, 75, 150), (180, 420, 140, 60)):
+        img = np.zeros((h, w), np.float32)
+        img[y0 - 3:y0 + 4, x0 - 3:x0 + 4] = 1.0  # a blob the letterbox shrinks to about a pixel
+        cam = U.letterbox(img, 64)  # a "CAM" peaking where the blob is in the model input
+        top, left, nh, nw = U.letterbox_geometry(h, w, 64)
+        assert (cam[:top].max(initial=0), cam[top + nh:].max(initial=0)) == (0, 0)
+        assert (cam[:, :left].max(initial=0), cam[:, left + nw:].max(initial=0)) == (0, 0)
+        back = U.unletterbox(cam, (h, w))
+        assert back.shape == (h, w) and back.dtype == np.float32
+        y, x = np.unravel_index(np.argmax(back), back.shape)
+        px = max(h, w) / 64  # one model-input pixel, in original pixels
+        assert abs(y - y0) <= 1.5 * px and abs(x - x0) <= 1.5 * px, ((y, x), (y0, x0))
+        # the padding is gone: the map's mass lies where the blob is, not shifted by it
+        ys, xs = np.nonzero(back > 0.5 * back.max())
+        assert abs(ys.mean() - y0) <= px and abs(xs.mean() - x0) <= px
+
+
+# A child process per try, forked from one that imported everything once (a Python start
+# with torch costs seconds), each warming a cache and stopped by SIGINT at its own moment;
+# four at a time, since most of a try is the child's interpreter shutting down.
+_INTERRUPT_SCRIPT = r"""
+import os, random, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import unified_dataset as ud
+
+paths, work, tries = sorted(Path(sys.argv[2]).glob("*.png")), Path(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(0)
+for first in range(0, tries, 4):
+    children = []
+    for i in range(first, min(first + 4, tries)):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: stderr to a file, warm, exit through the normal interpreter shutdown
+            os.close(r)
+            os.dup2(os.open(work / f"err{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+            try:
+                os.write(w, b"1")
+                ud.ImageCache(work / f"cache{i}", 64).warm(paths, num_workers=2, progress=False)
+            except KeyboardInterrupt:  # what distributed.session and the driver do with it
+                sys.exit(130)
+            sys.exit(0)
+        os.close(w)
+        os.read(r, 1)
+        children.append((time.monotonic() + rng.uniform(0.0, 0.5), pid))
+    for at, pid in sorted(children):
+        time.sleep(max(0.0, at - time.monotonic()))
+        os.kill(pid, signal.SIGINT)
+    for _, pid in children:
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+def test_ctrl_c_during_the_cache_warm_up_exits_130_every_time(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from phantom import generate_phantom
+
+    generate_phantom(tmp_path / "ph", n_patients=2, img_size=512, seed=0, progress=False)
+    src = sorted((tmp_path / "ph" / "images").glob("*.png"))
+    (tmp_path / "imgs").mkdir()
+    for i in range(3000):  # hard links: distinct cache keys, no disk; far more than 0.5 s of decoding for 4 processes
+        os.link(src[i % len(src)], tmp_path / "imgs" / f"{i:04d}.png")
+    tries = 20
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_SCRIPT, str(Path(__file__).resolve().parents[1]),
+                           str(tmp_path / "imgs"), str(tmp_path), str(tries)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    codes = [int(c) for c in proc.stdout.split()]
+    errs = [(tmp_path / f"err{i}").read_text() for i in range(tries)]
+    failed = [(i, c, e[-600:]) for i, (c, e) in enumerate(zip(codes, errs))
+              if c != 130 or "terminate called" in e or "Traceback" in e]
+    assert len(codes) == tries and not failed, failed

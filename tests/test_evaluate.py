@@ -282,9 +282,9 @@ def test_predict_png_and_dicom(run_dir, tmp_path):
                                                   rel=1e-5)
         np.testing.assert_allclose(probs[i], P.model_probs(routed.age, one, torch.device("cpu"), tta=True)[0],
                                    rtol=1e-5)
-    for p in df.cam_path:
+    for p in df.cam_path:  # over the original image (70 x 50), not the 48 px model input
         cam = cv2.imread(p)
-        assert cam is not None and cam.shape == (IMG, IMG, 3)
+        assert cam is not None and cam.shape == (70, 50, 3)
     assert res["n_images"] == 2 and len(res["cams"]) == 2
 
     # a threshold saved by evaluate.py is used; --threshold overrides it
@@ -296,6 +296,19 @@ def test_predict_png_and_dicom(run_dir, tmp_path):
         assert (pd.read_csv(out).threshold == 0.9).all()
     finally:
         (mdir / "thresholds.json").unlink()
+
+
+def test_predict_cam_on_a_real_radiograph_has_its_size_and_says_the_prediction(run_dir, shared_dir, tmp_path):
+    real = sorted((shared_dir / "grazpedwri-dx" / "images").glob("*.png"))[0]
+    out = tmp_path / "pred.csv"
+    predict.main(_predict_args([real], run_dir / "saved_agegroup_models", out, cam=tmp_path / "cams"))
+    row = pd.read_csv(out).iloc[0]
+    overlay = cv2.imread(row.cam_path)
+    assert overlay.shape == (*cv2.imread(str(real), cv2.IMREAD_UNCHANGED).shape[:2], 3)
+    # the text box (white on black) in the top-left corner holds the prediction; below it, the image
+    box = overlay[: overlay.shape[0] // 12, : overlay.shape[1] // 2]
+    assert (box == 255).all(axis=2).sum() > 200 and (box == 0).all(axis=2).sum() > 2000
+    assert not (overlay[overlay.shape[0] // 2:] == 255).all(axis=2).any()
 
 
 def test_predict_errors_are_one_line(run_dir, tmp_path):

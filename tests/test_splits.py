@@ -455,3 +455,39 @@ def test_symlinked_image_under_another_patient_is_refused(tiny_phantom: Path, tm
     real = kept.image_path.map(os.path.realpath)
     assert not real.duplicated().any()
     assert os.path.realpath(data / "images" / f"{first.filestem}.png") not in set(real)
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_stage1_says_how_long_its_image_check_took(tiny_phantom: Path, tmp_path: Path, capsys, decode: bool) -> None:
+    args = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(tmp_path)]
+    S1.main(S1.get_args_parser().parse_args(args + (["--decode-check"] if decode else [])))
+    n = len(U.load_dataset(tiny_phantom / "dataset.csv"))
+    check = json.loads((tmp_path / S1.MANIFEST).read_text())["image_check"]
+    mode = "decode" if decode else "cheap"
+    threads = U.default_workers() if decode else 1  # the cheap check: one thread per 256 files
+    assert check["mode"] == mode and check["files"] == n and check["threads"] == threads
+    assert isinstance(check["seconds"], float) and check["seconds"] >= 0
+    assert (f"image check ({mode}, {threads} thread(s)): {n} files in {check['seconds']:.1f} s"
+            in capsys.readouterr().out)
+
+
+def test_stage2_follows_a_metadata_only_stage1(tiny_phantom: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data)
+    out = tmp_path / "out"
+    S1.main(S1.get_args_parser().parse_args(["--data-csv", str(data / "dataset.csv"), "--out-dir", str(out),
+                                             "--no-image-check"]))
+    assert json.loads((out / S1.MANIFEST).read_text())["image_check"] == {"mode": "none"}
+    missing = Path(pd.read_csv(out / "age_pool.csv")["image_path"][3])
+    missing.unlink()  # metadata only: the images need not be there
+    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(out)]))
+    assert "stage 1 split without looking at the images (--no-image-check): so does this stage" \
+        in capsys.readouterr().out
+    # without that record stage 2 looks at the images, and stops at the missing one
+    manifest = json.loads((out / S1.MANIFEST).read_text())
+    manifest["image_check"] = {"mode": "cheap"}
+    (out / S1.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=f"image file not found: {missing}"):
+        S2.main(S2.get_args_parser().parse_args(["--out-dir", str(out), "--force"]))

@@ -207,3 +207,114 @@ def test_resume_refused_when_the_training_rows_changed(fresh_splits: Path):
     assert f"train data: saved '{len(train)} rows, sha256 " in msg and f"now '{len(train) - 1} rows, sha256 " in msg
     with pytest.raises(engine.ResumeError, match="model: saved 'cnn_demo', now 'swin_demo'"):
         stage4.main(stage4.get_args_parser().parse_args(base + ["--resume", "--model", "swin_demo"]))
+
+
+# --------------------------------------------------------------------------- messy data through the driver
+TINY_RUN = ["--preset", "demo", "--img-size", "32", "--epochs", "1", "--batch-size", "16", "--quiet",
+            "--n-boot", "20"]
+
+
+def _messy_copy(tiny_phantom: Path, tmp_path: Path) -> tuple[Path, pd.DataFrame]:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data)
+    return data, pd.read_csv(data / "dataset.csv", encoding="utf-8-sig", dtype=str, keep_default_na=False)
+
+
+def _image_of(data: Path, meta: pd.DataFrame, row: int) -> Path:
+    """The image of CSV row ``row`` (header = row 1)."""
+    return data / "images" / f"{meta['filestem'][row - 2]}.png"
+
+
+def test_driver_takes_a_messy_folder_to_the_report(tiny_phantom: Path, tmp_path: Path, capfd):
+    import age_split_testset
+    from conftest import damage_idat
+
+    data, meta = _messy_copy(tiny_phantom, tmp_path)
+    _image_of(data, meta, 6).write_bytes(b"")  # a zero-byte file
+    trunc = _image_of(data, meta, 9)
+    trunc.write_bytes(trunc.read_bytes()[:300])  # a partly extracted zip
+    # the split is deterministic: draw it once to know which images the test set will hold
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(
+        ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "probe"), "--skip-bad"]))
+    test_paths = pd.read_csv(tmp_path / "probe" / "age_test.csv")["image_path"].tolist()
+    pool_paths = pd.read_csv(tmp_path / "probe" / "age_pool.csv")["image_path"].tolist()
+    damaged = [damage_idat(Path(test_paths[1])), damage_idat(Path(pool_paths[4]))]  # IEND intact
+    out = tmp_path / "run"
+    cmd = ["--data-csv", str(data / "dataset.csv"), "--image-root", str(data), "--out-dir", str(out), *TINY_RUN]
+    capfd.readouterr()
+
+    with pytest.raises(SystemExit) as exc:
+        _driver(cmd)
+    assert exc.value.code == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    zero = _image_of(data, meta, 6)
+    assert err[0] == (f"stage 1 (split test set) failed: {data / 'dataset.csv'}:6: zero-byte image file: {zero} "
+                      "(+1 more bad rows; --skip-bad sets them aside in rejected_rows.csv)")
+
+    _driver(cmd + ["--skip-bad"])  # the suggested re-run
+    printed = capfd.readouterr()
+    assert (out / "report" / "report.md").is_file() and (out / "metrics.json").is_file()
+    assert "libpng" not in printed.err
+    rejected = pd.read_csv(out / "rejected_rows.csv")
+    assert sorted(rejected["image_path"]) == sorted(map(str, [zero, trunc, *damaged]))  # each once
+    reasons = dict(zip(rejected["image_path"], rejected["reason"]))
+    assert "zero-byte" in reasons[str(zero)] and "truncated PNG" in reasons[str(trunc)]
+    assert all("corrupt PNG (CRC error in the 'IDAT' chunk" in reasons[str(p)] for p in damaged)
+    # the split CSVs keep every row; stage 3 leaves the undecodable image's predictions empty
+    test_csv = pd.read_csv(out / "age_test.csv", dtype=str, keep_default_na=False)
+    assert test_csv["image_path"].tolist() == test_paths
+    row = test_csv.loc[test_csv["image_path"] == str(damaged[0])].iloc[0]
+    assert all(row[c] == "" for c in PREDICTION_COLUMNS)
+    assert (test_csv.drop(index=row.name)[list(PREDICTION_COLUMNS)] != "").all().all()
+    # stage 5 leaves it out and says so
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["undecodable_left_out"] == {"test": 1, "val": 0}
+    assert metrics["n_test_images"] == len(test_paths) - 1
+    assert str(damaged[0]) not in set(pd.read_csv(out / "test_predictions.csv")["image_path"])
+    assert "test: 1 of" in (out / "report" / "report.md").read_text()
+
+
+def test_undecodable_image_stops_training_in_one_line_and_keeps_the_last_state(tiny_phantom: Path, tmp_path: Path,
+                                                                                capfd):
+    import train_age_classifier
+    from conftest import damage_idat
+    from unified_dataset import DataError
+
+    data, meta = _messy_copy(tiny_phantom, tmp_path)
+    damaged = damage_idat(_image_of(data, meta, 11))
+    out = tmp_path / "run"
+    last = out / "saved_agegroup_models" / "age_classifier_last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"state of an interrupted run")
+    capfd.readouterr()
+    with pytest.raises(SystemExit):
+        _driver(["--data-csv", str(data / "dataset.csv"), "--out-dir", str(out), *TINY_RUN])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stage 3 (age classifier) failed: ")
+    assert f": {damaged}: cannot decode image: corrupt PNG" in err[0]
+    assert err[0].endswith("(--skip-bad sets it aside in rejected_rows.csv)")
+    assert last.read_bytes() == b"state of an interrupted run"
+    # without a cache the same up-front decode pass finds it, before any DataLoader worker
+    with pytest.raises(DataError, match=f"csv:[0-9]+: {damaged}: cannot decode image") as exc:
+        train_age_classifier.main(train_age_classifier.get_args_parser().parse_args(
+            ["--out-dir", str(out), *FAST, "--no-cache", "--workers", "1"]))
+    assert str(exc.value).endswith("(--skip-bad sets it aside in rejected_rows.csv)")  # not a worker's error
+    assert last.read_bytes() == b"state of an interrupted run"
+
+
+def test_from_stage_takes_a_stage_run_by_hand(tiny_phantom: Path, tmp_path: Path, capsys):
+    import age_split_testset
+
+    out = tmp_path / "run"
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(
+        ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(out), "--no-image-check"]))
+    test_before = (out / "age_test.csv").read_bytes()
+    capsys.readouterr()
+    _driver(["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(out), "--from-stage", "2",
+             "--to-stage", "2", *FAST])
+    printed = capsys.readouterr().out
+    assert "-- stage 1 (split test set): not run (--from-stage 2)" in printed
+    # stage 2 follows stage 1's metadata-only choice, recorded in its manifest
+    assert "age_test_split.json: stage 1 split without looking at the images" in printed
+    assert (out / "age_train_tmp.csv").is_file() and (out / "age_test.csv").read_bytes() == test_before
