@@ -40,7 +40,6 @@ import pandas as pd
 
 import errors
 import columns
-import columns as C
 import io_utils
 import phantom
 import presets
@@ -48,7 +47,8 @@ import splits
 from config import print_config, save_config, to_dict
 from io_utils import RunLock, write_json
 from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
-from unified_dataset import DataError, apply_exclusions, load_dataset, read_split_csv, validate_frame
+from errors import DataError
+from unified_dataset import apply_exclusions, load_dataset, read_split_csv, validate_frame
 
 TEST_CSV = "age_test.csv"
 POOL_CSV = "age_pool.csv"
@@ -117,7 +117,7 @@ def _check_kept_test(test: pd.DataFrame, loaded: pd.DataFrame, test_csv: Path, d
         if by_image[path][0] != pid:
             raise DataError.at(test_csv, row, f"image {path} belongs to patient {by_image[path][0]} in {data_csv} "
                                f"but to patient {pid} here{redraw}")
-        if C.age_to_group(float(age), bounds) != int(group):
+        if columns.age_to_group(float(age), bounds) != int(group):
             raise DataError.at(test_csv, row, f"age_group {group} does not match age {age:g} with --age-bounds "
                                f"{list(bounds)}: the test set was drawn with other bounds{redraw}")
         _, label, src_age = by_image[path]
@@ -158,8 +158,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bounds = tuple(float(b) for b in args.age_bounds)
-    n_groups = C.num_age_groups(bounds)
-    C.age_group_names(bounds)  # fails early on non-increasing bounds
+    n_groups = columns.num_age_groups(bounds)
+    columns.age_group_names(bounds)  # fails early on non-increasing bounds
     if not 0.0 < args.test_frac <= 0.5:
         raise SystemExit(f"--test-frac must be in (0, 0.5], got {args.test_frac}")
     wrote: dict[str, Any] = {}
@@ -244,7 +244,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                            "image_root": str(image_root) if image_root is not None else None,
                            "rows": int(len(loaded)), "phantom_generated": generated},
                 "age_bounds": list(bounds),
-                "age_group_names": list(C.age_group_names(bounds)),
+                "age_group_names": list(columns.age_group_names(bounds)),
                 "exclusions": excl,
                 "rejected_rows": n_rejected,
                 # stage 2 follows a metadata-only split (mode "none"); the seconds say what the check cost

@@ -87,7 +87,7 @@ import engine
 import models
 import phantom
 import presets
-import unified_dataset as ud
+import unified_dataset
 from io_utils import write_json
 
 PAPER_SIZE = 384
@@ -253,7 +253,7 @@ def make_phantom(work_dir: Path, n_patients: int, size: int, seed: int) -> pd.Da
     """Phantom images at a realistic full size, loaded through the normal loader path."""
     csv = phantom.generate_phantom(work_dir / "phantom", n_patients=n_patients, img_size=size,
                                    seed=seed, progress=False)
-    df = ud.load_dataset(csv, Path(csv).parent / "images")
+    df = unified_dataset.load_dataset(csv, Path(csv).parent / "images")
     if "fracture" not in df.columns or df.empty:
         raise RuntimeError(f"{csv}: phantom gave no usable rows")
     return df.reset_index(drop=True)
@@ -282,10 +282,10 @@ def bench_data(df: pd.DataFrame, sizes: list[int], work_dir: Path, seconds: floa
     rows, speedup, disk = [], {}, {}
     paths = df["image_path"].tolist()
     for size in sizes:
-        tf = ud.build_transforms(size, train=True, mean=mean, std=std)
+        tf = unified_dataset.build_transforms(size, train=True, mean=mean, std=std)
         cache_dir = work_dir / f"cache_{size}"
         t0 = time.perf_counter()
-        ud.ImageCache(cache_dir, size).warm(paths, num_workers=warm_workers, progress=False)
+        unified_dataset.ImageCache(cache_dir, size).warm(paths, num_workers=warm_workers, progress=False)
         warm_s = time.perf_counter() - t0
         nbytes, nfiles = _cache_bytes(cache_dir)
         disk[str(size)] = {
@@ -295,7 +295,7 @@ def bench_data(df: pd.DataFrame, sizes: list[int], work_dir: Path, seconds: floa
         }
         rate = {}
         for mode, cdir in (("uncached", None), ("cached", cache_dir)):
-            ds = ud.WristDataset(df, "fracture", tf, size, cache_dir=cdir)
+            ds = unified_dataset.WristDataset(df, "fracture", tf, size, cache_dir=cdir)
             with _single_thread():
                 ips, n = _items_per_second(ds, seconds, min_items)
             rate[mode] = ips
@@ -350,7 +350,7 @@ def make_check_files(df: pd.DataFrame, n_files: int, folder: Path) -> tuple[Path
             raise OSError(f"{paths[i]}: PNG encoding failed")
         paths[i].write_bytes(buf.tobytes())
 
-    ud.run_threaded(write, range(n_files), ud.default_workers(), lambda i, result: None, chunksize=16)
+    unified_dataset.run_threaded(write, range(n_files), unified_dataset.default_workers(), lambda i, result: None, chunksize=16)
     rows = []
     for i, path in enumerate(paths):
         row = meta.iloc[i % len(src)].copy()
@@ -587,8 +587,8 @@ def bench_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, 
     reps = math.ceil(batch * (total + 1) / len(df))
     rows = pd.concat([df] * reps, ignore_index=True)
     rows.attrs = dict(df.attrs)
-    tf = ud.build_transforms(args.img_size, train=True, mean=args.mean, std=args.std)
-    ds = ud.WristDataset(rows, "fracture", tf, args.img_size, cache_dir=cache_dir)
+    tf = unified_dataset.build_transforms(args.img_size, train=True, mean=args.mean, std=args.std)
+    ds = unified_dataset.WristDataset(rows, "fracture", tf, args.img_size, cache_dir=cache_dir)
     loader = engine.make_loader(ds, batch, train=True, sampler="random", workers=args.workers,
                                 seed=args.seed, device=device, persistent=False)
     _cleanup(device)
@@ -883,7 +883,7 @@ def _run_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, w
         if r["variant"] == "fp32" and r.get("batch_size"):
             batch = r["batch_size"]
     cache_dir = work_dir / f"cache_{args.img_size}"
-    ud.ImageCache(cache_dir, args.img_size).warm(df["image_path"].tolist(),
+    unified_dataset.ImageCache(cache_dir, args.img_size).warm(df["image_path"].tolist(),
                                                  num_workers=max(args.workers, 1), progress=False)
     rows = []
     for spec, cdir in ((base, None), (fast, cache_dir)):

@@ -49,12 +49,14 @@ from tqdm.auto import tqdm
 
 import distributed
 from config import save_config, to_dict
+from errors import ResumeError
 from io_utils import write_csv
 from losses import FocalLoss
 from models import create_model, load_checkpoint, make_checkpoint, resolve_model_name, save_checkpoint
 from presets import AMP_MODES, model_note
 import unified_dataset
-from unified_dataset import DataError, WristDataset, build_transforms
+from errors import DataError
+from unified_dataset import WristDataset, build_transforms
 
 HISTORY_COLUMNS: tuple[str, ...] = (
     "epoch", "lr", "train_loss", "train_acc", "train_f1", "train_images",
@@ -67,10 +69,6 @@ MONITORS: dict[str, tuple[str, str]] = {
     "acc": ("val_acc", "max"),
     "loss": ("val_loss", "min"),
 }
-
-
-class ResumeError(RuntimeError):
-    """The saved state cannot be continued with the current settings."""
 
 
 def log(*parts: Any) -> None:

@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import errors
-import columns as C
+import columns
 import presets
 import splits
 from config import print_config, save_config, to_dict
 from io_utils import RunLock, write_json
 from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
-from unified_dataset import DataError, read_split_csv, validate_frame
+from errors import DataError
+from unified_dataset import read_split_csv, validate_frame
 
 POOL_CSV = "age_pool.csv"
 TEST_CSV = "age_test.csv"
@@ -67,9 +68,9 @@ def _bounds(args: argparse.Namespace, out: Path) -> tuple[float, ...]:
     recorded = None
     path = out / STAGE1_MANIFEST
     if path.is_file():
-        recorded = tuple(float(b) for b in _stage1_manifest(out).get("age_bounds", C.AGE_BOUNDS))
+        recorded = tuple(float(b) for b in _stage1_manifest(out).get("age_bounds", columns.AGE_BOUNDS))
     if args.age_bounds is None:
-        return recorded or C.AGE_BOUNDS
+        return recorded or columns.AGE_BOUNDS
     wanted = tuple(float(b) for b in args.age_bounds)
     if recorded is not None and wanted != recorded:
         raise DataError.at(path, None, f"stage 1 used --age-bounds {list(recorded)}, not {list(wanted)}: "
@@ -79,7 +80,7 @@ def _bounds(args: argparse.Namespace, out: Path) -> tuple[float, ...]:
 
 def _check_groups(df, path: Path, bounds: tuple[float, ...]) -> None:
     """age_group must follow from age; a mismatch means a CSV from other bounds was mixed in."""
-    expect = C.age_to_group(df["age"].to_numpy(), bounds)
+    expect = columns.age_to_group(df["age"].to_numpy(), bounds)
     bad = df["age_group"].to_numpy() != expect
     if bad.any():
         i = int(bad.nonzero()[0][0])
@@ -103,7 +104,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with RunLock(out):
         wrote["config"] = save_config(cfg, out / CONFIG)
         bounds = _bounds(args, out)
-        n_groups = C.num_age_groups(bounds)
+        n_groups = columns.num_age_groups(bounds)
         test = read_split_csv(test_csv)
         pool = read_split_csv(pool_csv, validate=False)
         check_images = not args.no_image_check
@@ -153,7 +154,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "source": {"csv": str(pool_csv.resolve()), "sha256": pool_sha,
                        "test_csv": str(test_csv.resolve()), "test_sha256": file_sha256(test_csv)},
             "age_bounds": list(bounds),
-            "age_group_names": list(C.age_group_names(bounds)),
+            "age_group_names": list(columns.age_group_names(bounds)),
             "rejected_rows": int(pool.attrs.get("n_rejected", 0)),
             "counts": counts,
             "outputs": {TRAIN_CSV: file_sha256(train_csv), VAL_CSV: file_sha256(val_csv)},

@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import columns
 import distributed
+import errors
 import engine
 import models
-import unified_dataset as ud
-
+import unified_dataset
 AGE_CKPT = "age_classifier.pt"
 POOLED_CKPT = "fracture_classifier_pooled.pt"
 # The pooled model trained further like the group models: routing's equal-budget control.
@@ -77,7 +77,7 @@ class RoutedModels:
         if g in self.groups:
             return self.groups[g]
         if self.pooled is None:
-            raise models.CheckpointError(
+            raise errors.CheckpointError(
                 f"no fracture model for age group {g} ({group_ckpt_name(g)}) and no "
                 f"{POOLED_CKPT} to fall back to")
         return self.pooled
@@ -96,17 +96,17 @@ def _scalar(v: Any, default: float) -> float:
 def load_model(path: str | os.PathLike, name: str, device: torch.device, kind: str,
                num_classes: int | Sequence[int] | None = None) -> LoadedModel:
     """Load a pipeline checkpoint of ``kind`` (age|fracture), check its class count, and
-    build the model in eval mode on ``device``. Raises ``models.CheckpointError``."""
+    build the model in eval mode on ``device``. Raises ``errors.CheckpointError``."""
     path = Path(path)
     ckpt = models.load_checkpoint(path, expect={"kind": kind})
     allowed = (num_classes,) if isinstance(num_classes, int) else num_classes
     nc = int(ckpt["num_classes"])
     if allowed is not None and nc not in allowed:
-        raise models.CheckpointError(
+        raise errors.CheckpointError(
             f"{path}: checkpoint has {nc} classes, expected {' or '.join(map(str, allowed))} "
             f"for the {name} model")
     if int(ckpt.get("in_chans", 1)) != 1:
-        raise models.CheckpointError(f"{path}: in_chans {ckpt['in_chans']}, the pipeline feeds "
+        raise errors.CheckpointError(f"{path}: in_chans {ckpt['in_chans']}, the pipeline feeds "
                                      "1-channel radiographs")
     model = models.build_from_checkpoint(ckpt, device=device, source=str(path))
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "scaler")}
@@ -121,13 +121,13 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
     models_dir = Path(models_dir)
     age_path = models_dir / AGE_CKPT
     if not age_path.exists():
-        raise models.CheckpointError(f"{age_path}: age classifier checkpoint not found "
+        raise errors.CheckpointError(f"{age_path}: age classifier checkpoint not found "
                                      "(run train_age_classifier.py, or pass --models-dir)")
     age = load_model(age_path, "age_classifier", device, "age")
     bounds = tuple(float(b) for b in (age.meta.get("age_bounds") or columns.AGE_BOUNDS))
     n_groups = len(bounds) + 1
     if age.num_classes != n_groups:
-        raise models.CheckpointError(f"{age_path}: {age.num_classes} classes for {n_groups} age "
+        raise errors.CheckpointError(f"{age_path}: {age.num_classes} classes for {n_groups} age "
                                      f"groups (bounds {bounds})")
     groups: dict[int, LoadedModel] = {}
     notes: list[str] = []
@@ -137,15 +137,15 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
             groups[g] = load_model(p, f"agegroup{g}", device, "fracture", (1, 2))
             trained_for = groups[g].meta.get("age_group")
             if trained_for is not None and int(trained_for) != g:
-                raise models.CheckpointError(f"{p}: trained for age group {trained_for}, not {g}")
+                raise errors.CheckpointError(f"{p}: trained for age group {trained_for}, not {g}")
             gb = groups[g].meta.get("age_bounds")
             if gb is not None and tuple(float(b) for b in gb) != bounds:
-                raise models.CheckpointError(
+                raise errors.CheckpointError(
                     f"{p}: age bounds {tuple(gb)} differ from the age classifier's {bounds}")
     pooled_path = models_dir / POOLED_CKPT
     pooled = load_model(pooled_path, "pooled", device, "fracture", (1, 2)) if pooled_path.exists() else None
     if require_pooled and pooled is None:
-        raise models.CheckpointError(f"{pooled_path}: pooled fracture model not found "
+        raise errors.CheckpointError(f"{pooled_path}: pooled fracture model not found "
                                      "(train_fracture_per_agegroup.py --pooled)")
     control_path = models_dir / CONTROL_CKPT
     control = (load_model(control_path, "pooled_continued", device, "fracture", (1, 2))
@@ -154,7 +154,7 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
     for g in range(n_groups):
         if g not in groups:
             if pooled is None:
-                raise models.CheckpointError(
+                raise errors.CheckpointError(
                     f"{models_dir / group_ckpt_name(g)}: no fracture model for age group "
                     f"{g} ({names[g]}) and no {POOLED_CKPT} to fall back to")
             notes.append(f"age group {g} ({names[g]}) has no model of its own "
@@ -194,8 +194,8 @@ def make_loader(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, num_wor
     which gathers the shares; ``shard=False`` gives every row, for code that runs on one
     rank without gathering (Grad-CAM).
     """
-    tf = ud.build_transforms(lm.img_size, train=False, mean=lm.mean, std=lm.std)
-    ds = ud.WristDataset(df, None, tf, lm.img_size, cache_dir=cache_dir)
+    tf = unified_dataset.build_transforms(lm.img_size, train=False, mean=lm.mean, std=lm.std)
+    ds = unified_dataset.WristDataset(df, None, tf, lm.img_size, cache_dir=cache_dir)
     sampler = DistributedSampler(ds, shuffle=False) if shard and distributed.is_dist() else None
     return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler,
                       num_workers=num_workers, persistent_workers=False)
@@ -364,8 +364,8 @@ def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
     paths = iter(df["image_path"].astype(str))
     for x, _ in loader:
         for m in gradcam(model, x.to(device)):
-            image = ud.read_image(next(paths))
-            yield image, ud.unletterbox(m, image.shape)
+            image = unified_dataset.read_image(next(paths))
+            yield image, unified_dataset.unletterbox(m, image.shape)
 
 
 def overlay_png_bytes(image: np.ndarray, cam: np.ndarray, lines: Sequence[str] = ()) -> bytes:

@@ -26,9 +26,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 
+from errors import FULL_ERRNOS, DiskFullError, LockError, os_error_in_chain
 
-# errno values that mean "the disk (or quota) is full"
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
 # Names of temporary files this module (and the driver's torchrun result file) creates:
 # tempfile.mkstemp puts 8 characters of [a-z0-9_] between prefix and suffix.
 ORPHAN_PATTERNS = (re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$"), re.compile(r"^\.stage\d+_result\.[a-z0-9_]{8}\.json$"))
@@ -37,30 +37,9 @@ ORPHAN_PATTERNS = (re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$"), re.compile(r"^\.sta
 RUN_SUBDIRS = ("saved_agegroup_models", "report", "image.cache", "phantom")
 
 
-class DiskFullError(OSError):
-    """The disk (or quota) filled up while a file was written; the message names the file."""
-
-
-def os_error_in_chain(exc: BaseException | None, errnos: Iterable[int]) -> OSError | None:
-    """The first ``OSError`` with one of ``errnos`` in ``exc``'s chain (itself, then its
-    cause or context), if any.
-
-    Writers report a full disk in different ways: Python file writes raise the OSError,
-    ``torch.save`` raises a RuntimeError whose context holds it.
-    """
-    wanted = set(errnos)
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in wanted:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def disk_full_cause(exc: BaseException | None) -> OSError | None:
     """The ENOSPC/EDQUOT ``OSError`` behind ``exc``, if any."""
-    return os_error_in_chain(exc, _FULL_ERRNOS)
+    return os_error_in_chain(exc, FULL_ERRNOS)
 
 
 @contextlib.contextmanager
@@ -166,10 +145,6 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
 def write_text(text: str, path: str | os.PathLike) -> Path:
     """Write a text file atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-class LockError(RuntimeError):
-    """Another live process holds the output directory."""
 
 
 def _pid_alive(pid: int) -> bool:

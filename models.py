@@ -68,6 +68,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from torch import nn
 
+from errors import CheckpointError, PretrainedWeightsError
 from io_utils import atomic_path
 
 __all__ = [
@@ -87,14 +88,6 @@ CHECKPOINT_KEYS = (
     "age_bounds", "config", "metrics", "epoch", "versions", "format_version", "kind",
 )
 _MODEL_KWARGS_KEY = "model_kwargs"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be used; the message is one line naming the file."""
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights were asked for and cannot be obtained; says how to provide them."""
 
 
 # --------------------------------------------------------------------------- demo models

@@ -38,7 +38,7 @@ import pandas as pd
 import errors
 import columns
 import presets
-import unified_dataset as ud
+import unified_dataset
 from config import print_config, to_dict
 from distributed import resolve_device
 from inference import (ROUTINGS, THRESHOLDS_FILE, cam_examples, load_routed_models,
@@ -76,7 +76,7 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
         elif p.exists():
             found.append(p)
         else:
-            raise ud.DataError(f"{p}: no such file or folder")
+            raise errors.DataError(f"{p}: no such file or folder")
     seen, out = set(), []
     for f in found:
         key = f.resolve()
@@ -94,17 +94,17 @@ def check_readable(files: Sequence[Path], skip_bad: bool = False) -> tuple[list[
     good, bad = [], []
     for f in files:
         try:
-            img = ud.read_raw(f)
+            img = unified_dataset.read_raw(f)
             if img.ndim != 2:
                 raise ValueError(f"unexpected image shape {img.shape}")
-            why = ud.degenerate_image(img)
+            why = unified_dataset.degenerate_image(img)
             if why is not None:
-                raise ud.DataError.at(f, None, why)
+                raise errors.DataError.at(f, None, why)
         except Exception as exc:  # any decoder failure is the same user error
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             line = msg if msg.startswith(str(f)) else f"{f}: unreadable image ({msg})"
             if not skip_bad:
-                raise ud.DataError(line) from None
+                raise errors.DataError(line) from None
             bad.append(line)
         else:
             good.append(f)
@@ -123,27 +123,27 @@ def load_thresholds(path: Path | None, routing: str, override: float | None = No
         return float(override), "--threshold"
     if path is None or not path.exists():
         if required:
-            raise ud.DataError(f"{path}: thresholds file not found (--thresholds)")
+            raise errors.DataError(f"{path}: thresholds file not found (--thresholds)")
         return 0.5, "default 0.5 (no thresholds.json from evaluate.py)"
     fix = "pass evaluate.py's thresholds.json, or --threshold"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ud.DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+        raise errors.DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
                            f"{fix}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ud.DataError(f"{path}: cannot read the thresholds file ({exc}); {fix}") from None
+        raise errors.DataError(f"{path}: cannot read the thresholds file ({exc}); {fix}") from None
     table = data.get("thresholds", data) if isinstance(data, dict) else None
     if not isinstance(table, dict):
-        raise ud.DataError(f"{path}: expected a JSON object of thresholds by routing; {fix}")
+        raise errors.DataError(f"{path}: expected a JSON object of thresholds by routing; {fix}")
     entry = table.get(routing)
     if isinstance(entry, dict):
         entry = entry.get("value")
     if entry is None:
         has = ", ".join(map(str, table)) or "none"
-        raise ud.DataError(f"{path}: no threshold for routing {routing!r} (has: {has}); {fix}")
+        raise errors.DataError(f"{path}: no threshold for routing {routing!r} (has: {has}); {fix}")
     if isinstance(entry, bool) or not isinstance(entry, (int, float)) or not 0 <= entry <= 1:
-        raise ud.DataError(f"{path}: threshold for routing {routing!r} must be a number in [0, 1], got {entry!r}")
+        raise errors.DataError(f"{path}: threshold for routing {routing!r} must be a number in [0, 1], got {entry!r}")
     return float(entry), f"{path} ({routing}, chosen on validation)"
 
 
@@ -185,7 +185,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for line in bad:
         print(f"skipped: {line}", file=sys.stderr)
     if not files:
-        raise ud.DataError(f"{', '.join(map(str, args.paths))}: no readable images found")
+        raise errors.DataError(f"{', '.join(map(str, args.paths))}: no readable images found")
     routed = load_routed_models(models_dir, device)
     for note in routed.notes:
         print(f"note: {note}")

@@ -58,7 +58,6 @@ import pandas as pd
 import errors
 from config import print_config, to_dict
 from distributed import LOCK_HELD_ENV
-from engine import ResumeError
 from io_utils import RunLock, write_json
 from models import to_jsonable
 from presets import add_split_args, add_training_args, chosen_preset, explicit_training_argv, split_argv
@@ -372,7 +371,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     exc = known
                 msg = str(exc) if isinstance(exc, StageFailed) else str(StageFailed(stage, errors.one_line(exc)))
-                if isinstance(exc, ResumeError):
+                if isinstance(exc, errors.ResumeError):
                     msg += f" (here: --from-stage {stage} trains this stage from scratch)"
                 print(msg, file=sys.stderr, flush=True)
                 raise SystemExit(1) from None

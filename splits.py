@@ -26,10 +26,9 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 import columns
-import columns as C
 from io_utils import write_csv
 import unified_dataset
-from unified_dataset import DataError
+from errors import DataError
 
 
 def strata(df: pd.DataFrame) -> np.ndarray:
@@ -112,11 +111,11 @@ def check_disjoint(frames: Mapping[str, pd.DataFrame]) -> None:
 
 
 def check_coverage(df: pd.DataFrame, name: Any, n_groups: int, groups: Sequence[int] | None = None,
-                   bounds: Sequence[float] = C.AGE_BOUNDS) -> None:
+                   bounds: Sequence[float] = columns.AGE_BOUNDS) -> None:
     """Raise ``DataError`` if ``df`` is empty or lacks one of the age ``groups`` (default: all)."""
     if df.empty:
         raise DataError.at(name, None, "empty split: no images")
-    names = C.age_group_names(bounds) if len(bounds) + 1 == n_groups else tuple(map(str, range(n_groups)))
+    names = columns.age_group_names(bounds) if len(bounds) + 1 == n_groups else tuple(map(str, range(n_groups)))
     present = set(df["age_group"].astype(int).tolist())
     for g in (groups if groups is not None else range(n_groups)):
         if g not in present:
@@ -154,7 +153,7 @@ def write_split_csv(df: pd.DataFrame, path: str | os.PathLike, split: str) -> Pa
     """Write one split with a ``split`` column, columns in contract order, atomically."""
     out = df.copy()
     out["split"] = split
-    out = out[C.ordered_columns(out.columns)]
+    out = out[columns.ordered_columns(out.columns)]
     return write_csv(out, path)
 
 

@@ -42,7 +42,8 @@ from config import print_config, to_dict
 from io_utils import write_csv, write_json
 from models import build_from_checkpoint, load_checkpoint
 from presets import add_data_args, add_training_args, resolve_config, resolve_paths
-from unified_dataset import DataError, read_split_csv
+from errors import DataError
+from unified_dataset import read_split_csv
 
 STEM = "age_classifier"
 

@@ -49,7 +49,8 @@ from config import print_config, to_dict
 from io_utils import write_json
 from models import load_checkpoint
 from presets import add_data_args, add_training_args, resolve_config, resolve_paths
-from unified_dataset import DataError, read_split_csv
+from errors import DataError
+from unified_dataset import read_split_csv
 
 CLASS_NAMES = ("no fracture", "fracture")
 TARGET = "fracture"

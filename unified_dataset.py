@@ -53,7 +53,8 @@ from albumentations.pytorch import ToTensorV2
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-import columns as C
+import columns
+from errors import DataError
 from io_utils import atomic_write, write_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -69,33 +70,6 @@ MIN_IMAGE_SIDE = 32
 # Percentiles from at most this many pixels: a strided subsample estimates them
 # to well under one grey level and keeps full-resolution images fast.
 _PCT_MAX_SAMPLES = 1 << 18
-
-
-class DataError(ValueError):
-    """Bad input. The message is one line: ``<file>:<row>: <reason>`` (or ``<file>: <reason>``).
-
-    When a DataLoader worker raises one, PyTorch re-creates it in the main
-    process with the worker's traceback as the message; the constructor reduces
-    that back to the original one-line message, so no worker traceback reaches
-    the user.
-    """
-
-    def __init__(self, message: str = "") -> None:
-        super().__init__(_one_line(str(message)))
-
-    @classmethod
-    def at(cls, file: Any, row: Any, reason: str) -> "DataError":
-        """``<file>:<row>: <reason>``; ``row=None`` for problems of a whole file."""
-        return cls(f"{file}: {reason}" if row is None else f"{file}:{row}: {reason}")
-
-
-def _one_line(message: str) -> str:
-    if "Original Traceback" in message:
-        lines = [ln for ln in message.strip().splitlines() if ln.strip()]
-        last = lines[-1] if lines else message
-        marker = "DataError: "
-        return last[last.index(marker) + len(marker):] if marker in last else last
-    return " ".join(message.split("\n")).strip()
 
 
 def bad_rows_error(source: Any, problems: Mapping[Any, str], order: Iterable[Any], what: str = "bad rows",
@@ -185,7 +159,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
         line = re.search(r"line (\d+)", str(exc))  # pandas counts lines from 1, header included
         raise DataError.at(path, line.group(1) if line else None, f"cannot parse CSV: {exc}") from None
     df.columns = [str(c).strip() for c in df.columns]
-    df.index = pd.RangeIndex(2, len(df) + 2, name=C.ROW_INDEX_NAME)
+    df.index = pd.RangeIndex(2, len(df) + 2, name=columns.ROW_INDEX_NAME)
     df.attrs["source"] = str(path)
     return df
 
@@ -237,7 +211,7 @@ def index_images(root: str | os.PathLike, extensions: Sequence[str] = (".png",))
 
 
 def load_grazpedwri(csv_path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-                    age_bounds: Sequence[float] = C.AGE_BOUNDS) -> pd.DataFrame:
+                    age_bounds: Sequence[float] = columns.AGE_BOUNDS) -> pd.DataFrame:
     """Load GRAZPEDWRI-DX's ``dataset.csv`` as distributed (BOM, ``1``/empty flags).
 
     Images are looked up as ``<filestem>.png`` anywhere under ``image_root``
@@ -259,11 +233,11 @@ def load_grazpedwri(csv_path: str | os.PathLike, image_root: str | os.PathLike |
     df["image_path"] = image_path
     df["patient_id"] = raw["patient_id"]
     df["age"] = pd.to_numeric(raw["age"], errors="coerce")
-    for flag in C.FLAG_COLUMNS:
+    for flag in columns.FLAG_COLUMNS:
         if flag in raw.columns:
             raw[flag] = _flag_values(raw[flag])
     df["fracture"] = raw["fracture_visible"]
-    for name in C.SOURCE_COLUMNS:
+    for name in columns.SOURCE_COLUMNS:
         if name in raw.columns:
             df[name] = raw[name]
     df["filestem"] = stems
@@ -274,7 +248,7 @@ def load_grazpedwri(csv_path: str | os.PathLike, image_root: str | os.PathLike |
 def load_generic(csv_path: str | os.PathLike, image_col: str = "image_path", patient_col: str = "patient_id",
                  age_col: str = "age", label_col: str = "fracture",
                  image_root: str | os.PathLike | None = None,
-                 age_bounds: Sequence[float] = C.AGE_BOUNDS) -> pd.DataFrame:
+                 age_bounds: Sequence[float] = columns.AGE_BOUNDS) -> pd.DataFrame:
     """Load a user's own CSV through a column mapping.
 
     ``image_col`` holds image paths, absolute or relative to ``image_root``
@@ -293,7 +267,7 @@ def load_generic(csv_path: str | os.PathLike, image_col: str = "image_path", pat
                          for p in raw["image_path"]]
     raw["age"] = pd.to_numeric(raw["age"], errors="coerce")
     raw["fracture"] = pd.to_numeric(raw["fracture"], errors="coerce")
-    for flag in C.FLAG_COLUMNS:
+    for flag in columns.FLAG_COLUMNS:
         if flag in raw.columns:
             raw[flag] = _flag_values(raw[flag])
     return _finish(raw, csv_path, age_bounds)
@@ -304,10 +278,10 @@ def _finish(df: pd.DataFrame, source: Path, age_bounds: Sequence[float]) -> pd.D
     groups = pd.Series(pd.NA, index=df.index, dtype="Int64")
     ok = age.notna()
     if ok.any():
-        groups[ok] = C.age_to_group(age[ok].to_numpy(), age_bounds)
+        groups[ok] = columns.age_to_group(age[ok].to_numpy(), age_bounds)
     df["age_group"] = groups
-    df = C.coerce_frame(df[C.ordered_columns(df.columns)])
-    df.index.name = C.ROW_INDEX_NAME
+    df = columns.coerce_frame(df[columns.ordered_columns(df.columns)])
+    df.index.name = columns.ROW_INDEX_NAME
     df.attrs["source"] = str(source)
     return df
 
@@ -321,7 +295,7 @@ def detect_format(csv_path: str | os.PathLike) -> str:
 
 def load_dataset(csv_path: str | os.PathLike, image_root: str | os.PathLike | None = None, fmt: str = "auto",
                  image_col: str = "image_path", patient_col: str = "patient_id", age_col: str = "age",
-                 label_col: str = "fracture", age_bounds: Sequence[float] = C.AGE_BOUNDS) -> pd.DataFrame:
+                 label_col: str = "fracture", age_bounds: Sequence[float] = columns.AGE_BOUNDS) -> pd.DataFrame:
     """Load either format; ``fmt="auto"`` recognises GRAZPEDWRI-DX by its header."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -343,11 +317,11 @@ def read_split_csv(path: str | os.PathLike, validate: bool = True) -> pd.DataFra
     """
     path = Path(path)
     df = _read_csv(path)
-    _require_columns(df, C.CANONICAL, path)
+    _require_columns(df, columns.CANONICAL, path)
     if df.empty:
         raise DataError.at(path, None, "empty split: no data rows")
-    df = C.coerce_frame(df)
-    df.index.name = C.ROW_INDEX_NAME
+    df = columns.coerce_frame(df)
+    df.index.name = columns.ROW_INDEX_NAME
     df.attrs["source"] = str(path)
     if validate:
         # written by stages 1-2, so nothing to skip here: a bad row means the file was edited
@@ -358,8 +332,8 @@ def read_split_csv(path: str | os.PathLike, validate: bool = True) -> pd.DataFra
 # --------------------------------------------------------------------------- validation
 
 def exclusion_mask(df: pd.DataFrame, name: str) -> pd.Series:
-    if name not in C.EXCLUDABLE:
-        raise ValueError(f"unknown exclusion {name!r}; choose from {', '.join(C.EXCLUDABLE)}")
+    if name not in columns.EXCLUDABLE:
+        raise ValueError(f"unknown exclusion {name!r}; choose from {', '.join(columns.EXCLUDABLE)}")
     if name not in df.columns:
         return pd.Series(False, index=df.index)
     return pd.to_numeric(df[name], errors="coerce").fillna(0).astype(float) == 1
@@ -526,7 +500,7 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
     """
     source = source if source is not None else df.attrs.get("source", "<DataFrame>")
     _require_columns(df, ("image_path", "patient_id", "age", "fracture"), source)
-    df = C.coerce_frame(df)
+    df = columns.coerce_frame(df)
     problems: dict[Any, str] = {}
 
     def flag(mask: pd.Series, reason: Any) -> None:
@@ -539,12 +513,12 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
     age = df["age"].astype("float64")
     flag(age.isna(), "age missing or not a number")
     flag(age < 0, lambda r: f"age {age[r]:g} is negative")
-    flag(age > C.MAX_AGE, lambda r: f"age {age[r]:g} is over {C.MAX_AGE:g} years")
+    flag(age > columns.MAX_AGE, lambda r: f"age {age[r]:g} is over {columns.MAX_AGE:g} years")
     frac = pd.to_numeric(df["fracture"], errors="coerce").astype("float64")
     flag(~frac.isin([0.0, 1.0]),
          lambda r: "label (fracture) missing or not a number" if pd.isna(frac[r])
          else f"label (fracture) must be 0 or 1, got {frac[r]:g}")
-    for name in C.FLAG_COLUMNS:
+    for name in columns.FLAG_COLUMNS:
         if name in df.columns:
             vals = pd.to_numeric(df[name], errors="coerce").astype("float64")
             flag(~vals.isin([0.0, 1.0]), lambda r, n=name, v=vals: f"flag {n!r} must be 1 or empty, got "
@@ -595,12 +569,12 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
         raise DataError.at(source, None, "no usable rows left" + (f" ({n_bad} rejected)" if n_bad else ""))
     good = good.copy()
     if age_bounds is not None or "age_group" not in good.columns:
-        good["age_group"] = C.age_to_group(good["age"].to_numpy(), age_bounds or C.AGE_BOUNDS)
-    for name in ("age_group", "fracture") + C.FLAG_COLUMNS:
+        good["age_group"] = columns.age_to_group(good["age"].to_numpy(), age_bounds or columns.AGE_BOUNDS)
+    for name in ("age_group", "fracture") + columns.FLAG_COLUMNS:
         if name in good.columns:
             good[name] = pd.to_numeric(good[name]).astype("int64")
-    good = good[C.ordered_columns(good.columns)]
-    good.index.name = C.ROW_INDEX_NAME
+    good = good[columns.ordered_columns(good.columns)]
+    good.index.name = columns.ROW_INDEX_NAME
     good.attrs["source"] = str(source)
     good.attrs["n_rejected"] = n_bad
     good.attrs["image_check"] = image_check

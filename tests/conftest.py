@@ -105,7 +105,6 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def real_metadata(shared_dir: Path):
-    import unified_dataset as U
-
+    import unified_dataset
     data = shared_dir / "grazpedwri-dx"
-    return U.validate_frame(U.load_grazpedwri(data / "dataset.csv", data), check_images=False)
+    return unified_dataset.validate_frame(unified_dataset.load_grazpedwri(data / "dataset.csv", data), check_images=False)

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-import columns as C
-import unified_dataset as U
+import columns
+import unified_dataset
 from unified_dataset import DataError
 
 ONE_LINE = re.compile(r"^[^\n]+:\d+: [^\n]+$")
@@ -31,31 +31,31 @@ def assert_one_line(exc: BaseException, file: Path | str, row: int | None, *word
 # --------------------------------------------------------------------------- columns
 
 def test_age_to_group_bounds() -> None:
-    assert [C.age_to_group(a) for a in (0.2, 7.99, 8.0, 14.99, 15.0, 19.0)] == [0, 0, 1, 1, 2, 2]
-    arr = C.age_to_group(np.array([3.0, 8.0, 16.5]))
+    assert [columns.age_to_group(a) for a in (0.2, 7.99, 8.0, 14.99, 15.0, 19.0)] == [0, 0, 1, 1, 2, 2]
+    arr = columns.age_to_group(np.array([3.0, 8.0, 16.5]))
     assert arr.tolist() == [0, 1, 2] and arr.dtype == np.int64
-    assert C.age_to_group([5.0, 10.0], bounds=(6.0, 12.0)).tolist() == [0, 1]
-    assert C.age_to_group(12.0, bounds=(6.0, 12.0)) == 2
+    assert columns.age_to_group([5.0, 10.0], bounds=(6.0, 12.0)).tolist() == [0, 1]
+    assert columns.age_to_group(12.0, bounds=(6.0, 12.0)) == 2
     with pytest.raises(ValueError):
-        C.age_to_group([1.0, float("nan")])
+        columns.age_to_group([1.0, float("nan")])
     with pytest.raises(ValueError):
-        C.age_to_group(3.0, bounds=(15.0, 8.0))
-    assert C.age_group_names() == C.AGE_GROUP_NAMES == ("0-7 y", "8-14 y", "15-19 y")
-    assert len(C.age_group_names((6.0, 12.0))) == 3
+        columns.age_to_group(3.0, bounds=(15.0, 8.0))
+    assert columns.age_group_names() == columns.AGE_GROUP_NAMES == ("0-7 y", "8-14 y", "15-19 y")
+    assert len(columns.age_group_names((6.0, 12.0))) == 3
 
 
 def test_column_contract_and_table() -> None:
-    table = C.markdown_table()
-    for name in C.CANONICAL + C.SOURCE_COLUMNS + C.PREDICTION_COLUMNS + ("split",):
+    table = columns.markdown_table()
+    for name in columns.CANONICAL + columns.SOURCE_COLUMNS + columns.PREDICTION_COLUMNS + ("split",):
         assert f"`{name}`" in table
-        assert C.column(name).dtype in ("str", "int", "float")
-    assert C.column("age_group_label").producer == C.STAGE3
-    df = C.coerce_frame(pd.DataFrame({"patient_id": [17, 18.0], "age": ["3.5", "x"], "fracture": ["1", "0"],
+        assert columns.column(name).dtype in ("str", "int", "float")
+    assert columns.column("age_group_label").producer == columns.STAGE3
+    df = columns.coerce_frame(pd.DataFrame({"patient_id": [17, 18.0], "age": ["3.5", "x"], "fracture": ["1", "0"],
                                       "extra": ["a", "b"]}))
     assert df["patient_id"].tolist() == ["17", "18"]
     assert df["age"].iloc[0] == 3.5 and np.isnan(df["age"].iloc[1])
     assert df["fracture"].dtype == np.int64 and df["extra"].tolist() == ["a", "b"]
-    half = C.coerce_frame(pd.DataFrame({"fracture": [0.5, 1.0]}))
+    half = columns.coerce_frame(pd.DataFrame({"fracture": [0.5, 1.0]}))
     assert half["fracture"].tolist() == [0.5, 1.0]  # left for validation to reject, not rounded
 
 
@@ -64,14 +64,14 @@ def test_column_contract_and_table() -> None:
 def test_load_phantom_grazpedwri(tiny_phantom: Path) -> None:
     csv = tiny_phantom / "dataset.csv"
     raw = pd.read_csv(csv, encoding="utf-8-sig", dtype=str, keep_default_na=False)
-    df = U.validate_frame(U.load_dataset(csv))
+    df = unified_dataset.validate_frame(unified_dataset.load_dataset(csv))
     assert len(df) == len(raw)
     assert df.index[0] == 2 and df.index.name == "csv_row"
     assert df.attrs["source"] == str(csv)
-    assert list(df.columns[:5]) == list(C.CANONICAL)
+    assert list(df.columns[:5]) == list(columns.CANONICAL)
     assert df["fracture"].tolist() == [int(v == "1") for v in raw["fracture_visible"]]
     assert df["metal"].tolist() == [int(v == "1") for v in raw["metal"]]
-    assert df["age_group"].tolist() == C.age_to_group(df["age"].to_numpy()).tolist()
+    assert df["age_group"].tolist() == columns.age_to_group(df["age"].to_numpy()).tolist()
     assert all(os.path.isabs(p) and os.path.isfile(p) for p in df["image_path"])
     assert df["patient_id"].map(type).eq(str).all()
 
@@ -82,34 +82,34 @@ def test_images_found_in_subfolders(tiny_phantom: Path, tmp_path: Path) -> None:
         part = tmp_path / f"images_part{i % 4 + 1}"
         part.mkdir(exist_ok=True)
         shutil.copy(png, part / png.name)
-    df = U.validate_frame(U.load_grazpedwri(tmp_path / "dataset.csv", tmp_path))
+    df = unified_dataset.validate_frame(unified_dataset.load_grazpedwri(tmp_path / "dataset.csv", tmp_path))
     assert {Path(p).parent.name for p in df["image_path"]} == {f"images_part{k}" for k in range(1, 5)}
 
 
 def test_generic_csv_mapping(tiny_phantom: Path, tmp_path: Path) -> None:
-    src = U.validate_frame(U.load_dataset(tiny_phantom / "dataset.csv")).head(6)
+    src = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / "dataset.csv")).head(6)
     gen = pd.DataFrame({"file": [os.path.relpath(p, tmp_path) for p in src["image_path"]],
                         "pid": src["patient_id"], "years": src["age"], "broken": src["fracture"],
                         "ward": "A"})
     gen.to_csv(tmp_path / "mine.csv", index=False)
-    df = U.load_dataset(tmp_path / "mine.csv", fmt="auto", image_col="file", patient_col="pid",
+    df = unified_dataset.load_dataset(tmp_path / "mine.csv", fmt="auto", image_col="file", patient_col="pid",
                         age_col="years", label_col="broken")
-    df = U.validate_frame(df)
+    df = unified_dataset.validate_frame(df)
     assert df["image_path"].tolist() == src["image_path"].tolist()
     assert df["fracture"].tolist() == src["fracture"].tolist() and df["ward"].tolist() == ["A"] * 6
 
 
 def test_apply_exclusions_counts(tiny_phantom: Path) -> None:
-    df = U.validate_frame(U.load_dataset(tiny_phantom / "dataset.csv"))
-    kept, counts = U.apply_exclusions(df)
+    df = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / "dataset.csv"))
+    kept, counts = unified_dataset.apply_exclusions(df)
     assert counts["excluded"] == {"metal": int(df["metal"].sum())}
     assert len(kept) == len(df) - df["metal"].sum() and kept["metal"].sum() == 0
-    kept2, counts2 = U.apply_exclusions(df, ("metal", "cast", "diagnosis_uncertain"))
+    kept2, counts2 = unified_dataset.apply_exclusions(df, ("metal", "cast", "diagnosis_uncertain"))
     either = (df["metal"] == 1) | (df["cast"] == 1) | (df["diagnosis_uncertain"] == 1)
     assert counts2["rows_excluded"] == int(either.sum()) == len(df) - len(kept2)
-    assert U.apply_exclusions(df, ("none",))[1]["rows_excluded"] == 0
+    assert unified_dataset.apply_exclusions(df, ("none",))[1]["rows_excluded"] == 0
     with pytest.raises(ValueError):
-        U.apply_exclusions(df, ("bogus",))
+        unified_dataset.apply_exclusions(df, ("bogus",))
 
 
 def test_real_dataset_csv(shared_dir: Path, real_metadata: pd.DataFrame, tmp_path: Path) -> None:
@@ -124,19 +124,19 @@ def test_real_dataset_csv(shared_dir: Path, real_metadata: pd.DataFrame, tmp_pat
     assert df.loc[2, "ao_classification"] == "23r-M/2.1" and df.loc[2, "timehash"] == 1297860395
     # Only two of the real images are here: row 2 exists, row 3 is the first missing one.
     with pytest.raises(DataError) as err:
-        U.validate_frame(df)
+        unified_dataset.validate_frame(df)
     assert_one_line(err.value, csv, 3, "image file not found", "0001_1297860435_01_WRI-L2_M014.png")
     rej = tmp_path / "rejected_rows.csv"
-    kept = U.validate_frame(df, skip_bad=True, rejected_csv=rej)
+    kept = unified_dataset.validate_frame(df, skip_bad=True, rejected_csv=rej)
     assert sorted(kept["filestem"]) == ["0001_1297860395_01_WRI-L1_M014", "0004_0542630449_01_WRI-L1_M003"]
     assert len(pd.read_csv(rej)) == 20325
 
 
 def test_real_images(shared_dir: Path) -> None:
     png = shared_dir / "grazpedwri-dx" / "images" / "0001_1297860395_01_WRI-L1_M014.png"
-    raw = U.read_raw(png)
+    raw = unified_dataset.read_raw(png)
     assert raw.dtype == np.uint16 and raw.shape == (727, 494) and raw.max() > 255
-    img = U.read_image(png)
+    img = unified_dataset.read_image(png)
     assert img.dtype == np.float32 and img.min() == 0.0 and img.max() == 1.0
     assert len(np.unique(img)) > 1000  # 16-bit precision kept, not 256 levels
 
@@ -149,12 +149,12 @@ def test_png16_round_trip_without_clipping(tmp_path: Path) -> None:
     arr[0, 0], arr[0, 1] = 0, 65535
     path = tmp_path / "a.png"
     assert cv2.imwrite(str(path), arr)
-    back = U.read_raw(path)
+    back = unified_dataset.read_raw(path)
     assert back.dtype == np.uint16 and np.array_equal(back, arr)
     # 4096 adjacent 16-bit levels: an 8-bit conversion would leave 16 of them.
     ramp = (30000 + np.arange(4096, dtype=np.uint16)).reshape(64, 64)
     cv2.imwrite(str(tmp_path / "ramp.png"), ramp)
-    img = U.read_image(tmp_path / "ramp.png")
+    img = unified_dataset.read_image(tmp_path / "ramp.png")
     assert img.dtype == np.float32 and img.min() == 0.0 and img.max() == 1.0
     assert len(np.unique(img)) > 4000
     assert np.all(np.diff(img.ravel()) >= 0)  # monotone: the window only stretches
@@ -165,10 +165,10 @@ def test_png8_jpeg_and_colour(tmp_path: Path) -> None:
     cv2.imwrite(str(tmp_path / "g8.png"), ramp)
     cv2.imwrite(str(tmp_path / "rgb.png"), np.dstack([ramp] * 3))
     cv2.imwrite(str(tmp_path / "g.jpg"), ramp, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    g8 = U.read_image(tmp_path / "g8.png")
-    assert U.read_raw(tmp_path / "g8.png").dtype == np.uint8
-    assert np.allclose(U.read_image(tmp_path / "rgb.png"), g8)
-    jpg = U.read_image(tmp_path / "g.jpg")
+    g8 = unified_dataset.read_image(tmp_path / "g8.png")
+    assert unified_dataset.read_raw(tmp_path / "g8.png").dtype == np.uint8
+    assert np.allclose(unified_dataset.read_image(tmp_path / "rgb.png"), g8)
+    jpg = unified_dataset.read_image(tmp_path / "g.jpg")
     assert jpg.shape == (32, 256) and jpg.dtype == np.float32 and np.abs(jpg - g8).mean() < 0.02
 
 
@@ -196,20 +196,20 @@ def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", s
 def test_dicom_modality_voi_and_monochrome1(tmp_path: Path) -> None:
     arr = (np.arange(64 * 64, dtype=np.uint16) % 4096).reshape(64, 64)
     plain = write_dicom(tmp_path / "m2.dcm", arr, slope=2.0, intercept=-1000.0)
-    raw = U.read_raw(plain)
+    raw = unified_dataset.read_raw(plain)
     assert np.allclose(raw, arr * 2.0 - 1000.0)  # rescale slope/intercept applied
-    m2 = U.read_image(plain)
-    m1 = U.read_image(write_dicom(tmp_path / "m1.dcm", arr, "MONOCHROME1", slope=2.0, intercept=-1000.0))
+    m2 = unified_dataset.read_image(plain)
+    m1 = unified_dataset.read_image(write_dicom(tmp_path / "m1.dcm", arr, "MONOCHROME1", slope=2.0, intercept=-1000.0))
     assert m1.dtype == np.float32 and np.allclose(m1, 1.0 - m2, atol=1e-5)  # MONOCHROME1 inverted
     # A narrow window saturates everything outside it.
-    win = U.read_image(write_dicom(tmp_path / "w.dcm", arr, window=(2048.0, 400.0)))
+    win = unified_dataset.read_image(write_dicom(tmp_path / "w.dcm", arr, window=(2048.0, 400.0)))
     assert (win == 0).mean() > 0.3 and (win == 1).mean() > 0.3 and (m2 == 0).mean() < 0.02
     # A DICOM in a dataset goes through the same reader.
-    assert U.check_image_file(plain) is None
+    assert unified_dataset.check_image_file(plain) is None
 
 
 def test_letterbox_keeps_aspect() -> None:
-    out = U.letterbox(np.ones((100, 50), np.float32), 64)
+    out = unified_dataset.letterbox(np.ones((100, 50), np.float32), 64)
     assert out.shape == (64, 64)
     cols = np.flatnonzero(out.max(axis=0) > 0)
     assert (cols.min(), cols.max()) == (16, 47) and out[:, :16].max() == 0
@@ -220,13 +220,13 @@ def test_image_cache(tiny_phantom: Path, tmp_path: Path) -> None:
     for p in imgs:
         shutil.copy(p, tmp_path / p.name)
     paths = [tmp_path / p.name for p in imgs]
-    cache = U.ImageCache(tmp_path / "cache", 32)
+    cache = unified_dataset.ImageCache(tmp_path / "cache", 32)
     a = cache.get(paths[0])
     assert a.dtype == np.uint16 and a.shape == (32, 32)
     entry = cache.entry_path(paths[0])
     assert entry.is_file() and entry.parent.parent == tmp_path / "cache" / "32px"
     assert np.array_equal(np.load(entry), a) and np.array_equal(cache.get(paths[0]), a)
-    assert np.array_equal(a, U.load_resized(paths[0], 32))
+    assert np.array_equal(a, unified_dataset.load_resized(paths[0], 32))
     st = paths[0].stat()
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a changed file is a new key
     assert cache.entry_path(paths[0]) != entry
@@ -241,15 +241,15 @@ def test_image_cache(tiny_phantom: Path, tmp_path: Path) -> None:
 
 def test_transforms() -> None:
     img = np.full((32, 32), 0.5, np.float32)
-    ev = U.build_transforms(32, train=False, mean=0.25, std=0.5)(image=img)["image"]
+    ev = unified_dataset.build_transforms(32, train=False, mean=0.25, std=0.5)(image=img)["image"]
     assert isinstance(ev, torch.Tensor) and ev.shape == (1, 32, 32) and ev.dtype == torch.float32
     assert torch.allclose(ev, torch.full_like(ev, 0.5))
     grad = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
-    tr = U.build_transforms(32, train=True, mean=0.25, std=0.5)
+    tr = unified_dataset.build_transforms(32, train=True, mean=0.25, std=0.5)
     outs = [tr(image=grad)["image"] for _ in range(8)]
     assert all(o.shape == (1, 32, 32) and o.dtype == torch.float32 and torch.isfinite(o).all() for o in outs)
     assert any(not torch.allclose(o, outs[0]) for o in outs[1:])  # augmentation is active
-    odd = U.build_transforms(32, train=False, mean=0.0, std=1.0)(image=np.ones((64, 40), np.float32))["image"]
+    odd = unified_dataset.build_transforms(32, train=False, mean=0.0, std=1.0)(image=np.ones((64, 40), np.float32))["image"]
     assert odd.shape == (1, 32, 32) and odd[0, :, :6].max() == 0 and odd[0, :, 10:20].min() == 1
 
 
@@ -257,29 +257,29 @@ def test_wrist_dataset(tiny_splits: Path, tmp_path: Path) -> None:
     from torchsampler import ImbalancedDatasetSampler
 
     csv = tiny_splits / "age_train_tmp.csv"
-    df = U.read_split_csv(csv)
-    tf = U.build_transforms(48, train=False, mean=0.5, std=0.25)
-    ds = U.WristDataset(df, "age_group", tf, 48)
+    df = unified_dataset.read_split_csv(csv)
+    tf = unified_dataset.build_transforms(48, train=False, mean=0.5, std=0.25)
+    ds = unified_dataset.WristDataset(df, "age_group", tf, 48)
     assert len(ds) == len(df) and ds.get_labels() == df["age_group"].tolist()
     x, y = ds[0]
     assert x.shape == (1, 48, 48) and x.dtype == torch.float32 and isinstance(y, int)
-    kept = U.check_decodable(df, 48, tmp_path / "cache", num_workers=2)
+    kept = unified_dataset.check_decodable(df, 48, tmp_path / "cache", num_workers=2)
     assert kept.index.equals(df.index) and kept.attrs["source"] == str(csv)
     assert len(list((tmp_path / "cache" / "48px").rglob("*.npy"))) == len(df)  # the warm-up filled it
-    cached = U.WristDataset(df, "age_group", tf, 48, cache_dir=tmp_path / "cache")
+    cached = unified_dataset.WristDataset(df, "age_group", tf, 48, cache_dir=tmp_path / "cache")
     assert torch.equal(cached[3][0], ds[3][0])  # the cache changes speed, not pixels
-    assert U.WristDataset(df, None, tf, 48)[0][1] == -1
-    assert U.WristDataset(df, "fracture", None, 48)[0][0].shape == (1, 48, 48)
+    assert unified_dataset.WristDataset(df, None, tf, 48)[0][1] == -1
+    assert unified_dataset.WristDataset(df, "fracture", None, 48)[0][0].shape == (1, 48, 48)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=ImbalancedDatasetSampler(ds))
     xb, yb = next(iter(loader))
     assert xb.shape == (4, 1, 48, 48) and yb.dtype == torch.int64
     with pytest.raises(DataError) as err:
-        U.WristDataset(df, "age_group_label", tf, 48)
+        unified_dataset.WristDataset(df, "age_group_label", tf, 48)
     assert_one_line(err.value, csv, 1, "age_group_label")
 
 
 def test_read_split_csv_dtypes(tiny_splits: Path) -> None:
-    df = U.read_split_csv(tiny_splits / "age_test.csv")
+    df = unified_dataset.read_split_csv(tiny_splits / "age_test.csv")
     assert df.index[0] == 2 and df.attrs["source"] == str(tiny_splits / "age_test.csv")
     assert df["patient_id"].map(type).eq(str).all()
     assert df["age"].dtype == np.float64 and df["age_group"].dtype == np.int64 and df["fracture"].dtype == np.int64
@@ -291,7 +291,7 @@ def test_read_split_csv_dtypes(tiny_splits: Path) -> None:
 @pytest.fixture
 def small_generic(tiny_phantom: Path, tmp_path: Path) -> Path:
     """A generic CSV of 6 rows with private copies of their images."""
-    src = U.validate_frame(U.load_dataset(tiny_phantom / "dataset.csv")).head(6)
+    src = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / "dataset.csv")).head(6)
     (tmp_path / "img").mkdir()
     names = []
     for p in src["image_path"]:
@@ -335,19 +335,19 @@ def test_bad_input_one_line_error(case: str, small_generic: Path) -> None:
     damage, words = BAD_CASES[case]
     damage(small_generic)
     with pytest.raises(DataError) as err:
-        U.validate_frame(U.load_dataset(small_generic))
+        unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
     assert_one_line(err.value, small_generic, 3, words)
 
 
 def test_bad_input_missing_column(small_generic: Path, tiny_phantom: Path, tmp_path: Path) -> None:
     pd.read_csv(small_generic).drop(columns=["age"]).to_csv(small_generic, index=False)
     with pytest.raises(DataError) as err:
-        U.load_dataset(small_generic)
+        unified_dataset.load_dataset(small_generic)
     assert_one_line(err.value, small_generic, 1, "missing required column 'age'")
     _read_meta(tiny_phantom).drop(columns=["patient_id"]).to_csv(
         tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
     with pytest.raises(DataError) as err:
-        U.load_dataset(tmp_path / "dataset.csv", tiny_phantom, fmt="grazpedwri")
+        unified_dataset.load_dataset(tmp_path / "dataset.csv", tiny_phantom, fmt="grazpedwri")
     assert_one_line(err.value, tmp_path / "dataset.csv", 1, "patient_id")
 
 
@@ -360,14 +360,14 @@ def test_bad_grazpedwri_flag(tiny_phantom: Path, tmp_path: Path) -> None:
     meta.loc[3, "fracture_visible"] = "2"  # data row 5
     meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
     with pytest.raises(DataError) as err:
-        U.validate_frame(U.load_grazpedwri(tmp_path / "dataset.csv", tiny_phantom))
+        unified_dataset.validate_frame(unified_dataset.load_grazpedwri(tmp_path / "dataset.csv", tiny_phantom))
     assert_one_line(err.value, tmp_path / "dataset.csv", 5, "must be 0 or 1, got 2")
 
 
 def test_malformed_csv_row(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("image_path,patient_id,age,fracture\na.png,1,3,0\nb.png,2,4,1,extra\n")
     with pytest.raises(DataError) as err:
-        U.load_dataset(tmp_path / "d.csv")
+        unified_dataset.load_dataset(tmp_path / "d.csv")
     assert_one_line(err.value, tmp_path / "d.csv", 3, "cannot parse CSV")
 
 
@@ -375,7 +375,7 @@ def test_empty_split_csv(tiny_splits: Path, tmp_path: Path) -> None:
     header = (tiny_splits / "age_val_tmp.csv").read_text().splitlines()[0]
     (tmp_path / "age_val_tmp.csv").write_text(header + "\n")
     with pytest.raises(DataError) as err:
-        U.read_split_csv(tmp_path / "age_val_tmp.csv")
+        unified_dataset.read_split_csv(tmp_path / "age_val_tmp.csv")
     assert_one_line(err.value, tmp_path / "age_val_tmp.csv", None, "empty split")
 
 
@@ -384,7 +384,7 @@ def test_skip_bad_rejects_with_reasons(small_generic: Path, tmp_path: Path) -> N
     _edit(small_generic, 5, age=-2)
     _edit(small_generic, 6, fracture=7)
     rej = tmp_path / "rejected_rows.csv"
-    df = U.validate_frame(U.load_dataset(small_generic), skip_bad=True, rejected_csv=rej)
+    df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic), skip_bad=True, rejected_csv=rej)
     assert df.index.tolist() == [2, 4, 7]
     bad = pd.read_csv(rej)
     assert bad["source_row"].tolist() == [3, 5, 6]
@@ -393,13 +393,13 @@ def test_skip_bad_rejects_with_reasons(small_generic: Path, tmp_path: Path) -> N
 
 
 def test_corrupt_image_in_dataloader_worker(small_generic: Path) -> None:
-    df = U.validate_frame(U.load_dataset(small_generic))
+    df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
     img = _image(small_generic, 4)
     data = bytearray(img.read_bytes())
     data[60:-20] = bytes(len(data) - 80)  # header and IEND intact, compressed data destroyed
     img.write_bytes(bytes(data))
-    assert U.check_image_file(img) is None and U.check_image_file(img, decode=True) is not None
-    ds = U.WristDataset(df, "fracture", U.build_transforms(32, False, 0.5, 0.25), 32)
+    assert unified_dataset.check_image_file(img) is None and unified_dataset.check_image_file(img, decode=True) is not None
+    ds = unified_dataset.WristDataset(df, "fracture", unified_dataset.build_transforms(32, False, 0.5, 0.25), 32)
     loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1)
     with pytest.raises(DataError) as err:
         list(loader)
@@ -407,17 +407,16 @@ def test_corrupt_image_in_dataloader_worker(small_generic: Path) -> None:
 
 
 def test_stage1_skip_bad(tiny_phantom: Path, tmp_path: Path) -> None:
-    import age_split_testset as S1
-
+    import age_split_testset
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
-    df = U.load_grazpedwri(data / "dataset.csv")
+    df = unified_dataset.load_grazpedwri(data / "dataset.csv")
     Path(df.loc[7, "image_path"]).write_bytes(b"")
     args = ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "out")]
     with pytest.raises(DataError) as err:
-        S1.main(S1.get_args_parser().parse_args(args))
+        age_split_testset.main(age_split_testset.get_args_parser().parse_args(args))
     assert_one_line(err.value, data / "dataset.csv", 7, "zero-byte")
-    res = S1.main(S1.get_args_parser().parse_args(args + ["--skip-bad"]))
+    res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(args + ["--skip-bad"]))
     bad = pd.read_csv(res["rejected_csv"])
     assert bad["source_row"].tolist() == [7] and "zero-byte" in bad["reason"][0]
     out = pd.concat([pd.read_csv(res["test_csv"]), pd.read_csv(res["pool_csv"])])
@@ -448,8 +447,8 @@ def test_percentile_scaling_matches_numpy_png_and_dicom(tmp_path: Path) -> None:
     cv2.imwrite(str(png), arr)
     dcm = write_dicom(tmp_path / "marked.dcm", _with_markers(rng, top=4095))  # 12-bit DICOM
     for path in (png, dcm):
-        raw = U.read_raw(path)
-        img = U.read_image(path)
+        raw = unified_dataset.read_raw(path)
+        img = unified_dataset.read_image(path)
         np.testing.assert_allclose(img, _percentile_scaled(raw), atol=2e-6, err_msg=str(path))
         # the markers saturate; the anatomy keeps most of the [0, 1] range (min-max scaling
         # would squeeze it into about a quarter of it)
@@ -469,24 +468,23 @@ def test_degenerate_images_refused_at_decode_check(tmp_path: Path, shape, value,
     arr = np.full(shape, value, np.uint16) if value is not None else rng.integers(0, 65535, shape, dtype=np.uint16)
     path = tmp_path / "img.png"
     cv2.imwrite(str(path), arr)
-    assert U.check_image_file(path) is None  # the cheap checks cannot see it
-    reason = U.check_image_file(path, decode=True)
+    assert unified_dataset.check_image_file(path) is None  # the cheap checks cannot see it
+    reason = unified_dataset.check_image_file(path, decode=True)
     assert reason is not None and reason.startswith(words) and reason.endswith(str(path)), reason
     ok = tmp_path / "ok.png"
     cv2.imwrite(str(ok), rng.integers(0, 65535, (32, 32), dtype=np.uint16))
-    assert U.check_image_file(ok, decode=True) is None
+    assert unified_dataset.check_image_file(ok, decode=True) is None
 
 
 def test_stage1_decode_check_refuses_a_1x1_png(tiny_phantom: Path, tmp_path: Path) -> None:
-    import age_split_testset as S1
-
+    import age_split_testset
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
-    df = U.load_grazpedwri(data / "dataset.csv")
+    df = unified_dataset.load_grazpedwri(data / "dataset.csv")
     cv2.imwrite(df.loc[9, "image_path"], np.zeros((1, 1), np.uint8))
     args = ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "out")]
     with pytest.raises(DataError) as err:
-        S1.main(S1.get_args_parser().parse_args(args + ["--decode-check"]))
+        age_split_testset.main(age_split_testset.get_args_parser().parse_args(args + ["--decode-check"]))
     assert_one_line(err.value, data / "dataset.csv", 9, "image too small (1x1 px")
 
 
@@ -502,10 +500,10 @@ def test_fifo_socket_and_device_are_refused_not_read(tmp_path: Path) -> None:
     dev.symlink_to("/dev/zero")  # reading it would never end
     try:
         for path, kind in ((fifo, "FIFO"), (sock_path, "socket"), (dev, "character device")):
-            reason = U.check_image_file(path, decode=True)
+            reason = unified_dataset.check_image_file(path, decode=True)
             assert reason == f"image path is not a regular file ({kind}): {path}"
             with pytest.raises(DataError) as err:
-                U.read_raw(path)
+                unified_dataset.read_raw(path)
             assert_one_line(err.value, path, None, f"not a regular file ({kind})")
     finally:
         sock.close()
@@ -525,10 +523,10 @@ def test_symlink_is_the_same_image(small_generic: Path) -> None:
     link.symlink_to(_image(small_generic, 2))
     _edit(small_generic, same[1] + 2, image_path="img/link.png")  # same patient: a duplicate row
     with pytest.raises(DataError) as err:
-        U.validate_frame(U.load_dataset(small_generic))
+        unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
     assert_one_line(err.value, small_generic, same[1] + 2, "duplicate image row", "is the same file as", "row 2")
     # without looking at the files the link cannot be seen
-    assert len(U.validate_frame(U.load_dataset(small_generic), check_images=False)) == len(rows)
+    assert len(unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic), check_images=False)) == len(rows)
 
 
 def test_one_image_under_two_patients_sets_both_rows_aside(small_generic: Path, tmp_path: Path) -> None:
@@ -538,11 +536,11 @@ def test_one_image_under_two_patients_sets_both_rows_aside(small_generic: Path, 
     link.symlink_to(_image(small_generic, 2))
     _edit(small_generic, j + 2, image_path="img/link.png")
     with pytest.raises(DataError) as err:
-        U.validate_frame(U.load_dataset(small_generic))
+        unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
     assert_one_line(err.value, small_generic, 2, f"is the same file as {link} in row {j + 2}",
                     f"under patient {rows.patient_id[j]}", "one image cannot belong to two patients")
     rej = tmp_path / "rejected_rows.csv"
-    df = U.validate_frame(U.load_dataset(small_generic), skip_bad=True, rejected_csv=rej)
+    df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic), skip_bad=True, rejected_csv=rej)
     assert pd.read_csv(rej).source_row.tolist() == [2, j + 2]
     assert 2 not in df.index and j + 2 not in df.index and len(df) == len(rows) - 2
 
@@ -552,9 +550,9 @@ def test_pixel_identical_copy_caught_with_decode(small_generic: Path) -> None:
     j = int(np.flatnonzero(rows.patient_id != rows.patient_id[0])[0])
     shutil.copy(_image(small_generic, 2), small_generic.parent / "img" / "copy.png")
     _edit(small_generic, j + 2, image_path="img/copy.png")
-    assert len(U.validate_frame(U.load_dataset(small_generic))) == len(rows)  # a copy is another file
+    assert len(unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))) == len(rows)  # a copy is another file
     with pytest.raises(DataError) as err:
-        U.validate_frame(U.load_dataset(small_generic), decode=True)
+        unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic), decode=True)
     assert_one_line(err.value, small_generic, 2, "identical in pixels to", "one image cannot belong to two patients")
 
 
@@ -565,11 +563,11 @@ def test_damaged_idat_passes_the_cheap_check_and_fails_to_decode(small_generic: 
 
     img = damage_idat(_image(small_generic, 3))
     assert img.read_bytes()[-12:-8] == b"\x00\x00\x00\x00" and b"IEND" in img.read_bytes()[-12:]
-    assert U.check_image_file(img) is None
-    reason = U.check_image_file(img, decode=True)
+    assert unified_dataset.check_image_file(img) is None
+    reason = unified_dataset.check_image_file(img, decode=True)
     assert reason.startswith(f"{img}: cannot decode image: corrupt PNG (CRC error in the 'IDAT' chunk")
     with pytest.raises(DataError, match="corrupt PNG"):
-        U.read_image(img)
+        unified_dataset.read_image(img)
     assert "libpng" not in capfd.readouterr().err  # found before OpenCV, which would print its own lines
 
 
@@ -580,16 +578,16 @@ def test_decode_pass_finds_every_undecodable_image(small_generic: Path, tmp_path
 
     for row in (4, 6):
         damage_idat(_image(small_generic, row))
-    df = U.validate_frame(U.load_dataset(small_generic))  # the cheap checks let them through
+    df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))  # the cheap checks let them through
     before = small_generic.read_bytes()
     cache = tmp_path / "cache" if cached else None
     with pytest.raises(DataError) as err:
-        U.check_decodable(df, 32, cache)
+        unified_dataset.check_decodable(df, 32, cache)
     assert_one_line(err.value, small_generic, 4, str(_image(small_generic, 4)), "cannot decode",
                     "(+1 more undecodable images; --skip-bad sets them aside in rejected_rows.csv)")
     rej = tmp_path / "out" / "rejected_rows.csv"
     for _ in range(2):  # found again (a resumed run, the next stage): listed once
-        kept = U.check_decodable(df, 32, cache, skip_bad=True, rejected_csv=rej)
+        kept = unified_dataset.check_decodable(df, 32, cache, skip_bad=True, rejected_csv=rej)
         assert kept.index.tolist() == [2, 3, 5, 7] and kept.attrs["n_undecodable"] == 2
         assert kept.attrs["source"] == str(small_generic)
     bad = pd.read_csv(rej)
@@ -605,9 +603,9 @@ def test_decode_pass_finds_every_undecodable_image(small_generic: Path, tmp_path
 def test_undecodable_image_in_a_dataloader_worker_is_one_line(small_generic: Path) -> None:
     from conftest import damage_idat
 
-    df = U.validate_frame(U.load_dataset(small_generic))
+    df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
     img = damage_idat(_image(small_generic, 5))  # damaged after any up-front pass
-    ds = U.WristDataset(df, "fracture", U.build_transforms(32, False, 0.5, 0.25), 32)
+    ds = unified_dataset.WristDataset(df, "fracture", unified_dataset.build_transforms(32, False, 0.5, 0.25), 32)
     with pytest.raises(DataError) as err:
         list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1))
     assert_one_line(err.value, small_generic, 5, str(img), "corrupt PNG")
@@ -617,11 +615,11 @@ def test_unletterbox_maps_back_onto_the_original() -> None:
     for h, w, y0, x0 in ((300, 200, 75, 150), (180, 420, 140, 60)):
         img = np.zeros((h, w), np.float32)
         img[y0 - 3:y0 + 4, x0 - 3:x0 + 4] = 1.0  # a blob the letterbox shrinks to about a pixel
-        cam = U.letterbox(img, 64)  # a "CAM" peaking where the blob is in the model input
-        top, left, nh, nw = U.letterbox_geometry(h, w, 64)
+        cam = unified_dataset.letterbox(img, 64)  # a "CAM" peaking where the blob is in the model input
+        top, left, nh, nw = unified_dataset.letterbox_geometry(h, w, 64)
         assert (cam[:top].max(initial=0), cam[top + nh:].max(initial=0)) == (0, 0)
         assert (cam[:, :left].max(initial=0), cam[:, left + nw:].max(initial=0)) == (0, 0)
-        back = U.unletterbox(cam, (h, w))
+        back = unified_dataset.unletterbox(cam, (h, w))
         assert back.shape == (h, w) and back.dtype == np.float32
         y, x = np.unravel_index(np.argmax(back), back.shape)
         px = max(h, w) / 64  # one model-input pixel, in original pixels
@@ -638,8 +636,7 @@ _INTERRUPT_SCRIPT = r"""
 import os, random, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import unified_dataset as ud
-
+import unified_dataset
 paths, work, tries = sorted(Path(sys.argv[2]).glob("*.png")), Path(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(0)
 for first in range(0, tries, 4):
@@ -652,7 +649,7 @@ for first in range(0, tries, 4):
             os.dup2(os.open(work / f"err{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
             try:
                 os.write(w, b"1")
-                ud.ImageCache(work / f"cache{i}", 64).warm(paths, num_workers=2, progress=False)
+                unified_dataset.ImageCache(work / f"cache{i}", 64).warm(paths, num_workers=2, progress=False)
             except KeyboardInterrupt:  # what distributed.session and the driver do with it
                 sys.exit(130)
             sys.exit(0)

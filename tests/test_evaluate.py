@@ -23,12 +23,11 @@ from timm.models import register_model
 from torch import nn
 
 import evaluate
-import metrics as M
+import metrics
 import models
-import inference as P
+import inference
 import predict
-import unified_dataset as ud
-
+import unified_dataset
 IMG = 48  # demo model input size in these tests
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,8 +92,8 @@ def routing_probe_fracture(pretrained: bool = False, **kwargs: object) -> nn.Mod
     return ProbeFracture(**kwargs)
 
 
-def _lm(model: nn.Module, name: str, nc: int) -> P.LoadedModel:
-    return P.LoadedModel(model=model, name=name, img_size=30, mean=0.5, std=0.25, num_classes=nc)
+def _lm(model: nn.Module, name: str, nc: int) -> inference.LoadedModel:
+    return inference.LoadedModel(model=model, name=name, img_size=30, mean=0.5, std=0.25, num_classes=nc)
 
 
 def _save_ckpt(path: Path, kind: str, n_classes: int, seed: int, arch: str = "cnn_demo") -> Path:
@@ -174,10 +173,10 @@ def test_route_sends_each_image_to_its_predicted_groups_model(tmp_path):
     df = pd.DataFrame({"image_path": [str(_square_png(tmp_path / f"i{i}.png", b))
                                       for i, b in enumerate(bands)]})
     groups = {g: ConstFracture(logit) for g, logit in enumerate((-2.0, 0.5, 3.0))}
-    routed = P.RoutedModels(age=_lm(BandAgeModel(), "age_classifier", 3),
+    routed = inference.RoutedModels(age=_lm(BandAgeModel(), "age_classifier", 3),
                             groups={g: _lm(m, f"agegroup{g}", 1) for g, m in groups.items()},
                             pooled=None)
-    res = P.route(routed, df, torch.device("cpu"), "hard", batch_size=3)
+    res = inference.route(routed, df, torch.device("cpu"), "hard", batch_size=3)
     assert res["age_group_label"].tolist() == bands
     expected = torch.sigmoid(torch.tensor([(-2.0, 0.5, 3.0)[b] for b in bands])).numpy()
     np.testing.assert_allclose(res["fracture_prob"], expected, rtol=1e-5)
@@ -188,7 +187,7 @@ def test_route_sends_each_image_to_its_predicted_groups_model(tmp_path):
     # soft: every model sees every image; the mix uses the age probabilities
     for m in groups.values():
         m.seen.clear()
-    soft = P.route(routed, df, torch.device("cpu"), "soft")
+    soft = inference.route(routed, df, torch.device("cpu"), "soft")
     age_p = soft[[f"age_group_prob_{g}" for g in range(3)]].to_numpy()
     mix = (age_p * torch.sigmoid(torch.tensor([-2.0, 0.5, 3.0])).numpy()).sum(1)
     np.testing.assert_allclose(soft["fracture_prob"], mix, rtol=1e-5)
@@ -200,36 +199,36 @@ def test_missing_group_model_falls_back_to_pooled(tmp_path):
     df = pd.DataFrame({"image_path": [str(_square_png(tmp_path / f"i{i}.png", b))
                                       for i, b in enumerate(bands)]})
     pooled = ConstFracture(4.0)
-    routed = P.RoutedModels(age=_lm(BandAgeModel(), "age_classifier", 3),
+    routed = inference.RoutedModels(age=_lm(BandAgeModel(), "age_classifier", 3),
                             groups={0: _lm(ConstFracture(-1.0), "agegroup0", 1),
                                     1: _lm(ConstFracture(1.0), "agegroup1", 1)},
                             pooled=_lm(pooled, "pooled", 1))
-    res = P.route(routed, df, torch.device("cpu"), "hard")
+    res = inference.route(routed, df, torch.device("cpu"), "hard")
     assert res["fracture_model"].tolist() == ["pooled", "agegroup0", "pooled"]
     assert pooled.seen == [2, 2]
     routed.pooled = None
     with pytest.raises(models.CheckpointError, match="age group 2"):
-        P.route(routed, df, torch.device("cpu"), "hard")
+        inference.route(routed, df, torch.device("cpu"), "hard")
 
 
 def test_combine_routes_oracle_and_hard():
     age = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3]])
     grp = np.array([[0.1, 0.5, 0.9], [0.2, 0.6, 0.8], [0.3, 0.4, 0.7]])
-    hard, used = P.combine_routes(age, grp, "hard")
+    hard, used = inference.combine_routes(age, grp, "hard")
     np.testing.assert_allclose(hard, [0.1, 0.8, 0.4])
-    oracle, used_o = P.combine_routes(age, grp, "oracle", true_group=np.array([1, 1, 2]))
+    oracle, used_o = inference.combine_routes(age, grp, "oracle", true_group=np.array([1, 1, 2]))
     np.testing.assert_allclose(oracle, [0.5, 0.6, 0.7])
     assert used_o.tolist() == [1, 1, 2]
 
 
 def test_model_probs_under_bf16_autocast_stay_close(run_dir):
     device = torch.device("cpu")
-    routed = P.load_routed_models(run_dir / "saved_agegroup_models", device)
-    df = ud.read_split_csv(run_dir / "age_test.csv").head(8)
+    routed = inference.load_routed_models(run_dir / "saved_agegroup_models", device)
+    df = unified_dataset.read_split_csv(run_dir / "age_test.csv").head(8)
     for lm in (routed.age, routed.pooled):
         for tta in (False, True):
-            full = P.model_probs(lm, df, device, tta)
-            np.testing.assert_allclose(P.model_probs(lm, df, device, tta, amp="bf16"), full, atol=0.01)
+            full = inference.model_probs(lm, df, device, tta)
+            np.testing.assert_allclose(inference.model_probs(lm, df, device, tta, amp="bf16"), full, atol=0.01)
 
 
 # --------------------------------------------------------------------------- Grad-CAM
@@ -238,14 +237,14 @@ def test_gradcam_has_input_shape_and_is_finite(arch):
     torch.manual_seed(0)
     model = models.create_model(arch, num_classes=1, in_chans=1, img_size=64).eval()
     x = torch.randn(2, 1, 64, 64)
-    cams = P.gradcam(model, x)
+    cams = inference.gradcam(model, x)
     assert cams.shape == (2, 64, 64)
     assert np.isfinite(cams).all() and cams.min() >= 0 and cams.max() <= 1 + 1e-6
     if arch == "swin_demo":  # timm 1.x Swin: NHWC block output, permuted, not reshaped
-        layer, reshape = P.cam_target(model)
-        assert reshape is P.nhwc_to_nchw
+        layer, reshape = inference.cam_target(model)
+        assert reshape is inference.nhwc_to_nchw
     # the TTA wrapper is explained through the same layer
-    assert P.gradcam(P.HFlipTTA(model), x[:1]).shape == (1, 64, 64)
+    assert inference.gradcam(inference.HFlipTTA(model), x[:1]).shape == (1, 64, 64)
 
 
 # --------------------------------------------------------------------------- predict.py
@@ -272,15 +271,15 @@ def test_predict_png_and_dicom(run_dir, tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
     assert (df.fracture_label == (df.fracture_prob >= df.threshold)).all()
     # each image's probability is that of the model serving its predicted group (group 2: pooled), with TTA
-    routed = P.load_routed_models(mdir, torch.device("cpu"))
+    routed = inference.load_routed_models(mdir, torch.device("cpu"))
     serving = {0: "agegroup0", 1: "agegroup1", 2: "pooled"}
     assert df.fracture_model.tolist() == [serving[g] for g in df.age_group_label]
     for i, row in df.iterrows():
         lm = routed.model_for_group(int(row.age_group_label))
         one = pd.DataFrame({"image_path": [row.image_path]})
-        assert row.fracture_prob == pytest.approx(float(P.model_probs(lm, one, torch.device("cpu"), tta=True)[0]),
+        assert row.fracture_prob == pytest.approx(float(inference.model_probs(lm, one, torch.device("cpu"), tta=True)[0]),
                                                   rel=1e-5)
-        np.testing.assert_allclose(probs[i], P.model_probs(routed.age, one, torch.device("cpu"), tta=True)[0],
+        np.testing.assert_allclose(probs[i], inference.model_probs(routed.age, one, torch.device("cpu"), tta=True)[0],
                                    rtol=1e-5)
     for p in df.cam_path:  # over the original image (70 x 50), not the 48 px model input
         cam = cv2.imread(p)
@@ -315,7 +314,7 @@ def test_predict_errors_are_one_line(run_dir, tmp_path):
     mdir = run_dir / "saved_agegroup_models"
     bad = tmp_path / "empty.png"
     bad.write_bytes(b"")
-    with pytest.raises(ud.DataError) as err:
+    with pytest.raises(unified_dataset.DataError) as err:
         predict.main(_predict_args([bad], mdir, tmp_path / "p.csv"))
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
     good = tmp_path / "ok.png"
@@ -338,7 +337,7 @@ def test_predict_refuses_degenerate_images(run_dir, tmp_path):
     tiny = tmp_path / "tiny.png"
     cv2.imwrite(str(tiny), np.array([[0, 255]], np.uint8))
     for bad, words in ((flat, "constant image"), (tiny, "image too small (2x1 px")):
-        with pytest.raises(ud.DataError) as err:
+        with pytest.raises(unified_dataset.DataError) as err:
             predict.main(_predict_args([bad], mdir, tmp_path / "p.csv"))
         assert str(err.value).startswith(f"{bad}: {words}") and "\n" not in str(err.value)
 
@@ -380,8 +379,8 @@ def test_evaluate_end_to_end(run_dir):
     assert len(pred) == len(test)
     # every system's probability, row by row, from the models themselves
     device = torch.device("cpu")
-    routed = P.load_routed_models(run_dir / "saved_agegroup_models", device)
-    inf = evaluate.infer(routed, ud.read_split_csv(run_dir / "age_test.csv"), device)
+    routed = inference.load_routed_models(run_dir / "saved_agegroup_models", device)
+    inf = evaluate.infer(routed, unified_dataset.read_split_csv(run_dir / "age_test.csv"), device)
     rows = np.arange(len(pred))
     label = inf["age_probs"].argmax(1)
     assert pred.age_group_label.tolist() == label.tolist()
@@ -408,14 +407,14 @@ def test_evaluate_end_to_end(run_dir):
 
     # thresholds come from the validation CSV, not from test; per-group ones from the
     # validation images each group model decided
-    val = ud.read_split_csv(run_dir / "age_val_tmp.csv")
+    val = unified_dataset.read_split_csv(run_dir / "age_val_tmp.csv")
     true_val = val["age_group"].to_numpy()
     val_out = evaluate.system_probs(evaluate.infer(routed, val, device), true_val)
     for s, prob in val_out.prob.items():
-        t = M.choose_threshold(val["fracture"], prob)
+        t = metrics.choose_threshold(val["fracture"], prob)
         assert res["systems"][s]["threshold"] == pytest.approx(t)
         np.testing.assert_allclose(pred[f"threshold_{s}"], t)
-    per, _ = M.choose_group_thresholds(val["fracture"], val_out.prob["hard"], val_out.group["hard"], 3,
+    per, _ = metrics.choose_group_thresholds(val["fracture"], val_out.prob["hard"], val_out.group["hard"], 3,
                                        res["systems"]["hard"]["threshold"])
     saved = {int(k): v for k, v in res["thresholds"]["hard_per_group"]["values"].items()}
     assert saved == pytest.approx(per)

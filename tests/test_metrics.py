@@ -16,8 +16,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-import metrics as M
-
+import metrics
 # fixed, hand-checkable input: 10 images, ties in the scores on purpose
 Y = np.array([0, 0, 1, 1, 0, 1, 1, 0, 1, 0])
 P = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.9, 0.6, 0.2, 0.4, 0.7])
@@ -34,7 +33,7 @@ def _data(n_pat: int = 60, seed: int = 0, shift: float = 0.0) -> pd.DataFrame:
 
 
 def test_binary_metrics_match_sklearn():
-    m = M.binary_metrics(Y, P, threshold=0.4)
+    m = metrics.binary_metrics(Y, P, threshold=0.4)
     pred = (P >= 0.4).astype(int)
     assert m["accuracy"] == pytest.approx(accuracy_score(Y, pred))
     assert m["f1"] == pytest.approx(f1_score(Y, pred))
@@ -52,7 +51,7 @@ def test_binary_metrics_match_sklearn():
 
 
 def test_single_class_gives_nan_not_crash():
-    m = M.binary_metrics([1, 1, 1], [0.2, 0.7, 0.9], threshold=0.5)
+    m = metrics.binary_metrics([1, 1, 1], [0.2, 0.7, 0.9], threshold=0.5)
     assert np.isnan(m["auroc"]) and np.isnan(m["auprc"]) and np.isnan(m["specificity"])
     assert m["sensitivity"] == pytest.approx(2 / 3)
     assert m["confusion_matrix"] == [[0, 0], [1, 2]]
@@ -63,19 +62,19 @@ def test_weighted_metrics_equal_sklearn_on_duplicated_rows():
     y = rng.integers(0, 2, 80)
     p = np.round(rng.random(80), 1)  # many ties
     w = rng.integers(0, 4, size=(4, 80))
-    vec = M.weighted_binary_metrics(y, p, 0.5, w)
+    vec = metrics.weighted_binary_metrics(y, p, 0.5, w)
     for b in range(4):
         idx = np.repeat(np.arange(80), w[b])
-        ref = M.binary_metrics(y[idx], p[idx], 0.5)
-        for k in M.BINARY_METRICS:
+        ref = metrics.binary_metrics(y[idx], p[idx], 0.5)
+        for k in metrics.BINARY_METRICS:
             assert vec[k][b] == pytest.approx(ref[k], nan_ok=True), k
 
 
 def test_bootstrap_deterministic_and_contains_point():
     df = _data()
-    a = M.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=300, seed=7)
-    b = M.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=300, seed=7)
-    c = M.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=300, seed=8)
+    a = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=300, seed=7)
+    b = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=300, seed=7)
+    c = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=300, seed=8)
     assert a["ci"] == b["ci"]
     assert a["ci"]["auroc"] != c["ci"]["auroc"]
     for k in ("accuracy", "f1", "sensitivity", "specificity", "auroc", "auprc"):
@@ -93,7 +92,7 @@ def test_generic_bootstrap_resamples_whole_patients():
         seen.append(rows)
         return roc_auc_score(rows.y, rows.prob) if rows.y.nunique() == 2 else float("nan")
 
-    point, lo, hi = M.patient_bootstrap_ci(df, metric, n_boot=50, seed=1)
+    point, lo, hi = metrics.patient_bootstrap_ci(df, metric, n_boot=50, seed=1)
     assert point == pytest.approx(roc_auc_score(df.y, df.prob))
     assert lo <= point <= hi
     sizes = df.groupby("patient_id").size()
@@ -103,14 +102,14 @@ def test_generic_bootstrap_resamples_whole_patients():
         assert ((counts % sizes[counts.index]) == 0).all()
         assert rows.patient_id.nunique() <= 30
     # same seed, same interval; generic and vectorised paths draw the same resamples
-    assert M.patient_bootstrap_ci(df, metric, n_boot=50, seed=1) == (point, lo, hi)
-    fast = M.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=50, seed=1)
+    assert metrics.patient_bootstrap_ci(df, metric, n_boot=50, seed=1) == (point, lo, hi)
+    fast = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=50, seed=1)
     assert fast["ci"]["auroc"] == pytest.approx([lo, hi])
 
 
 def test_youden_picks_max_of_tpr_minus_fpr():
     df = _data(n_pat=50, seed=2)
-    t = M.choose_threshold(df.y, df.prob, "youden")
+    t = metrics.choose_threshold(df.y, df.prob, "youden")
     fpr, tpr, thr = roc_curve(df.y, df.prob, drop_intermediate=False)
     j = tpr - fpr
     assert t == pytest.approx(thr[np.argmax(j)])
@@ -122,22 +121,22 @@ def test_youden_picks_max_of_tpr_minus_fpr():
 
 def test_sensitivity_target_threshold():
     df = _data(n_pat=50, seed=4)
-    t = M.choose_threshold(df.y, df.prob, "sensitivity", target_sensitivity=0.95)
-    m = M.binary_metrics(df.y, df.prob, t)
+    t = metrics.choose_threshold(df.y, df.prob, "sensitivity", target_sensitivity=0.95)
+    m = metrics.binary_metrics(df.y, df.prob, t)
     assert m["sensitivity"] >= 0.95
     # the next higher score as threshold falls below the target: t is the highest such
     higher = np.sort(df.prob[df.prob > t].unique())
     if higher.size:
-        assert M.binary_metrics(df.y, df.prob, higher[0])["sensitivity"] < 0.95
+        assert metrics.binary_metrics(df.y, df.prob, higher[0])["sensitivity"] < 0.95
     with pytest.raises(ValueError):
-        M.choose_threshold([1, 1], [0.2, 0.3])
+        metrics.choose_threshold([1, 1], [0.2, 0.3])
 
 
 def test_threshold_comes_from_validation_not_test():
     val = _data(n_pat=60, seed=10)
     test = _data(n_pat=60, seed=11, shift=0.25)  # shifted scores: its own optimum differs
-    t_val = M.choose_threshold(val.y, val.prob)
-    t_test = M.choose_threshold(test.y, test.prob)
+    t_val = metrics.choose_threshold(val.y, val.prob)
+    t_test = metrics.choose_threshold(test.y, test.prob)
     assert t_val != pytest.approx(t_test)
     # the evaluation's helper applies the validation threshold unchanged to test
     import evaluate
@@ -146,12 +145,12 @@ def test_threshold_comes_from_validation_not_test():
         val.y, val.prob, test.y, test.prob, method="youden")
     assert thr == pytest.approx(t_val)
     assert test_metrics["threshold"] == pytest.approx(t_val)
-    assert test_metrics["f1"] == pytest.approx(M.binary_metrics(test.y, test.prob, t_val)["f1"])
+    assert test_metrics["f1"] == pytest.approx(metrics.binary_metrics(test.y, test.prob, t_val)["f1"])
 
 
 def test_paired_difference_of_a_system_with_itself_is_zero():
     df = _data()
-    d = M.paired_bootstrap_difference(df.y, df.prob, df.prob, df.patient_id, 0.5, 0.5,
+    d = metrics.paired_bootstrap_difference(df.y, df.prob, df.prob, df.patient_id, 0.5, 0.5,
                                       n_boot=100, seed=0)
     assert d["auroc"]["diff"] == 0 and d["auroc"]["lo"] == 0 and d["auroc"]["hi"] == 0
 
@@ -159,7 +158,7 @@ def test_paired_difference_of_a_system_with_itself_is_zero():
 def test_multiclass_summary():
     yt = [0, 0, 1, 1, 1, 2, 2, 2]
     yp = [0, 1, 1, 1, 2, 2, 2, 0]
-    s = M.multiclass_summary(yt, yp, names=("a", "b", "c"))
+    s = metrics.multiclass_summary(yt, yp, names=("a", "b", "c"))
     assert s["confusion_matrix"] == confusion_matrix(yt, yp).tolist()
     assert s["macro_f1"] == pytest.approx(f1_score(yt, yp, average="macro"))
     assert s["classification_report"]["b"]["recall"] == pytest.approx(2 / 3)
@@ -174,19 +173,19 @@ def test_study_aggregation_on_a_hand_made_table():
         "prob":         [0.2, 0.6, 0.3, 0.1, 0.5, 0.9],
         "group":        [1, 1, 2, 0, 2, 1],
     })
-    most = M.aggregate_studies(images, ["prob"], "max", group_cols=["group"])
+    most = metrics.aggregate_studies(images, ["prob"], "max", group_cols=["group"])
     assert most[["patient_id", "study_number"]].values.tolist() == [["a", 1], ["a", 2], ["b", 1], ["c", 1]]
     assert most["prob"].tolist() == [0.6, 0.3, 0.5, 0.9]
     assert most["fracture"].tolist() == [1, 0, 0, 1]  # positive if any image is
     assert most["n_images"].tolist() == [2, 1, 2, 1]
     assert most["group"].tolist() == [1, 2, 0, 1]  # b's tie 0/2 -> the smaller group
-    mean = M.aggregate_studies(images, ["prob"], "mean")
+    mean = metrics.aggregate_studies(images, ["prob"], "mean")
     np.testing.assert_allclose(mean["prob"], [0.4, 0.3, 0.3, 0.9])
     # without a study column every patient is one study
-    per_patient = M.aggregate_studies(images, ["prob"], "max", study_cols=["patient_id"])
+    per_patient = metrics.aggregate_studies(images, ["prob"], "max", study_cols=["patient_id"])
     assert per_patient["prob"].tolist() == [0.6, 0.5, 0.9] and per_patient["fracture"].tolist() == [1, 0, 1]
     with pytest.raises(ValueError, match="median"):
-        M.aggregate_studies(images, ["prob"], "median")
+        metrics.aggregate_studies(images, ["prob"], "median")
 
 
 def test_per_group_thresholds_follow_each_group_models_scores():
@@ -196,17 +195,17 @@ def test_per_group_thresholds_follow_each_group_models_scores():
     y = rng.integers(0, 2, n)
     # the same separation in every group, around a different centre: group 2's model scores high
     prob = np.clip(np.array([0.2, 0.45, 0.7])[group] + 0.2 * (y - 0.5) + rng.normal(0, 0.05, n), 0, 1)
-    single = M.choose_threshold(y, prob)
-    per, fell_back = M.choose_group_thresholds(y, prob, group, 3, fallback=single)
+    single = metrics.choose_threshold(y, prob)
+    per, fell_back = metrics.choose_group_thresholds(y, prob, group, 3, fallback=single)
     assert fell_back == []
     assert per[0] < per[1] < per[2]
     for g, centre in enumerate((0.2, 0.45, 0.7)):
         assert abs(per[g] - centre) < 0.1
-    rows = M.per_row_thresholds(group, per)
-    assert M.binary_metrics(y, prob, rows)["accuracy"] > M.binary_metrics(y, prob, single)["accuracy"] + 0.1
+    rows = metrics.per_row_thresholds(group, per)
+    assert metrics.binary_metrics(y, prob, rows)["accuracy"] > metrics.binary_metrics(y, prob, single)["accuracy"] + 0.1
     # a group whose validation rows hold one class keeps the single threshold, and says so
     y_one = np.where(group == 1, 1, y)
-    per, fell_back = M.choose_group_thresholds(y_one, prob, group, 3, fallback=0.5)
+    per, fell_back = metrics.choose_group_thresholds(y_one, prob, group, 3, fallback=0.5)
     assert fell_back == [1] and per[1] == 0.5
 
 
@@ -215,40 +214,40 @@ def test_temperature_fit_lowers_ece_of_an_overconfident_model():
     z = rng.normal(0, 1.5, 4000)
     y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(int)
     overconfident = 1 / (1 + np.exp(-3 * z))  # logits three times too large
-    t = M.fit_temperature(y, overconfident)
+    t = metrics.fit_temperature(y, overconfident)
     assert 2.5 < t < 3.5
-    before = M.expected_calibration_error(y, overconfident)
-    after = M.expected_calibration_error(y, M.apply_temperature(overconfident, t))
+    before = metrics.expected_calibration_error(y, overconfident)
+    after = metrics.expected_calibration_error(y, metrics.apply_temperature(overconfident, t))
     assert after < before / 2
     # scaling never reorders: AUROC is unchanged
-    assert roc_auc_score(y, M.apply_temperature(overconfident, t)) == pytest.approx(roc_auc_score(y, overconfident))
+    assert roc_auc_score(y, metrics.apply_temperature(overconfident, t)) == pytest.approx(roc_auc_score(y, overconfident))
     # multi-class: softmax probabilities from logits twice too large
     logits = rng.normal(0, 2, (3000, 3))
     labels = np.array([rng.choice(3, p=np.exp(l) / np.exp(l).sum()) for l in logits])
     sharp = np.exp(2 * logits) / np.exp(2 * logits).sum(1, keepdims=True)
-    t3 = M.fit_temperature(labels, sharp)
+    t3 = metrics.fit_temperature(labels, sharp)
     assert 1.6 < t3 < 2.4
-    assert M.top_label_calibration_error(labels, M.apply_temperature(sharp, t3)) < \
-        M.top_label_calibration_error(labels, sharp)
+    assert metrics.top_label_calibration_error(labels, metrics.apply_temperature(sharp, t3)) < \
+        metrics.top_label_calibration_error(labels, sharp)
 
 
 def test_expected_calibration_error_by_hand():
     # bin [0.1, 0.2): p 0.15, 0.15, observed 1 of 2 -> |0.5 - 0.15| * 2; bin [0.9, 1]: p 0.95, observed 1
     y = [0, 1, 1]
     p = [0.15, 0.15, 0.95]
-    assert M.expected_calibration_error(y, p, n_bins=10) == pytest.approx((2 * 0.35 + 0.05) / 3)
+    assert metrics.expected_calibration_error(y, p, n_bins=10) == pytest.approx((2 * 0.35 + 0.05) / 3)
 
 
 def test_min_detectable_difference_from_the_bootstrap_spread():
     df = _data(n_pat=80, seed=4)
     other = np.clip(df.prob + np.random.default_rng(1).normal(0, 0.1, len(df)), 0, 1)
-    d = M.paired_bootstrap_difference(df.y, df.prob, other, df.patient_id, 0.5, 0.5, n_boot=300, seed=0)
+    d = metrics.paired_bootstrap_difference(df.y, df.prob, other, df.patient_id, 0.5, 0.5, n_boot=300, seed=0)
     se = d["auroc"]["se"]
     assert se > 0
-    assert M.min_detectable_difference(se) == pytest.approx(2.8016 * se, rel=1e-3)
+    assert metrics.min_detectable_difference(se) == pytest.approx(2.8016 * se, rel=1e-3)
     # a bigger test set (each patient twice, as distinct patients) narrows it
     twice = pd.concat([df, df.assign(patient_id=df.patient_id + "b")])
-    d2 = M.paired_bootstrap_difference(twice.y, twice.prob, np.concatenate([other, other]), twice.patient_id,
+    d2 = metrics.paired_bootstrap_difference(twice.y, twice.prob, np.concatenate([other, other]), twice.patient_id,
                                        0.5, 0.5, n_boot=300, seed=0)
     assert d2["auroc"]["se"] < se
 
@@ -269,15 +268,15 @@ def test_patient_bootstrap_gives_all_images_of_a_patient_the_same_weight():
         return 0.5
 
     n_boot = 30
-    M.patient_bootstrap_ci(df, metric, n_boot=n_boot, seed=3)
+    metrics.patient_bootstrap_ci(df, metric, n_boot=n_boot, seed=3)
     assert len(resampled) == n_boot + 1  # the point estimate, then the resamples
-    vec = M.bootstrap_samples(df.y, [df.prob], [0.5], df.patient_id, n_boot=n_boot, seed=3)[0]
+    vec = metrics.bootstrap_samples(df.y, [df.prob], [0.5], df.patient_id, n_boot=n_boot, seed=3)[0]
     for b, rows in enumerate(resampled[1:]):
         weight = np.bincount(rows.image, minlength=len(df))
         for idx in groups:
             assert len(set(weight[idx])) == 1, (b, idx, weight[idx])  # one weight per patient
         assert sum(weight[idx[0]] for idx in groups) == len(groups)  # 25 patients drawn per resample
         # the vectorised path weights images exactly so: its metrics equal those of these rows
-        ref = M.binary_metrics(rows.y, rows.prob, 0.5)
-        for k in M.BINARY_METRICS:
+        ref = metrics.binary_metrics(rows.y, rows.prob, 0.5)
+        for k in metrics.BINARY_METRICS:
             assert vec[k][b] == pytest.approx(ref[k], nan_ok=True), (b, k)

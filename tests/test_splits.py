@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import age_split_testset as S1
-import columns as C
-import generate_age_trainval_split as S2
-import splits as SP
-import unified_dataset as U
+import age_split_testset
+import columns
+import generate_age_trainval_split
+import splits
+import unified_dataset
 from unified_dataset import DataError
 
 SPLIT_FILES = {"test": "age_test.csv", "train": "age_train_tmp.csv", "val": "age_val_tmp.csv"}
@@ -31,77 +31,77 @@ def synthetic(n_patients: int, seed: int = 0) -> pd.DataFrame:
     rows = []
     for pid in range(n_patients):
         age = float(rng.choice([3.0, 6.0, 9.0, 11.0, 13.0, 16.0], p=[0.1, 0.12, 0.2, 0.25, 0.18, 0.15]))
-        p_fx = {0: 0.8, 1: 0.65, 2: 0.45}[C.age_to_group(age)]
+        p_fx = {0: 0.8, 1: 0.65, 2: 0.45}[columns.age_to_group(age)]
         fx = int(rng.random() < p_fx)
         for k in range(int(rng.integers(1, 6))):
             rows.append({"image_path": f"/x/{pid}_{k}.png", "patient_id": str(pid), "age": age,
                          "fracture": fx if rng.random() < 0.9 else 1 - fx})
     df = pd.DataFrame(rows)
-    df["age_group"] = C.age_to_group(df["age"].to_numpy())
-    df.index = pd.RangeIndex(2, len(df) + 2, name=C.ROW_INDEX_NAME)
+    df["age_group"] = columns.age_to_group(df["age"].to_numpy())
+    df.index = pd.RangeIndex(2, len(df) + 2, name=columns.ROW_INDEX_NAME)
     return df
 
 
 def assert_stratified(held: pd.DataFrame, whole: pd.DataFrame, frac: float) -> None:
     share = held["patient_id"].nunique() / whole["patient_id"].nunique()
     assert abs(share - frac) <= FRAC_TOL, share
-    a = np.bincount(SP.strata(held), minlength=6) / len(held)
-    b = np.bincount(SP.strata(whole), minlength=6) / len(whole)
+    a = np.bincount(splits.strata(held), minlength=6) / len(held)
+    b = np.bincount(splits.strata(whole), minlength=6) / len(whole)
     assert np.abs(a - b).max() <= STRATUM_TOL, (a, b)
 
 
 def read_splits(out: Path) -> dict[str, pd.DataFrame]:
-    return {k: U.read_split_csv(out / v) for k, v in SPLIT_FILES.items()}
+    return {k: unified_dataset.read_split_csv(out / v) for k, v in SPLIT_FILES.items()}
 
 
 # --------------------------------------------------------------------------- splits.py
 
 def test_split_patients_stratified_and_deterministic() -> None:
     df = synthetic(700)
-    held, rest = SP.split_patients(df, 0.15, seed=42)
+    held, rest = splits.split_patients(df, 0.15, seed=42)
     assert len(held) + len(rest) == len(df)
     assert not set(held["patient_id"]) & set(rest["patient_id"])
     assert held.index.is_monotonic_increasing and held.index.isin(df.index).all()
     assert_stratified(held, df, 0.15)
-    val, train = SP.split_patients(rest, 0.2, seed=42)
+    val, train = splits.split_patients(rest, 0.2, seed=42)
     assert_stratified(val, rest, 0.2)
-    again, _ = SP.split_patients(df, 0.15, seed=42)
+    again, _ = splits.split_patients(df, 0.15, seed=42)
     assert again.index.equals(held.index)
-    other, _ = SP.split_patients(df, 0.15, seed=7)
+    other, _ = splits.split_patients(df, 0.15, seed=7)
     assert not other.index.equals(held.index)
 
 
 def test_split_keeps_every_age_group_on_both_sides() -> None:
     df = synthetic(30, seed=3)
     for seed in range(5):
-        held, rest = SP.split_patients(df, 0.15, seed)
+        held, rest = splits.split_patients(df, 0.15, seed)
         assert set(held["age_group"]) == set(rest["age_group"]) == set(df["age_group"])
 
 
 def test_split_errors() -> None:
     with pytest.raises(DataError, match="only 3 patient"):
-        SP.split_patients(synthetic(3), 0.15, seed=0)
+        splits.split_patients(synthetic(3), 0.15, seed=0)
     with pytest.raises(ValueError):
-        SP.split_patients(synthetic(50), 0.7, seed=0)
+        splits.split_patients(synthetic(50), 0.7, seed=0)
     a, b = synthetic(10), synthetic(10)
     b.attrs["source"] = "b.csv"
     with pytest.raises(DataError) as err:
-        SP.check_disjoint({"a.csv": a.iloc[:5], "b.csv": a.iloc[3:]})
+        splits.check_disjoint({"a.csv": a.iloc[:5], "b.csv": a.iloc[3:]})
     assert str(err.value).startswith(f"b.csv:{a.index[3]}: patient ")
-    SP.check_disjoint({"a.csv": a[a.patient_id.astype(int) < 5], "b.csv": b[b.patient_id.astype(int) >= 5]})
+    splits.check_disjoint({"a.csv": a[a.patient_id.astype(int) < 5], "b.csv": b[b.patient_id.astype(int) >= 5]})
     with pytest.raises(DataError, match="empty split"):
-        SP.check_coverage(a.iloc[:0], "val.csv", 3)
+        splits.check_coverage(a.iloc[:0], "val.csv", 3)
     with pytest.raises(DataError, match=r"^val.csv: age group 2 \(15-19 y\) has no images"):
-        SP.check_coverage(a[a.age_group < 2], "val.csv", 3)
+        splits.check_coverage(a[a.age_group < 2], "val.csv", 3)
 
 
 def test_real_metadata_split(real_metadata: pd.DataFrame) -> None:
     df = real_metadata
-    test, pool = SP.split_patients(df, 0.15, seed=42)
+    test, pool = splits.split_patients(df, 0.15, seed=42)
     assert_stratified(test, df, 0.15)
-    val, train = SP.split_patients(pool, 0.2, seed=42)
+    val, train = splits.split_patients(pool, 0.2, seed=42)
     assert_stratified(val, pool, 0.2)
-    SP.check_disjoint({"test": test, "train": train, "val": val})
+    splits.check_disjoint({"test": test, "train": train, "val": val})
     assert len(test) + len(train) + len(val) == 20327
 
 
@@ -109,45 +109,45 @@ def test_real_metadata_split(real_metadata: pd.DataFrame) -> None:
 
 def test_tiny_splits_leak_free_and_complete(tiny_splits: Path, tiny_phantom: Path) -> None:
     frames = read_splits(tiny_splits)
-    SP.check_disjoint(frames)
+    splits.check_disjoint(frames)
     for a in frames:
         for b in frames:
             if a < b:
                 assert not set(frames[a]["patient_id"]) & set(frames[b]["patient_id"])
-    loaded = U.validate_frame(U.load_dataset(tiny_phantom / "dataset.csv"))
-    kept, _ = U.apply_exclusions(loaded)
+    loaded = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / "dataset.csv"))
+    kept, _ = unified_dataset.apply_exclusions(loaded)
     together = pd.concat(frames.values())
     assert sorted(together["image_path"]) == sorted(kept["image_path"])  # no row lost or doubled
     for name, df in frames.items():
         assert set(df["split"]) == {name}
         assert set(df["age_group"]) == {0, 1, 2}
-        assert list(df.columns[:6]) == list(C.CANONICAL) + ["split"]
-    pool = U.read_split_csv(tiny_splits / "age_pool.csv")
+        assert list(df.columns[:6]) == list(columns.CANONICAL) + ["split"]
+    pool = unified_dataset.read_split_csv(tiny_splits / "age_pool.csv")
     assert sorted(pool["image_path"]) == sorted(pd.concat([frames["train"], frames["val"]])["image_path"])
 
 
 def test_manifests(tiny_splits: Path, tiny_phantom: Path) -> None:
-    m1 = json.loads((tiny_splits / S1.MANIFEST).read_text())
+    m1 = json.loads((tiny_splits / age_split_testset.MANIFEST).read_text())
     assert m1["seed"] == 42 and m1["test_set"] == "drawn"
-    assert m1["source"]["sha256"] == SP.file_sha256(tiny_phantom / "dataset.csv")
-    assert m1["outputs"]["age_test.csv"] == SP.file_sha256(tiny_splits / "age_test.csv")
+    assert m1["source"]["sha256"] == splits.file_sha256(tiny_phantom / "dataset.csv")
+    assert m1["outputs"]["age_test.csv"] == splits.file_sha256(tiny_splits / "age_test.csv")
     test = pd.read_csv(tiny_splits / "age_test.csv")
     by = m1["counts"]["test"]["images_by_age_group_fracture"]
     for g in range(3):
         for f in (0, 1):
             assert by[str(g)][str(f)] == int(((test.age_group == g) & (test.fracture == f)).sum())
-    metal = int(U.load_dataset(tiny_phantom / "dataset.csv")["metal"].sum())
+    metal = int(unified_dataset.load_dataset(tiny_phantom / "dataset.csv")["metal"].sum())
     assert m1["exclusions"]["excluded"]["metal"] == metal
     assert m1["counts"]["test"]["images"] + m1["counts"]["pool"]["images"] == m1["source"]["rows"] - metal
-    m2 = json.loads((tiny_splits / S2.MANIFEST).read_text())
-    assert m2["seed"] == 42 and m2["source"]["sha256"] == SP.file_sha256(tiny_splits / "age_pool.csv")
+    m2 = json.loads((tiny_splits / generate_age_trainval_split.MANIFEST).read_text())
+    assert m2["seed"] == 42 and m2["source"]["sha256"] == splits.file_sha256(tiny_splits / "age_pool.csv")
     assert m2["counts"]["train"]["images"] == len(pd.read_csv(tiny_splits / "age_train_tmp.csv"))
-    assert (tiny_splits / S1.CONFIG).is_file() and (tiny_splits / S2.CONFIG).is_file()
+    assert (tiny_splits / age_split_testset.CONFIG).is_file() and (tiny_splits / generate_age_trainval_split.CONFIG).is_file()
 
 
 def test_stage1_deterministic(tiny_phantom: Path, tiny_splits: Path, tmp_path: Path) -> None:
     args = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--seed", "42", "--out-dir", str(tmp_path / "again")]
-    S1.main(S1.get_args_parser().parse_args(args))
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(args))
     for name in ("age_test.csv", "age_pool.csv"):
         assert (tmp_path / "again" / name).read_bytes() == (tiny_splits / name).read_bytes()
 
@@ -157,20 +157,20 @@ def test_test_set_kept_unless_force(fresh_splits: Path, tiny_phantom: Path, caps
     before = test_csv.read_bytes()
     train_before = (fresh_splits / "age_train_tmp.csv").read_bytes()
     base = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]
-    res = S1.main(S1.get_args_parser().parse_args(base + ["--seed", "7"]))
+    res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(base + ["--seed", "7"]))
     assert "exists, reusing it" in capsys.readouterr().out
     assert res["test_kept"] and "test_csv" not in res and test_csv.read_bytes() == before
     assert (fresh_splits / "age_train_tmp.csv").read_bytes() == train_before
-    assert json.loads((fresh_splits / S1.MANIFEST).read_text())["test_drawn"]["seed"] == 42
+    assert json.loads((fresh_splits / age_split_testset.MANIFEST).read_text())["test_drawn"]["seed"] == 42
 
-    res = S1.main(S1.get_args_parser().parse_args(base + ["--seed", "7", "--force"]))
+    res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(base + ["--seed", "7", "--force"]))
     out = capsys.readouterr().out
     assert "re-drawing it because of --force" in out
     assert not res["test_kept"] and test_csv.read_bytes() != before
     # Train/val from the old test set now share patients with the new one: removed, then redrawn.
     assert "removed" in out and not (fresh_splits / "age_train_tmp.csv").exists()
-    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
-    SP.check_disjoint(read_splits(fresh_splits))
+    generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    splits.check_disjoint(read_splits(fresh_splits))
 
 
 def test_stage2_keeps_matching_and_redraws(fresh_splits: Path, capsys: pytest.CaptureFixture) -> None:
@@ -179,12 +179,12 @@ def test_stage2_keeps_matching_and_redraws(fresh_splits: Path, capsys: pytest.Ca
     df = pd.read_csv(train)
     df["age_group_label"] = df["age_group"]
     df.to_csv(train, index=False)
-    res = S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    res = generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
     assert res["trainval_kept"] and "keeping them" in capsys.readouterr().out
     assert "age_group_label" in pd.read_csv(train).columns
-    res = S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits), "--seed", "3"]))
+    res = generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits), "--seed", "3"]))
     assert not res["trainval_kept"] and "re-drawing" in capsys.readouterr().out
-    SP.check_disjoint(read_splits(fresh_splits))
+    splits.check_disjoint(read_splits(fresh_splits))
 
 
 def test_stage2_refuses_overlapping_inputs(fresh_splits: Path) -> None:
@@ -194,7 +194,7 @@ def test_stage2_refuses_overlapping_inputs(fresh_splits: Path) -> None:
     leak = test.iloc[[0]].assign(split="pool")
     pd.concat([pool, leak]).to_csv(pool_csv, index=False)
     with pytest.raises(DataError) as err:
-        S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+        generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
     msg = str(err.value)
     assert msg.startswith(f"{pool_csv}:{len(pool) + 2}: patient {test.patient_id[0]} is also in "), msg
     assert "\n" not in msg
@@ -202,7 +202,7 @@ def test_stage2_refuses_overlapping_inputs(fresh_splits: Path) -> None:
 
 def test_stage2_age_bounds_must_match(fresh_splits: Path) -> None:
     with pytest.raises(DataError, match="stage 1 used --age-bounds"):
-        S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits), "--age-bounds", "6", "12"]))
+        generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits), "--age-bounds", "6", "12"]))
 
 
 def test_empty_age_group_refused(tiny_phantom: Path, tmp_path: Path) -> None:
@@ -212,21 +212,21 @@ def test_empty_age_group_refused(tiny_phantom: Path, tmp_path: Path) -> None:
     args = ["--data-csv", str(tmp_path / "dataset.csv"), "--image-root", str(tiny_phantom),
             "--out-dir", str(tmp_path / "out")]
     with pytest.raises(DataError) as err:
-        S1.main(S1.get_args_parser().parse_args(args))
+        age_split_testset.main(age_split_testset.get_args_parser().parse_args(args))
     assert str(err.value).startswith(f"{tmp_path / 'dataset.csv'}: age group 2 (15-19 y) has no images")
 
 
 def test_stage1_generates_default_phantom(tmp_path: Path) -> None:
-    res = S1.main(S1.get_args_parser().parse_args(
+    res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(
         ["--out-dir", str(tmp_path), "--phantom-patients", "40", "--phantom-img-size", "32"]))
     assert res["phantom_csv"] == tmp_path / "phantom" / "dataset.csv"
     assert (tmp_path / "phantom" / "images").is_dir() and (tmp_path / "age_test.csv").is_file()
-    res2 = S1.main(S1.get_args_parser().parse_args(
+    res2 = age_split_testset.main(age_split_testset.get_args_parser().parse_args(
         ["--out-dir", str(tmp_path), "--phantom-patients", "40", "--phantom-img-size", "32"]))
     assert "phantom_csv" not in res2 and res2["test_kept"]  # phantom and test set both reused
 
 
-@pytest.mark.parametrize("module", [S1, S2])
+@pytest.mark.parametrize("module", [age_split_testset, generate_age_trainval_split])
 def test_stage_scripts_help(module, capsys: pytest.CaptureFixture) -> None:
     # In-process: a subprocess would re-import torch for nothing but the parser.
     with pytest.raises(SystemExit) as exc:
@@ -270,14 +270,13 @@ def _tamper(out: Path, how: str) -> str:
 def _stage_mains(out: Path) -> dict:
     """Every stage's main on ``out`` (training stages with a tiny recipe; they must stop first)."""
     import evaluate
-    import train_age_classifier as S3
-    import train_fracture_per_agegroup as S4
-
+    import train_age_classifier
+    import train_fracture_per_agegroup
     fast = ["--out-dir", str(out), "--img-size", "32", "--epochs", "1", "--quiet", "--device", "cpu"]
     return {
-        "stage 2": lambda: S2.main(S2.get_args_parser().parse_args(["--out-dir", str(out)])),
-        "stage 3": lambda: S3.main(S3.get_args_parser().parse_args(fast)),
-        "stage 4": lambda: S4.main(S4.get_args_parser().parse_args(fast + ["--group-column", "age_group"])),
+        "stage 2": lambda: generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(out)])),
+        "stage 3": lambda: train_age_classifier.main(train_age_classifier.get_args_parser().parse_args(fast)),
+        "stage 4": lambda: train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(fast + ["--group-column", "age_group"])),
         "stage 5": lambda: evaluate.main(evaluate.get_args_parser().parse_args(["--out-dir", str(out)])),
     }
 
@@ -287,7 +286,7 @@ def test_tampered_test_csv_stops_every_stage(fresh_splits: Path, tiny_phantom: P
     pid = _tamper(fresh_splits, "patient dropped")
     s1 = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]
     with pytest.raises(DataError) as err:
-        S1.main(S1.get_args_parser().parse_args(s1))
+        age_split_testset.main(age_split_testset.get_args_parser().parse_args(s1))
     msg = str(err.value)
     assert msg.startswith(f"{fresh_splits / 'age_test.csv'}: the fixed test set changed since stage 1 drew it")
     assert f"patient(s) {pid} no longer in it" in msg and "row(s) removed" in msg and "--force" in msg
@@ -301,9 +300,9 @@ def test_tampered_test_csv_stops_every_stage(fresh_splits: Path, tiny_phantom: P
     assert not (fresh_splits / "saved_agegroup_models").exists()  # stopped before any training
 
     # --force re-draws: a new identity, and the later stages accept the new test set
-    S1.main(S1.get_args_parser().parse_args(s1 + ["--force"]))
-    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
-    SP.check_disjoint(read_splits(fresh_splits))
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(s1 + ["--force"]))
+    generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    splits.check_disjoint(read_splits(fresh_splits))
 
 
 @pytest.mark.parametrize("how, words", [
@@ -314,7 +313,7 @@ def test_tampered_test_csv_stops_every_stage(fresh_splits: Path, tiny_phantom: P
 def test_tampered_test_csv_says_what_changed(fresh_splits: Path, how: str, words: list[str]) -> None:
     pid = _tamper(fresh_splits, how)
     with pytest.raises(DataError) as err:
-        S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+        generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
     msg = str(err.value)
     assert "the fixed test set changed since stage 1 drew it" in msg and "\n" not in msg
     for w in words:
@@ -330,30 +329,30 @@ def test_test_set_identity_ignores_added_columns_and_row_order(fresh_splits: Pat
     df["age_group_label"] = df["age_group"]  # what stage 3 adds
     df["age_group_prob_0"] = "0.5"
     df.iloc[::-1].to_csv(path, index=False)
-    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
-    res = S1.main(S1.get_args_parser().parse_args(
+    generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(
         ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]))
     assert res["test_kept"]
-    ident = SP.identity_of_test_set(U.read_split_csv(path))
-    assert json.loads((fresh_splits / S1.MANIFEST).read_text())[SP.IDENTITY_KEY] == ident
+    ident = splits.identity_of_test_set(unified_dataset.read_split_csv(path))
+    assert json.loads((fresh_splits / age_split_testset.MANIFEST).read_text())[splits.IDENTITY_KEY] == ident
     assert sum(ident["images_per_patient"].values()) == ident["images"] == len(df)
 
 
 def test_manifest_without_identity_is_recorded_on_rerun(fresh_splits: Path, tiny_phantom: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
-    manifest = fresh_splits / S1.MANIFEST
+    manifest = fresh_splits / age_split_testset.MANIFEST
     old = json.loads(manifest.read_text())
-    recorded = old.pop(SP.IDENTITY_KEY)
+    recorded = old.pop(splits.IDENTITY_KEY)
     manifest.write_text(json.dumps(old))  # as an older version wrote it
-    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+    generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
     assert "records no identity of the test set" in capsys.readouterr().out
-    S1.main(S1.get_args_parser().parse_args(
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(
         ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]))
     assert "recording it now" in capsys.readouterr().out
-    assert json.loads(manifest.read_text())[SP.IDENTITY_KEY] == recorded
+    assert json.loads(manifest.read_text())[splits.IDENTITY_KEY] == recorded
     _tamper(fresh_splits, "row dropped")  # from now on a change is caught
     with pytest.raises(DataError, match="changed since stage 1 drew it"):
-        S2.main(S2.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
+        generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
 
 
 def _changed_dataset(tiny_phantom: Path, tiny_splits: Path, tmp_path: Path, how: str) -> Path:
@@ -386,7 +385,7 @@ def test_kept_test_set_checked_against_changed_dataset(fresh_splits: Path, tiny_
     data_csv = _changed_dataset(tiny_phantom, tiny_splits, tmp_path, how)
     pool_before = (fresh_splits / "age_pool.csv").read_bytes()
     with pytest.raises(DataError) as err:
-        S1.main(S1.get_args_parser().parse_args(
+        age_split_testset.main(age_split_testset.get_args_parser().parse_args(
             ["--data-csv", str(data_csv), "--image-root", str(tiny_phantom), "--out-dir", str(fresh_splits)]))
     msg = str(err.value)
     assert msg.startswith(f"{fresh_splits / 'age_test.csv'}:2: ") and words in msg and "--force" in msg, msg
@@ -402,11 +401,11 @@ def test_whitespace_in_patient_ids_does_not_split_a_patient(tiny_phantom: Path, 
         if len(rows) > 1:
             meta.loc[rows[-1], "patient_id"] = f"{pid} " if k % 2 else f"\t{pid}"
     meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
-    S1.main(S1.get_args_parser().parse_args(["--data-csv", str(tmp_path / "dataset.csv"), "--image-root",
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(["--data-csv", str(tmp_path / "dataset.csv"), "--image-root",
                                              str(tiny_phantom), "--out-dir", str(tmp_path / "out")]))
-    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(tmp_path / "out")]))
+    generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(tmp_path / "out")]))
     frames = read_splits(tmp_path / "out")
-    SP.check_disjoint(frames)
+    splits.check_disjoint(frames)
     ids = pd.concat([df.patient_id for df in frames.values()])
     assert ids.map(lambda s: s == s.strip()).all()
     assert ids.nunique() == n_patients
@@ -418,15 +417,15 @@ def test_whitespace_in_patient_ids_does_not_split_a_patient(tiny_phantom: Path, 
 
 def test_patient_ids_case_and_leading_zeros_count(tiny_phantom: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
-    a, b = C.patient_ids(["007", "7 "]), C.patient_ids(["A1", "a1"])
+    a, b = columns.patient_ids(["007", "7 "]), columns.patient_ids(["A1", "a1"])
     assert a.tolist() == ["007", "7"] and b.nunique() == 2
     with pytest.raises(DataError, match="patient 7 is also in"):
-        SP.check_disjoint({"a.csv": pd.DataFrame({"patient_id": ["7 "]}), "b.csv": pd.DataFrame({"patient_id": ["7"]})})
-    SP.check_disjoint({"a.csv": pd.DataFrame({"patient_id": ["007"]}), "b.csv": pd.DataFrame({"patient_id": ["7"]})})
+        splits.check_disjoint({"a.csv": pd.DataFrame({"patient_id": ["7 "]}), "b.csv": pd.DataFrame({"patient_id": ["7"]})})
+    splits.check_disjoint({"a.csv": pd.DataFrame({"patient_id": ["007"]}), "b.csv": pd.DataFrame({"patient_id": ["7"]})})
     meta = _csv(tiny_phantom / "dataset.csv")
     meta.loc[meta.patient_id == "1", "patient_id"] = ["1", "01"][: int((meta.patient_id == "1").sum())]
     meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
-    S1.main(S1.get_args_parser().parse_args(["--data-csv", str(tmp_path / "dataset.csv"), "--image-root",
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(["--data-csv", str(tmp_path / "dataset.csv"), "--image-root",
                                              str(tiny_phantom), "--out-dir", str(tmp_path / "o")]))
     assert "'01' / '1'" in capsys.readouterr().out
 
@@ -442,13 +441,13 @@ def test_symlinked_image_under_another_patient_is_refused(tiny_phantom: Path, tm
     meta.to_csv(data / "dataset.csv", index=False, encoding="utf-8-sig")
     args = ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "out")]
     with pytest.raises(DataError) as err:
-        S1.main(S1.get_args_parser().parse_args(args))
+        age_split_testset.main(age_split_testset.get_args_parser().parse_args(args))
     last = len(meta) + 1
     msg = str(err.value)
     assert msg.startswith(f"{data / 'dataset.csv'}:2: ") and f"row {last}" in msg, msg
     assert "one image cannot belong to two patients" in msg and f"patient {other}" in msg
 
-    res = S1.main(S1.get_args_parser().parse_args(args + ["--skip-bad"]))
+    res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(args + ["--skip-bad"]))
     rejected = pd.read_csv(res["rejected_csv"])
     assert rejected.source_row.tolist() == [2, last]  # we cannot know which patient is right: both go
     kept = pd.concat([pd.read_csv(res["test_csv"]), pd.read_csv(res["pool_csv"])])
@@ -460,11 +459,11 @@ def test_symlinked_image_under_another_patient_is_refused(tiny_phantom: Path, tm
 @pytest.mark.parametrize("decode", [False, True])
 def test_stage1_says_how_long_its_image_check_took(tiny_phantom: Path, tmp_path: Path, capsys, decode: bool) -> None:
     args = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(tmp_path)]
-    S1.main(S1.get_args_parser().parse_args(args + (["--decode-check"] if decode else [])))
-    n = len(U.load_dataset(tiny_phantom / "dataset.csv"))
-    check = json.loads((tmp_path / S1.MANIFEST).read_text())["image_check"]
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(args + (["--decode-check"] if decode else [])))
+    n = len(unified_dataset.load_dataset(tiny_phantom / "dataset.csv"))
+    check = json.loads((tmp_path / age_split_testset.MANIFEST).read_text())["image_check"]
     mode = "decode" if decode else "cheap"
-    threads = U.default_workers() if decode else 1  # the cheap check: one thread per 256 files
+    threads = unified_dataset.default_workers() if decode else 1  # the cheap check: one thread per 256 files
     assert check["mode"] == mode and check["files"] == n and check["threads"] == threads
     assert isinstance(check["seconds"], float) and check["seconds"] >= 0
     assert (f"image check ({mode}, {threads} thread(s)): {n} files in {check['seconds']:.1f} s"
@@ -477,17 +476,17 @@ def test_stage2_follows_a_metadata_only_stage1(tiny_phantom: Path, tmp_path: Pat
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
     out = tmp_path / "out"
-    S1.main(S1.get_args_parser().parse_args(["--data-csv", str(data / "dataset.csv"), "--out-dir", str(out),
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(["--data-csv", str(data / "dataset.csv"), "--out-dir", str(out),
                                              "--no-image-check"]))
-    assert json.loads((out / S1.MANIFEST).read_text())["image_check"] == {"mode": "none"}
+    assert json.loads((out / age_split_testset.MANIFEST).read_text())["image_check"] == {"mode": "none"}
     missing = Path(pd.read_csv(out / "age_pool.csv")["image_path"][3])
     missing.unlink()  # metadata only: the images need not be there
-    S2.main(S2.get_args_parser().parse_args(["--out-dir", str(out)]))
+    generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(out)]))
     assert "stage 1 split without looking at the images (--no-image-check): so does this stage" \
         in capsys.readouterr().out
     # without that record stage 2 looks at the images, and stops at the missing one
-    manifest = json.loads((out / S1.MANIFEST).read_text())
+    manifest = json.loads((out / age_split_testset.MANIFEST).read_text())
     manifest["image_check"] = {"mode": "cheap"}
-    (out / S1.MANIFEST).write_text(json.dumps(manifest))
+    (out / age_split_testset.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=f"image file not found: {missing}"):
-        S2.main(S2.get_args_parser().parse_args(["--out-dir", str(out), "--force"]))
+        generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(out), "--force"]))

@@ -12,7 +12,7 @@ import torch
 
 import engine
 import run_all_training
-import train_fracture_per_agegroup as stage4
+import train_fracture_per_agegroup
 from columns import PREDICTION_COLUMNS, SPLIT_CSV_COLUMNS
 from models import build_from_checkpoint, load_checkpoint
 
@@ -83,7 +83,7 @@ def test_driver_end_to_end_on_tiny_phantom(tiny_phantom: Path, tmp_path: Path, c
 
 
 def test_tiny_swin_trains_through_the_same_path(fresh_splits: Path, capsys):
-    result = stage4.main(stage4.get_args_parser().parse_args(
+    result = train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(
         ["--out-dir", str(fresh_splits), "--model", "swin_demo", "--img-size", "32", "--epochs", "1",
          "--groups", "1", "--group-column", "age_group", "--quiet"]))
     info = result["models"]["agegroup1"]
@@ -97,14 +97,14 @@ def test_tiny_swin_trains_through_the_same_path(fresh_splits: Path, capsys):
 def test_small_group_is_skipped_and_missing_predictions_are_explained(fresh_splits: Path, capsys):
     from unified_dataset import DataError
 
-    result = stage4.main(stage4.get_args_parser().parse_args(
+    result = train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(
         ["--out-dir", str(fresh_splits), "--groups", "2", "--group-column", "age_group",
          "--min-rows", "1000", "--quiet"]))
     assert "only" in result["models"]["agegroup2"]["skipped"]
     assert "age group 2 (15-19 y): SKIPPED" in capsys.readouterr().out
     assert not list((fresh_splits / "saved_agegroup_models").glob("*.pt"))
     with pytest.raises(DataError, match="age_train_tmp.csv:1: no column 'age_group_label'; run train_age_classifier"):
-        stage4.main(stage4.get_args_parser().parse_args(["--out-dir", str(fresh_splits), "--quiet"]))
+        train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(["--out-dir", str(fresh_splits), "--quiet"]))
 
 
 def test_failing_stage_stops_the_run_with_its_error(tiny_phantom: Path, tmp_path: Path, capsys):
@@ -131,7 +131,7 @@ def test_failing_stage_stops_the_run_with_its_error(tiny_phantom: Path, tmp_path
 def test_group_models_start_from_the_pooled_model(fresh_splits: Path, capsys):
     base = ["--out-dir", str(fresh_splits), "--img-size", "32", "--epochs", "1", "--quiet"]
     # Without a pooled model, stage 4 trains it first (at a real learning rate).
-    first = stage4.main(stage4.get_args_parser().parse_args(
+    first = train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(
         [*base, "--groups", "0", "--group-column", "age_group", "--init-from-pooled"]))
     assert "training it first" in capsys.readouterr().out
     pooled = load_checkpoint(first["models"]["pooled"]["checkpoint"])
@@ -140,12 +140,12 @@ def test_group_models_start_from_the_pooled_model(fresh_splits: Path, capsys):
 
     # lr ~0 keeps a model at its starting weights, so they reveal where it started.
     frozen = [*base, "--lr", "1e-12", "--groups", "1", "--group-column", "age_group"]
-    routed = stage4.main(stage4.get_args_parser().parse_args([*frozen, "--init-from-pooled"]))
+    routed = train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args([*frozen, "--init-from-pooled"]))
     assert "pooled" not in routed["models"]  # finished already: not retrained
     group = load_checkpoint(routed["models"]["agegroup1"]["checkpoint"])["model"][name]
     torch.testing.assert_close(group, pooled["model"][name], rtol=0, atol=1e-6)
 
-    scratch = stage4.main(stage4.get_args_parser().parse_args(
+    scratch = train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(
         [*frozen, "--no-init-from-pooled", "--models-dir", str(fresh_splits / "scratch")]))
     other = load_checkpoint(scratch["models"]["agegroup1"]["checkpoint"])["model"][name]
     assert not torch.allclose(other, pooled["model"][name], atol=1e-4)
@@ -157,7 +157,7 @@ def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_spl
 
     base = ["--out-dir", str(fresh_splits), "--img-size", "32", "--epochs", "2", "--batch-size", "4", "--quiet",
             "--group-column", "age_group", "--init-from-pooled", "--min-rows", "3"]
-    res = stage4.main(stage4.get_args_parser().parse_args(base))
+    res = train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(base))
     assert list(res["models"]) == ["pooled", "agegroup0", "agegroup1", "agegroup2", "pooled_continued"]
     models = fresh_splits / "saved_agegroup_models"
     pooled = load_checkpoint(models / "fracture_classifier_pooled.pt")
@@ -192,21 +192,21 @@ def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_spl
 def test_no_control_and_group_subsets_leave_the_control_out(fresh_splits: Path):
     base = ["--out-dir", str(fresh_splits), "--img-size", "32", "--epochs", "1", "--quiet",
             "--group-column", "age_group", "--init-from-pooled", "--min-rows", "3"]
-    assert "pooled_continued" not in stage4.main(stage4.get_args_parser().parse_args(base + ["--no-control"]))["models"]
-    assert "pooled_continued" not in stage4.main(stage4.get_args_parser().parse_args(base + ["--groups", "1"]))["models"]
+    assert "pooled_continued" not in train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(base + ["--no-control"]))["models"]
+    assert "pooled_continued" not in train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(base + ["--groups", "1"]))["models"]
 
 
 def test_resume_refused_when_the_training_rows_changed(fresh_splits: Path):
     base = ["--out-dir", str(fresh_splits), "--pooled", "--img-size", "32", "--epochs", "1", "--quiet"]
-    stage4.main(stage4.get_args_parser().parse_args(base))
+    train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(base))
     train = pd.read_csv(fresh_splits / "age_train_tmp.csv", dtype=str, keep_default_na=False)
     train.iloc[1:].to_csv(fresh_splits / "age_train_tmp.csv", index=False)  # one row fewer
     with pytest.raises(engine.ResumeError) as err:
-        stage4.main(stage4.get_args_parser().parse_args(base + ["--resume"]))
+        train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(base + ["--resume"]))
     msg = str(err.value)
     assert f"train data: saved '{len(train)} rows, sha256 " in msg and f"now '{len(train) - 1} rows, sha256 " in msg
     with pytest.raises(engine.ResumeError, match="model: saved 'cnn_demo', now 'swin_demo'"):
-        stage4.main(stage4.get_args_parser().parse_args(base + ["--resume", "--model", "swin_demo"]))
+        train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(base + ["--resume", "--model", "swin_demo"]))
 
 
 # --------------------------------------------------------------------------- messy data through the driver
