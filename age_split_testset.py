@@ -50,13 +50,9 @@ from splits import check_coverage, check_disjoint, describe, file_sha256, split_
 from errors import DataError
 from unified_dataset import apply_exclusions, load_dataset, read_split_csv, validate_frame
 
-TEST_CSV = "age_test.csv"
-POOL_CSV = "age_pool.csv"
-MANIFEST = splits.TEST_MANIFEST
-CONFIG = "age_split_testset_config.json"
-REJECTED_CSV = "rejected_rows.csv"
-# Written by stage 2; removed here if a newly drawn test set shares patients with them.
-LATER_SPLITS = ("age_train_tmp.csv", "age_val_tmp.csv")
+SCRIPT = "age_split_testset"
+# What the phantom in <out-dir>/phantom was generated with (regenerated when the flags differ).
+PHANTOM_PARAMS = "phantom_params.json"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -68,18 +64,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_source(args: argparse.Namespace, out: Path) -> tuple[Path, Path | None, bool]:
+def _resolve_source(args: argparse.Namespace, run: columns.RunDir) -> tuple[Path, Path | None, bool]:
     """(dataset CSV, image root, generated?) from the flags; generates the phantom if needed."""
     if args.data_csv is not None:
         return Path(args.data_csv), args.image_root, False
     if args.image_root is not None:
-        csv = Path(args.image_root) / "dataset.csv"
+        csv = Path(args.image_root) / columns.DATASET_CSV
         if not csv.is_file():
-            raise DataError.at(csv, None, "no --data-csv given and no dataset.csv in --image-root")
+            raise DataError.at(csv, None, f"no --data-csv given and no {columns.DATASET_CSV} in --image-root")
         return csv, Path(args.image_root), False
-    pdir = out / "phantom"
-    csv = pdir / "dataset.csv"
-    marker = pdir / "phantom_params.json"
+    pdir = run.phantom_dir
+    csv = pdir / columns.DATASET_CSV
+    marker = pdir / PHANTOM_PARAMS
     params = {"n_patients": args.phantom_patients, "img_size": args.phantom_img_size, "seed": args.phantom_seed}
     if csv.is_file() and marker.is_file() and json.loads(marker.read_text()) == params:
         print(f"phantom: reusing {csv} ({params})")
@@ -136,13 +132,12 @@ def _check_kept_test(test: pd.DataFrame, loaded: pd.DataFrame, test_csv: Path, d
     return []
 
 
-def _stale_splits(out: Path, test: pd.DataFrame) -> dict[Path, int]:
-    """Train/val files from an earlier test set that share patients with it (a leak, to be
-    removed): path -> number of their images that belong to test patients."""
+def _stale_splits(run: columns.RunDir, test: pd.DataFrame) -> dict[Path, int]:
+    """Train/val files (stage 2's) from an earlier test set that share patients with it (a
+    leak, to be removed): path -> number of their images that belong to test patients."""
     test_ids = set(columns.patient_ids(test["patient_id"]))
     stale = {}
-    for name in LATER_SPLITS:
-        path = out / name
+    for path in (run.train_csv, run.val_csv):
         if not path.is_file():
             continue
         ids = columns.patient_ids(pd.read_csv(path, usecols=["patient_id"], dtype=str)["patient_id"])
@@ -152,118 +147,128 @@ def _stale_splits(out: Path, test: pd.DataFrame) -> dict[Path, int]:
     return stale
 
 
+def load_checked(args: argparse.Namespace, run: columns.RunDir, bounds: tuple[float, ...],
+                 wrote: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """The dataset as loaded, the rows that pass validation and exclusions, and the source
+    record for the manifest."""
+    data_csv, image_root, generated = _resolve_source(args, run)
+    if generated:
+        wrote["phantom_csv"] = data_csv
+    loaded = load_dataset(data_csv, image_root, fmt=args.format, image_col=args.image_col,
+                          patient_col=args.patient_col, age_col=args.age_col, label_col=args.label_col,
+                          age_bounds=bounds)
+    df = validate_frame(loaded, data_csv, check_images=not args.no_image_check, skip_bad=args.skip_bad,
+                        rejected_csv=run.rejected_csv, age_bounds=bounds, decode=args.decode_check)
+    n_rejected = int(df.attrs.get("n_rejected", 0))
+    if n_rejected:
+        wrote["rejected_csv"] = run.rejected_csv
+    image_check = df.attrs.get("image_check", {"mode": "none"})
+    df, excl = apply_exclusions(df, args.exclude)
+    print(f"{data_csv}: {len(loaded)} rows, {n_rejected} rejected, excluded {excl['excluded']} "
+          f"-> {len(df)} images of {df['patient_id'].nunique()} patients")
+    check_coverage(df, data_csv, columns.num_age_groups(bounds), bounds=bounds)
+    lookalikes = columns.lookalike_patient_ids(df["patient_id"])
+    if lookalikes:
+        shown = "; ".join(" / ".join(repr(i) for i in g) for g in lookalikes[:3])
+        print(f"note: {data_csv}: {len(lookalikes)} group(s) of patient ids differ only in case or leading "
+              f"zeros ({shown}); they are different patients here, as ids are compared as text")
+    source = {"csv": str(Path(data_csv).resolve()), "sha256": file_sha256(data_csv), "format": args.format,
+              "image_root": str(image_root) if image_root is not None else None, "rows": int(len(loaded)),
+              "phantom_generated": generated, "rejected_rows": n_rejected, "exclusions": excl,
+              # stage 2 follows a metadata-only split (mode "none"); the seconds say what the check cost
+              "image_check": image_check, "path": Path(data_csv)}
+    return loaded, df, source
+
+
+def fixed_test_set(args: argparse.Namespace, run: columns.RunDir, df: pd.DataFrame, loaded: pd.DataFrame,
+                   source: dict[str, Any], bounds: tuple[float, ...]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The kept test set, verified against its recorded identity and the dataset, or a newly
+    drawn one; and what the manifest says about it (``kept``, ``drawn``, ``identity``)."""
+    test_csv, data_csv = run.test_csv, source["path"]
+    if test_csv.is_file() and not args.force:
+        print(f"{test_csv}: exists, reusing it as the fixed test set (pass --force to re-draw it)")
+        test = read_split_csv(test_csv)
+        identity = splits.recorded_test_identity(run.test_manifest) if run.test_manifest.is_file() else None
+        if identity is not None:
+            splits.verify_test_set(test, test_csv, identity, remedy="restore it, or pass --force to re-draw the test set")
+        else:
+            print(f"note: {run.test_manifest} records no identity of the kept test set (written by an older "
+                  f"version, or missing): recording it now from {test_csv} as it is")
+        for note in _check_kept_test(test, loaded, test_csv, data_csv, bounds):
+            print(f"note: {note}")
+        old = json.loads(run.test_manifest.read_text()) if run.test_manifest.is_file() else {}
+        drawn = old.get("test_drawn") or {"note": "drawn before this manifest existed"}
+        return test, {"kept": True, "drawn": drawn, "identity": identity}
+    if test_csv.is_file():
+        print(f"{test_csv}: exists, re-drawing it because of --force")
+    test, _ = split_patients(df, args.test_frac, args.split_seed, source=data_csv)
+    drawn = {"seed": args.split_seed, "test_frac": args.test_frac, "source_sha256": source["sha256"]}
+    return test, {"kept": False, "drawn": drawn, "identity": None}
+
+
+def write_splits(args: argparse.Namespace, run: columns.RunDir, test: pd.DataFrame, pool: pd.DataFrame,
+                 test_set: dict[str, Any], source: dict[str, Any], counts: dict[str, Any],
+                 bounds: tuple[float, ...], stale: dict[Path, int]) -> None:
+    """The test set (when drawn), the pool and the manifest. They describe each other: all
+    three are written before any replaces its old version, so a failure (a full disk) leaves
+    the old ones."""
+    kept = test_set["kept"]
+    targets = ([] if kept else [run.test_csv]) + [run.pool_csv, run.test_manifest]
+    with io_utils.atomic_paths(targets) as tmps:
+        tmp = dict(zip(targets, tmps))
+        if not kept:
+            write_split_csv(test, tmp[run.test_csv], "test")
+        written_test = tmp.get(run.test_csv, run.test_csv)
+        identity = test_set["identity"]
+        if identity is None:  # from the file as written, exactly what later stages read back
+            identity = splits.identity_of_test_set(read_split_csv(written_test))
+        write_split_csv(pool, tmp[run.pool_csv], "pool")
+        manifest = {
+            "stage": SCRIPT, "seed": args.split_seed, "test_frac": args.test_frac,
+            "test_set": "kept" if kept else "drawn", "test_drawn": test_set["drawn"], splits.IDENTITY_KEY: identity,
+            "source": {k: v for k, v in source.items() if k not in ("path", "rejected_rows", "exclusions",
+                                                                     "image_check")},
+            "age_bounds": list(bounds), "age_group_names": list(columns.age_group_names(bounds)),
+            "exclusions": source["exclusions"], "rejected_rows": source["rejected_rows"],
+            "image_check": source["image_check"], "removed_stale": [str(p) for p in stale], "counts": counts,
+            "outputs": {columns.TEST_CSV: file_sha256(written_test), columns.POOL_CSV: file_sha256(tmp[run.pool_csv])},
+        }
+        write_json(manifest, tmp[run.test_manifest])
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = to_dict(args)
     print_config(cfg, "age_split_testset (stage 1)")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run = columns.RunDir(args.out_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
     bounds = tuple(float(b) for b in args.age_bounds)
     n_groups = columns.num_age_groups(bounds)
-    columns.age_group_names(bounds)  # fails early on non-increasing bounds
-    if not 0.0 < args.test_frac <= 0.5:
-        raise SystemExit(f"--test-frac must be in (0, 0.5], got {args.test_frac}")
     wrote: dict[str, Any] = {}
-    with RunLock(out):
-        wrote["config"] = save_config(cfg, out / CONFIG)
-        data_csv, image_root, generated = _resolve_source(args, out)
-        if generated:
-            wrote["phantom_csv"] = data_csv
-        loaded = load_dataset(data_csv, image_root, fmt=args.format, image_col=args.image_col,
-                              patient_col=args.patient_col, age_col=args.age_col, label_col=args.label_col,
-                              age_bounds=bounds)
-        rejected_csv = out / REJECTED_CSV
-        df = validate_frame(loaded, data_csv, check_images=not args.no_image_check, skip_bad=args.skip_bad,
-                            rejected_csv=rejected_csv, age_bounds=bounds, decode=args.decode_check)
-        n_rejected = int(df.attrs.get("n_rejected", 0))
-        if n_rejected:
-            wrote["rejected_csv"] = rejected_csv
-        df, excl = apply_exclusions(df, args.exclude)
-        print(f"{data_csv}: {len(loaded)} rows, {n_rejected} rejected, excluded {excl['excluded']} "
-              f"-> {len(df)} images of {df['patient_id'].nunique()} patients")
-        check_coverage(df, data_csv, n_groups, bounds=bounds)
-        lookalikes = columns.lookalike_patient_ids(df["patient_id"])
-        if lookalikes:
-            shown = "; ".join(" / ".join(repr(i) for i in g) for g in lookalikes[:3])
-            print(f"note: {data_csv}: {len(lookalikes)} group(s) of patient ids differ only in case or leading "
-                  f"zeros ({shown}); they are different patients here, as ids are compared as text")
-
-        test_csv, pool_csv = out / TEST_CSV, out / POOL_CSV
-        old_manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
-        identity = None
-        if test_csv.is_file() and not args.force:
-            print(f"{test_csv}: exists, reusing it as the fixed test set (pass --force to re-draw it)")
-            test = read_split_csv(test_csv)
-            identity = splits.recorded_test_identity(out / MANIFEST) if (out / MANIFEST).is_file() else None
-            if identity is not None:
-                splits.verify_test_set(test, test_csv, identity,
-                                       remedy="restore it, or pass --force to re-draw the test set")
-            else:
-                print(f"note: {out / MANIFEST} records no identity of the kept test set (written by an older "
-                      f"version, or missing): recording it now from {test_csv} as it is")
-            for note in _check_kept_test(test, loaded, test_csv, data_csv, bounds):
-                print(f"note: {note}")
-            drawn = old_manifest.get("test_drawn") or {"note": "drawn before this manifest existed"}
-            kept = True
-        else:
-            if test_csv.is_file():
-                print(f"{test_csv}: exists, re-drawing it because of --force")
-            test, _ = split_patients(df, args.test_frac, args.split_seed, source=data_csv)
-            drawn = {"seed": args.split_seed, "test_frac": args.test_frac, "source_sha256": None}
-            kept = False
+    with RunLock(run.root):
+        wrote["config"] = save_config(cfg, run.config(SCRIPT))
+        loaded, df, source = load_checked(args, run, bounds, wrote)
+        test, test_set = fixed_test_set(args, run, df, loaded, source, bounds)
         test_ids = set(columns.patient_ids(test["patient_id"]))
         pool = df.loc[~columns.patient_ids(df["patient_id"]).isin(test_ids).to_numpy()]
-        check_disjoint({str(test_csv): test, str(pool_csv): pool})
-        splits.check_images_disjoint({str(test_csv): test, str(pool_csv): pool})
-        check_coverage(test, test_csv, n_groups, bounds=bounds)
-        check_coverage(pool, pool_csv, n_groups, bounds=bounds)
-
-        source_sha = file_sha256(data_csv)
-        stale = _stale_splits(out, test)
+        frames = {str(run.test_csv): test, str(run.pool_csv): pool}
+        check_disjoint(frames)
+        splits.check_images_disjoint(frames)
+        for name, frame in frames.items():
+            check_coverage(frame, name, n_groups, bounds=bounds)
+        stale = _stale_splits(run, test)
         counts = split_counts({"test": test, "pool": pool}, n_groups)
         print(describe(counts))
-        # The test set, the pool and the manifest describe each other: all three are written
-        # before any replaces its old version, so a failure (a full disk) leaves the old ones.
-        targets = ([] if kept else [test_csv]) + [pool_csv, out / MANIFEST]
-        with io_utils.atomic_paths(targets) as tmps:
-            tmp = dict(zip(targets, tmps))
-            if not kept:
-                drawn["source_sha256"] = source_sha
-                write_split_csv(test, tmp[test_csv], "test")
-            written_test = tmp.get(test_csv, test_csv)
-            if identity is None:  # from the file as written, exactly what later stages read back
-                identity = splits.identity_of_test_set(read_split_csv(written_test))
-            write_split_csv(pool, tmp[pool_csv], "pool")
-            manifest = {
-                "stage": "age_split_testset",
-                "seed": args.split_seed,
-                "test_frac": args.test_frac,
-                "test_set": "kept" if kept else "drawn",
-                "test_drawn": drawn,
-                splits.IDENTITY_KEY: identity,
-                "source": {"csv": str(Path(data_csv).resolve()), "sha256": source_sha, "format": args.format,
-                           "image_root": str(image_root) if image_root is not None else None,
-                           "rows": int(len(loaded)), "phantom_generated": generated},
-                "age_bounds": list(bounds),
-                "age_group_names": list(columns.age_group_names(bounds)),
-                "exclusions": excl,
-                "rejected_rows": n_rejected,
-                # stage 2 follows a metadata-only split (mode "none"); the seconds say what the check cost
-                "image_check": df.attrs.get("image_check", {"mode": "none"}),
-                "removed_stale": [str(p) for p in stale],
-                "counts": counts,
-                "outputs": {TEST_CSV: file_sha256(written_test), POOL_CSV: file_sha256(tmp[pool_csv])},
-            }
-            write_json(manifest, tmp[out / MANIFEST])
-        if not kept:
-            wrote["test_csv"] = test_csv
-        wrote["pool_csv"], wrote["manifest"] = pool_csv, out / MANIFEST
+        write_splits(args, run, test, pool, test_set, source, counts, bounds, stale)
+        if not test_set["kept"]:
+            wrote["test_csv"] = run.test_csv
+        wrote["pool_csv"], wrote["manifest"] = run.pool_csv, run.test_manifest
         for path, shared in stale.items():
             path.unlink()
             print(f"{path}: removed: {shared} of its images belong to test patients (stale since the test set "
                   "was re-drawn); generate_age_trainval_split.py writes it again")
-        wrote["test_kept"] = kept
-    print(f"stage 1 done: {TEST_CSV} ({'kept' if kept else 'drawn'}: {len(test)} images, "
-          f"{len(test_ids)} patients), {POOL_CSV} ({len(pool)} images) in {out}")
+        wrote["test_kept"] = test_set["kept"]
+    print(f"stage 1 done: {columns.TEST_CSV} ({'kept' if test_set['kept'] else 'drawn'}: {len(test)} images, "
+          f"{len(test_ids)} patients), {columns.POOL_CSV} ({len(pool)} images) in {run.root}")
     return wrote
 
 

@@ -82,6 +82,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import columns
 import config
 import engine
 import models
@@ -383,7 +384,7 @@ def bench_stage1check(df: pd.DataFrame, n_files: int, work_dir: Path) -> dict[st
         with log.open("w") as fh, contextlib.redirect_stdout(fh):
             stage1.main(stage1.get_args_parser().parse_args(argv))
         wall = time.perf_counter() - t0
-        ran = json.loads((run_dir / stage1.MANIFEST).read_text())["image_check"]
+        ran = json.loads((run_dir / columns.TEST_MANIFEST).read_text())["image_check"]
         out["rows"].append({"check": check, "seconds": ran["seconds"], "threads": ran["threads"],
                             "files": ran["files"], "files_per_s": ran["files"] / max(ran["seconds"], 1e-9),
                             "stage1_wall_s": wall, "page_cache_dropped": cold, "log": str(log)})

@@ -1,10 +1,13 @@
-"""The column contract of every CSV the pipeline reads or writes.
+"""The column contract of every CSV the pipeline reads or writes, and the name of every file.
 
 This module is the single place that says which columns exist, what type they
 have, what they mean, which stage writes them and which stages read them. The
 README's column table is generated from it (:func:`markdown_table`), and
 :func:`coerce_frame` casts a freshly read CSV to these types, so a stage never
 has to guess whether ``patient_id`` is ``"17"`` or ``17``.
+
+It is also the one home of the file names of a run directory (:class:`RunDir`):
+every script, the driver and the tests derive their paths from it.
 
 Row numbering: frames produced by the loaders carry, as their index (named
 ``csv_row``), the 1-based line number of each row in the CSV it came from
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -109,14 +113,100 @@ COLUMNS: tuple[Column, ...] = (
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 
 SPLIT_CSV_COLUMNS: tuple[str, ...] = CANONICAL + ("split",) + SOURCE_COLUMNS
+
+# --------------------------------------------------------------------------- file names
+# The files of a run directory (``--out-dir``); :class:`RunDir` joins them to one.
+TEST_CSV = "age_test.csv"
+POOL_CSV = "age_pool.csv"
+TRAIN_CSV = "age_train_tmp.csv"
+VAL_CSV = "age_val_tmp.csv"
+REJECTED_CSV = "rejected_rows.csv"
+TEST_MANIFEST = "age_test_split.json"
+TRAINVAL_MANIFEST = "age_trainval_split.json"
+RUN_STATE = "run_state.json"
+METRICS_JSON = "metrics.json"
+PREDICTIONS_CSV = "test_predictions.csv"
+REPORT_DIR = "report"
+REPORT_MD = "report.md"
+CACHE_DIR = "image.cache"
+MODELS_DIR = "saved_agegroup_models"
+PHANTOM_DIR = "phantom"
+# A dataset folder: GRAZPEDWRI-DX's metadata file (and the phantom's) and its images.
+DATASET_CSV = "dataset.csv"
+IMAGES_DIR = "images"
+# Checkpoints (in the models folder) are named by a stem: the age classifier's, or the
+# fracture models' prefix plus a role (agegroup0..2, pooled, pooled_continued). Each stem
+# also names the model's other files (:func:`model_files`).
+AGE_MODEL = "age_classifier"
+FRACTURE_MODEL = "fracture_classifier"
+POOLED_ROLE = "pooled"
+CONTROL_ROLE = "pooled_continued"
+THRESHOLDS_JSON = "thresholds.json"
+CHECKPOINT_SUFFIX = ".pt"
+LAST_SUFFIX = "_last.pt"
+HISTORY_SUFFIX = "_metrics.csv"
+CONFIG_SUFFIX = "_config.json"
+
+
+def group_role(group: int) -> str:
+    """The role (checkpoint stem suffix) of age group ``group``'s fracture model."""
+    return f"agegroup{group}"
+
+
+def fracture_model(role: str) -> str:
+    """The stem of a fracture model: ``fracture_classifier_<role>``."""
+    return f"{FRACTURE_MODEL}_{role}"
+
+
+def model_files(stem: str) -> dict[str, str]:
+    """The names of one model's files: best checkpoint, resumable state, per-epoch metrics, config."""
+    return {"best": stem + CHECKPOINT_SUFFIX, "last": stem + LAST_SUFFIX, "history": stem + HISTORY_SUFFIX,
+            "config": stem + CONFIG_SUFFIX}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Every path of one run, derived from its output directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    test_csv = property(lambda self: self.root / TEST_CSV)
+    pool_csv = property(lambda self: self.root / POOL_CSV)
+    train_csv = property(lambda self: self.root / TRAIN_CSV)
+    val_csv = property(lambda self: self.root / VAL_CSV)
+    rejected_csv = property(lambda self: self.root / REJECTED_CSV)
+    test_manifest = property(lambda self: self.root / TEST_MANIFEST)
+    trainval_manifest = property(lambda self: self.root / TRAINVAL_MANIFEST)
+    run_state = property(lambda self: self.root / RUN_STATE)
+    metrics_json = property(lambda self: self.root / METRICS_JSON)
+    predictions_csv = property(lambda self: self.root / PREDICTIONS_CSV)
+    report_dir = property(lambda self: self.root / REPORT_DIR)
+    cache_dir = property(lambda self: self.root / CACHE_DIR)
+    models_dir = property(lambda self: self.root / MODELS_DIR)
+    phantom_dir = property(lambda self: self.root / PHANTOM_DIR)
+    split_csvs = property(lambda self: (self.train_csv, self.val_csv, self.test_csv))
+
+    def config(self, script: str) -> Path:
+        """The effective-config JSON a script writes into the run directory."""
+        return self.root / (script + CONFIG_SUFFIX)
+
+
+# The folders of a run directory the pipeline writes into (besides the directory itself);
+# only these are searched for orphaned temporary files, so a run in "." never walks
+# unrelated trees.
+RUN_SUBDIRS: tuple[str, ...] = (MODELS_DIR, REPORT_DIR, CACHE_DIR, PHANTOM_DIR)
+
 # Which CSV holds which columns; "+ ..." means "and whatever the previous stage had".
 CSV_FILES: dict[str, tuple[str, str]] = {
-    "age_test.csv": (STAGE1, "canonical + split + source columns; stage 3 adds the prediction columns"),
-    "age_pool.csv": (STAGE1, "patients not in the test set; input of stage 2"),
-    "age_train_tmp.csv": (STAGE2, "as age_test.csv"),
-    "age_val_tmp.csv": (STAGE2, "as age_test.csv"),
-    "rejected_rows.csv": ("every stage with --skip-bad (stages 3-5: images that cannot be decoded)",
-                          "source_file, source_row, reason + the row's columns"),
+    TEST_CSV: (STAGE1, "canonical + split + source columns; stage 3 adds the prediction columns"),
+    POOL_CSV: (STAGE1, "patients not in the test set; input of stage 2"),
+    TRAIN_CSV: (STAGE2, f"as {TEST_CSV}"),
+    VAL_CSV: (STAGE2, f"as {TEST_CSV}"),
+    REJECTED_CSV: ("every stage with --skip-bad (stages 3-5: images that cannot be decoded)",
+                   "source_file, source_row, reason + the row's columns"),
 }
 
 

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from torchsampler import ImbalancedDatasetSampler
 from tqdm.auto import tqdm
 
+import columns
 import distributed
 from config import save_config, to_dict
 from errors import ResumeError
@@ -413,9 +414,10 @@ class RunFiles:
 
     @classmethod
     def from_stem(cls, directory: str | Path, stem: str) -> "RunFiles":
+        names = columns.model_files(stem)
         d = Path(directory)
-        return cls(best=d / f"{stem}.pt", last=d / f"{stem}_last.pt",
-                   metrics_csv=d / f"{stem}_metrics.csv", config_json=d / f"{stem}_config.json")
+        return cls(best=d / names["best"], last=d / names["last"], metrics_csv=d / names["history"],
+                   config_json=d / names["config"])
 
 
 @dataclass
@@ -733,7 +735,7 @@ def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.
     seed_everything(cfg.seed + distributed.get_rank())
     num_classes = len(class_names)
     if not images_checked:
-        rejected = Path(cfg.out_dir) / unified_dataset.REJECTED_CSV
+        rejected = Path(cfg.out_dir) / columns.REJECTED_CSV
         progress = not cfg.quiet and sys.stderr.isatty()
         train_df, val_df = (decode_pass(df, cfg.img_size, cache_dir=cache_dir, skip_bad=cfg.skip_bad,
                                         rejected_csv=rejected, progress=progress) for df in (train_df, val_df))

@@ -113,6 +113,7 @@ SCHEDULE_KEYS = ("model", "img_size", "epochs", "lr", "scheduler", "warmup_epoch
 # last batches move the totals a little.
 IMAGES_TOLERANCE = 0.10
 CALIBRATION_BINS = 10
+SCRIPT = "evaluate"
 
 
 def base_system(name: str) -> str:
@@ -596,14 +597,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def _paths(args: argparse.Namespace) -> dict[str, Path]:
-    out = Path(args.out_dir)
-    return {
-        "out": out,
-        "test_csv": Path(args.test_csv) if args.test_csv else out / "age_test.csv",
-        "val_csv": Path(args.val_csv) if args.val_csv else out / "age_val_tmp.csv",
-        "models_dir": Path(args.models_dir) if args.models_dir else out / "saved_agegroup_models",
-        "report_dir": Path(args.report_dir) if args.report_dir else out / "report",
-    }
+    """The inputs and outputs: the flags, or their defaults in the run directory."""
+    run = columns.RunDir(args.out_dir)
+    given = {"test_csv": args.test_csv, "val_csv": args.val_csv, "models_dir": args.models_dir,
+             "report_dir": args.report_dir}
+    return {"out": run.root, **{k: Path(v) if v else getattr(run, k) for k, v in given.items()}}
 
 
 def true_groups(df: pd.DataFrame, bounds: Sequence[float], split: str, notes: list[str]) -> np.ndarray:
@@ -625,7 +623,7 @@ def decode_splits(test_df: pd.DataFrame, val_df: pd.DataFrame, routed: inference
     models = (routed.age, *routed.groups.values(), routed.pooled, routed.pooled_continued)
     sizes = sorted({lm.img_size for lm in models if lm})
     frames, left_out = {"test": test_df, "val": val_df}, {}
-    rejected = out / unified_dataset.REJECTED_CSV
+    rejected = out / columns.REJECTED_CSV
     for split, df in list(frames.items()):
         for size in sizes if cache is not None else sizes[:1]:
             frames[split] = engine.decode_pass(frames[split], size, cache_dir=cache, skip_bad=skip_bad,
@@ -660,7 +658,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         test_df = unified_dataset.read_split_csv(paths["test_csv"])
         val_df = unified_dataset.read_split_csv(paths["val_csv"])
         for note in splits.check_splits({str(paths["test_csv"]): test_df, str(paths["val_csv"]): val_df},
-                                        paths["test_csv"], also=[paths["out"] / "age_train_tmp.csv"]):
+                                        paths["test_csv"], also=[columns.RunDir(paths["out"]).train_csv]):
             engine.log(f"note: {note}")
         routed = inference.load_routed_models(paths["models_dir"], device)
         notes = list(routed.notes)
@@ -668,7 +666,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             notes.append("no fracture_classifier_pooled.pt: the pooled baseline (d) is missing")
         bounds = routed.age_bounds
         names = columns.age_group_names(bounds)
-        cache = None if args.no_cache else (args.cache_dir or paths["out"] / "image.cache")
+        cache = None if args.no_cache else (args.cache_dir or columns.RunDir(paths["out"]).cache_dir)
         amp = engine.resolve_amp(args.amp, device)
         infer_kw = dict(batch_size=args.batch_size, num_workers=args.workers, cache_dir=cache, amp=amp)
         test_df, val_df, left_out = decode_splits(test_df, val_df, routed, cache, args.skip_bad, paths["out"], notes)
@@ -762,11 +760,11 @@ def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: d
     pred_df["fracture_prob"] = test_out.prob[args.routing]
     pred_df["fracture_pred"] = pred_df[f"pred_{args.routing}"]
     pred_df["threshold"] = thr[args.routing]
-    written: dict[str, Any] = {"test_predictions": write_csv(pred_df, paths["out"] / "test_predictions.csv")}
+    written: dict[str, Any] = {"test_predictions": write_csv(pred_df, columns.RunDir(paths["out"]).predictions_csv)}
     written["thresholds"] = write_json(_clean({
         "thresholds": result["thresholds"], "method": result["threshold_method"], "val_csv": str(paths["val_csv"]),
         "note": "chosen on validation by evaluate.py; read by predict.py"}),
-        paths["models_dir"] / inference.THRESHOLDS_FILE)
+        paths["models_dir"] / columns.THRESHOLDS_JSON)
 
     report_dir = paths["report_dir"]
     figures = make_figures(report_dir, y, test_out, calibrated, thr, masks, result["age_classifier"], routed,
@@ -782,9 +780,9 @@ def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: d
     result["wall_time_s"] = time.perf_counter() - t0
     written["report"] = report.write_report(report_dir, result, figures)
     written["figures"] = list(figures.values())
-    save_config(result["config"], report_dir / "evaluate_config.json")
+    save_config(result["config"], report_dir / (SCRIPT + columns.CONFIG_SUFFIX))
     result["wall_time_s"] = time.perf_counter() - t0
-    written["metrics"] = write_json(_clean(result), paths["out"] / "metrics.json")
+    written["metrics"] = write_json(_clean(result), columns.RunDir(paths["out"]).metrics_json)
     written["summary"] = _clean({
         s: {k: [r["overall"][k], *r["overall"]["ci"].get(k, [None, None])]
             for k in ("auroc", "f1", "sensitivity", "specificity")}

@@ -28,6 +28,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 import errors
 import columns
 import presets
@@ -38,14 +40,7 @@ from splits import check_coverage, check_disjoint, describe, file_sha256, split_
 from errors import DataError
 from unified_dataset import read_split_csv, validate_frame
 
-POOL_CSV = "age_pool.csv"
-TEST_CSV = "age_test.csv"
-TRAIN_CSV = "age_train_tmp.csv"
-VAL_CSV = "age_val_tmp.csv"
-STAGE1_MANIFEST = "age_test_split.json"
-MANIFEST = "age_trainval_split.json"
-CONFIG = "generate_age_trainval_split_config.json"
-REJECTED_CSV = "rejected_rows.csv"
+SCRIPT = "generate_age_trainval_split"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -59,16 +54,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _stage1_manifest(out: Path) -> dict[str, Any]:
-    path = out / STAGE1_MANIFEST
+def _stage1_manifest(run: columns.RunDir) -> dict[str, Any]:
+    path = run.test_manifest
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _bounds(args: argparse.Namespace, out: Path) -> tuple[float, ...]:
+def _bounds(args: argparse.Namespace, run: columns.RunDir) -> tuple[float, ...]:
     recorded = None
-    path = out / STAGE1_MANIFEST
+    path = run.test_manifest
     if path.is_file():
-        recorded = tuple(float(b) for b in _stage1_manifest(out).get("age_bounds", columns.AGE_BOUNDS))
+        recorded = tuple(float(b) for b in _stage1_manifest(run).get("age_bounds", columns.AGE_BOUNDS))
     if args.age_bounds is None:
         return recorded or columns.AGE_BOUNDS
     wanted = tuple(float(b) for b in args.age_bounds)
@@ -88,81 +83,85 @@ def _check_groups(df, path: Path, bounds: tuple[float, ...]) -> None:
                            f"{df['age'].iloc[i]:g} with age bounds {list(bounds)}")
 
 
+def checked_pool(args: argparse.Namespace, run: columns.RunDir, pool_csv: Path, test_csv: Path,
+                 bounds: tuple[float, ...], wrote: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The test set and the validated pool, checked against each other and the age bounds."""
+    test = read_split_csv(test_csv)
+    pool = read_split_csv(pool_csv, validate=False)
+    check_images = not args.no_image_check
+    if check_images and _stage1_manifest(run).get("image_check", {}).get("mode") == "none":
+        print(f"{run.test_manifest}: stage 1 split without looking at the images (--no-image-check): so does "
+              "this stage")
+        check_images = False
+    pool = validate_frame(pool, pool_csv, check_images=check_images, skip_bad=args.skip_bad,
+                          rejected_csv=run.rejected_csv, append_rejected=True)
+    if pool.attrs.get("n_rejected"):
+        wrote["rejected_csv"] = run.rejected_csv
+    for note in splits.check_splits({str(test_csv): test, str(pool_csv): pool}, test_csv):
+        print(f"note: {note}")
+    _check_groups(test, test_csv, bounds)
+    _check_groups(pool, pool_csv, bounds)
+    return test, pool
+
+
+def train_and_val(args: argparse.Namespace, run: columns.RunDir, pool: pd.DataFrame, pool_csv: Path,
+                  recipe: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
+    """The kept train/val files when they were drawn from this very pool with this seed and
+    fraction (stage 3 has added its predictions to them), else a new split; and whether kept."""
+    train_csv, val_csv = run.train_csv, run.val_csv
+    old = json.loads(run.trainval_manifest.read_text()) if run.trainval_manifest.is_file() else {}
+    if not args.force and train_csv.is_file() and val_csv.is_file() and old.get("recipe") == recipe:
+        print(f"{train_csv.name}, {val_csv.name}: exist and match {pool_csv.name} (same content, seed and "
+              "fraction): keeping them (pass --force to re-draw)")
+        return read_split_csv(train_csv), read_split_csv(val_csv), True
+    if train_csv.is_file() or val_csv.is_file():
+        why = "--force" if args.force else "the pool, seed or fraction changed"
+        print(f"{train_csv.name}, {val_csv.name}: re-drawing them ({why})")
+    val, train = split_patients(pool, args.val_frac, args.split_seed, source=pool_csv)
+    return train, val, False
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = to_dict(args)
     print_config(cfg, "generate_age_trainval_split (stage 2)")
-    out = Path(args.out_dir)
-    pool_csv = Path(args.pool_csv) if args.pool_csv is not None else out / POOL_CSV
-    test_csv = Path(args.test_csv) if args.test_csv is not None else out / TEST_CSV
-    train_csv, val_csv, manifest_path = out / TRAIN_CSV, out / VAL_CSV, out / MANIFEST
-    if not 0.0 < args.val_frac <= 0.5:
-        raise SystemExit(f"--val-frac must be in (0, 0.5], got {args.val_frac}")
+    run = columns.RunDir(args.out_dir)
+    pool_csv = Path(args.pool_csv) if args.pool_csv is not None else run.pool_csv
+    test_csv = Path(args.test_csv) if args.test_csv is not None else run.test_csv
     for path in (pool_csv, test_csv):
         if not path.is_file():
             raise DataError.at(path, None, "not found: run age_split_testset.py (stage 1) first")
     wrote: dict[str, Any] = {}
-    with RunLock(out):
-        wrote["config"] = save_config(cfg, out / CONFIG)
-        bounds = _bounds(args, out)
+    with RunLock(run.root):
+        wrote["config"] = save_config(cfg, run.config(SCRIPT))
+        bounds = _bounds(args, run)
         n_groups = columns.num_age_groups(bounds)
-        test = read_split_csv(test_csv)
-        pool = read_split_csv(pool_csv, validate=False)
-        check_images = not args.no_image_check
-        if check_images and _stage1_manifest(out).get("image_check", {}).get("mode") == "none":
-            print(f"{out / STAGE1_MANIFEST}: stage 1 split without looking at the images "
-                  "(--no-image-check): so does this stage")
-            check_images = False
-        pool = validate_frame(pool, pool_csv, check_images=check_images, skip_bad=args.skip_bad,
-                              rejected_csv=out / REJECTED_CSV, append_rejected=True)
-        if pool.attrs.get("n_rejected"):
-            wrote["rejected_csv"] = out / REJECTED_CSV
-        for note in splits.check_splits({str(test_csv): test, str(pool_csv): pool}, test_csv):
-            print(f"note: {note}")
-        _check_groups(test, test_csv, bounds)
-        _check_groups(pool, pool_csv, bounds)
+        test, pool = checked_pool(args, run, pool_csv, test_csv, bounds, wrote)
         pool_sha = file_sha256(pool_csv)
         recipe = {"pool_sha256": pool_sha, "seed": args.split_seed, "val_frac": args.val_frac,
                   "skip_bad": bool(args.skip_bad)}
-        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-        if (not args.force and train_csv.is_file() and val_csv.is_file()
-                and old.get("recipe") == recipe):
-            print(f"{train_csv.name}, {val_csv.name}: exist and match {pool_csv.name} (same content, seed and "
-                  "fraction): keeping them (pass --force to re-draw)")
-            train, val = read_split_csv(train_csv), read_split_csv(val_csv)
-            kept = True
-        else:
-            if train_csv.is_file() or val_csv.is_file():
-                why = "--force" if args.force else "the pool, seed or fraction changed"
-                print(f"{train_csv.name}, {val_csv.name}: re-drawing them ({why})")
-            val, train = split_patients(pool, args.val_frac, args.split_seed, source=pool_csv)
-            kept = False
-        frames = {str(train_csv): train, str(val_csv): val, str(test_csv): test}
+        train, val, kept = train_and_val(args, run, pool, pool_csv, recipe)
+        frames = {str(run.train_csv): train, str(run.val_csv): val, str(test_csv): test}
         check_disjoint(frames)
         for name, df in frames.items():
             check_coverage(df, name, n_groups, bounds=bounds)
         if not kept:
-            wrote["train_csv"] = write_split_csv(train, train_csv, "train")
-            wrote["val_csv"] = write_split_csv(val, val_csv, "val")
+            wrote["train_csv"] = write_split_csv(train, run.train_csv, "train")
+            wrote["val_csv"] = write_split_csv(val, run.val_csv, "val")
         counts = split_counts({"train": train, "val": val, "test": test}, n_groups)
         print(describe(counts))
         manifest = {
-            "stage": "generate_age_trainval_split",
-            "seed": args.split_seed,
-            "val_frac": args.val_frac,
-            "recipe": recipe,
+            "stage": SCRIPT, "seed": args.split_seed, "val_frac": args.val_frac, "recipe": recipe,
             "trainval": "kept" if kept else "drawn",
             "source": {"csv": str(pool_csv.resolve()), "sha256": pool_sha,
                        "test_csv": str(test_csv.resolve()), "test_sha256": file_sha256(test_csv)},
-            "age_bounds": list(bounds),
-            "age_group_names": list(columns.age_group_names(bounds)),
-            "rejected_rows": int(pool.attrs.get("n_rejected", 0)),
-            "counts": counts,
-            "outputs": {TRAIN_CSV: file_sha256(train_csv), VAL_CSV: file_sha256(val_csv)},
+            "age_bounds": list(bounds), "age_group_names": list(columns.age_group_names(bounds)),
+            "rejected_rows": int(pool.attrs.get("n_rejected", 0)), "counts": counts,
+            "outputs": {columns.TRAIN_CSV: file_sha256(run.train_csv), columns.VAL_CSV: file_sha256(run.val_csv)},
         }
-        wrote["manifest"] = write_json(manifest, manifest_path)
+        wrote["manifest"] = write_json(manifest, run.trainval_manifest)
         wrote["trainval_kept"] = kept
-    print(f"stage 2 done: {TRAIN_CSV} ({len(train)} images, {train['patient_id'].nunique()} patients), "
-          f"{VAL_CSV} ({len(val)} images, {val['patient_id'].nunique()} patients) in {out}")
+    print(f"stage 2 done: {columns.TRAIN_CSV} ({len(train)} images, {train['patient_id'].nunique()} patients), "
+          f"{columns.VAL_CSV} ({len(val)} images, {val['patient_id'].nunique()} patients) in {run.root}")
     return wrote
 
 

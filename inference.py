@@ -29,16 +29,21 @@ import errors
 import engine
 import models
 import unified_dataset
-AGE_CKPT = "age_classifier.pt"
-POOLED_CKPT = "fracture_classifier_pooled.pt"
-# The pooled model trained further like the group models: routing's equal-budget control.
-CONTROL_CKPT = "fracture_classifier_pooled_continued.pt"
-THRESHOLDS_FILE = "thresholds.json"
 ROUTINGS = ("hard", "soft")
 
 
+def checkpoint_name(stem: str) -> str:
+    """The best-checkpoint file name of a model stem (columns.AGE_MODEL, columns.fracture_model(role))."""
+    return columns.model_files(stem)["best"]
+
+
 def group_ckpt_name(group: int) -> str:
-    return f"fracture_classifier_agegroup{group}.pt"
+    return checkpoint_name(columns.fracture_model(columns.group_role(group)))
+
+
+POOLED_CKPT = checkpoint_name(columns.fracture_model(columns.POOLED_ROLE))
+# The pooled model trained further like the group models: routing's equal-budget control.
+CONTROL_CKPT = checkpoint_name(columns.fracture_model(columns.CONTROL_ROLE))
 
 
 # --------------------------------------------------------------------------- models
@@ -119,11 +124,11 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
                        require_pooled: bool = False) -> RoutedModels:
     """Load everything routing needs from ``models_dir``; say which group falls back."""
     models_dir = Path(models_dir)
-    age_path = models_dir / AGE_CKPT
+    age_path = models_dir / checkpoint_name(columns.AGE_MODEL)
     if not age_path.exists():
         raise errors.CheckpointError(f"{age_path}: age classifier checkpoint not found "
                                      "(run train_age_classifier.py, or pass --models-dir)")
-    age = load_model(age_path, "age_classifier", device, "age")
+    age = load_model(age_path, columns.AGE_MODEL, device, "age")
     bounds = tuple(float(b) for b in (age.meta.get("age_bounds") or columns.AGE_BOUNDS))
     n_groups = len(bounds) + 1
     if age.num_classes != n_groups:
@@ -134,7 +139,7 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
     for g in range(n_groups):
         p = models_dir / group_ckpt_name(g)
         if p.exists():
-            groups[g] = load_model(p, f"agegroup{g}", device, "fracture", (1, 2))
+            groups[g] = load_model(p, columns.group_role(g), device, "fracture", (1, 2))
             trained_for = groups[g].meta.get("age_group")
             if trained_for is not None and int(trained_for) != g:
                 raise errors.CheckpointError(f"{p}: trained for age group {trained_for}, not {g}")
@@ -143,12 +148,13 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
                 raise errors.CheckpointError(
                     f"{p}: age bounds {tuple(gb)} differ from the age classifier's {bounds}")
     pooled_path = models_dir / POOLED_CKPT
-    pooled = load_model(pooled_path, "pooled", device, "fracture", (1, 2)) if pooled_path.exists() else None
+    pooled = (load_model(pooled_path, columns.POOLED_ROLE, device, "fracture", (1, 2))
+              if pooled_path.exists() else None)
     if require_pooled and pooled is None:
         raise errors.CheckpointError(f"{pooled_path}: pooled fracture model not found "
                                      "(train_fracture_per_agegroup.py --pooled)")
     control_path = models_dir / CONTROL_CKPT
-    control = (load_model(control_path, "pooled_continued", device, "fracture", (1, 2))
+    control = (load_model(control_path, columns.CONTROL_ROLE, device, "fracture", (1, 2))
                if control_path.exists() else None)
     names = columns.age_group_names(bounds)
     for g in range(n_groups):

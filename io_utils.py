@@ -26,15 +26,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 
+import columns
 from errors import FULL_ERRNOS, DiskFullError, LockError, os_error_in_chain
 
 
 # Names of temporary files this module (and the driver's torchrun result file) creates:
 # tempfile.mkstemp puts 8 characters of [a-z0-9_] between prefix and suffix.
 ORPHAN_PATTERNS = (re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$"), re.compile(r"^\.stage\d+_result\.[a-z0-9_]{8}\.json$"))
-# The folders of a run directory the pipeline writes into (besides the directory itself);
-# only these are searched for orphans, so a run in "." never walks unrelated trees.
-RUN_SUBDIRS = ("saved_agegroup_models", "report", "image.cache", "phantom")
 
 
 def disk_full_cause(exc: BaseException | None) -> OSError | None:
@@ -93,7 +91,7 @@ def is_orphan_temp(name: str) -> bool:
     return any(p.match(name) for p in ORPHAN_PATTERNS)
 
 
-def remove_orphan_temps(root: str | os.PathLike, subdirs: Iterable[str] = RUN_SUBDIRS) -> list[tuple[Path, int]]:
+def remove_orphan_temps(root: str | os.PathLike, subdirs: Iterable[str] = columns.RUN_SUBDIRS) -> list[tuple[Path, int]]:
     """Delete this pipeline's temporary files in ``root`` and (recursively) its ``subdirs``.
 
     Only call it while holding ``root``'s :class:`RunLock`: a temporary file there then

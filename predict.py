@@ -41,7 +41,7 @@ import presets
 import unified_dataset
 from config import print_config, to_dict
 from distributed import resolve_device
-from inference import (ROUTINGS, THRESHOLDS_FILE, cam_examples, load_routed_models,
+from inference import (ROUTINGS, cam_examples, load_routed_models,
                        overlay_png_bytes, route)
 from io_utils import atomic_write, write_csv
 
@@ -153,7 +153,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("paths", nargs="+", help="image files and/or folders")
-    p.add_argument("--models-dir", default="saved_agegroup_models",
+    p.add_argument("--models-dir", default=columns.MODELS_DIR,
                    help="folder with age_classifier.pt and the fracture checkpoints")
     p.add_argument("--output", type=presets.output_file, default="predictions.csv", help="CSV to write")
     p.add_argument("--routing", choices=ROUTINGS, default="hard")
@@ -176,7 +176,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     models_dir = Path(args.models_dir)
     # everything that can be wrong with the inputs fails before any model runs
-    thr_path = Path(args.thresholds) if args.thresholds else models_dir / THRESHOLDS_FILE
+    thr_path = Path(args.thresholds) if args.thresholds else models_dir / columns.THRESHOLDS_JSON
     threshold, thr_source = load_thresholds(thr_path, args.routing, args.threshold,
                                             required=bool(args.thresholds))
     if thr_source.startswith("default"):

@@ -401,17 +401,16 @@ def add_data_args(parser: argparse.ArgumentParser, test_csv: bool = False) -> ar
 
 def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the path defaults that derive from --out-dir (in place; returns args)."""
-    out = Path(args.out_dir)
-    defaults = {"train_csv": "age_train_tmp.csv", "val_csv": "age_val_tmp.csv", "test_csv": "age_test.csv"}
-    for key, name in defaults.items():
+    run = columns.RunDir(args.out_dir)
+    for key in ("train_csv", "val_csv", "test_csv"):
         if hasattr(args, key) and getattr(args, key) is None:
-            setattr(args, key, out / name)
+            setattr(args, key, getattr(run, key))
     if args.models_dir is None:
-        args.models_dir = out / "saved_agegroup_models"
+        args.models_dir = run.models_dir
     if args.no_cache:
         args.cache_dir = None
     elif args.cache_dir is None:
-        args.cache_dir = out / "image.cache"
+        args.cache_dir = run.cache_dir
     return args
 
 

@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+import columns  # noqa: E402
 import metrics  # noqa: E402
 from io_utils import atomic_write, write_text  # noqa: E402
 
@@ -660,7 +661,7 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
     for key, path in figures.items():
         lines += [f"### {CAPTIONS.get(key, key)}", "", figure_link(path, report_dir, key), ""]
     lines += ["## Models", "", markdown_table(model_rows(result["models"]))]
-    return write_text("\n".join(lines), report_dir / "report.md")
+    return write_text("\n".join(lines), report_dir / columns.REPORT_MD)
 
 
 def print_summary(result: Mapping[str, Any]) -> None:

@@ -55,6 +55,7 @@ from typing import Any
 
 import pandas as pd
 
+import columns
 import errors
 from config import print_config, to_dict
 from distributed import LOCK_HELD_ENV
@@ -62,9 +63,7 @@ from io_utils import RunLock, write_json
 from models import to_jsonable
 from presets import add_split_args, add_training_args, chosen_preset, explicit_training_argv, split_argv
 
-STATE_FILE = "run_state.json"
 HERE = Path(__file__).resolve().parent
-MODELS_SUBDIR = "saved_agegroup_models"
 NAMES = {1: "split test set", 2: "split train/val", 3: "age classifier", 4: "fracture classifiers",
          5: "evaluation"}
 
@@ -169,7 +168,7 @@ def _stage_argvs(args: argparse.Namespace, out: Path, preset: str) -> dict[int, 
     if "--preset" not in train:
         train += ["--preset", preset]
     train += split_argv(args, "train")
-    s5 = ["--out-dir", str(out), "--cache-dir", str(out / "image.cache")] + split_argv(args, "evaluate")
+    s5 = ["--out-dir", str(out), "--cache-dir", str(columns.RunDir(out).cache_dir)] + split_argv(args, "evaluate")
     if args.n_boot is not None:
         s5 += ["--n-boot", str(args.n_boot)]
     if args.device:
@@ -184,15 +183,20 @@ def _stage_argvs(args: argparse.Namespace, out: Path, preset: str) -> dict[int, 
     return {1: s1, 2: s2, 3: train, 4: s4, 5: s5}
 
 
-# What each stage leaves behind (stage 4: at least one fracture model).
-STAGE_FILES = {1: ("age_test.csv", "age_pool.csv"), 2: ("age_train_tmp.csv", "age_val_tmp.csv"),
-               3: (f"{MODELS_SUBDIR}/age_classifier.pt",)}
+def stage_files(stage: int, out: Path) -> list[Path]:
+    """What stages 1, 2, 3 and 5 leave behind (stage 4's files depend on its models)."""
+    run = columns.RunDir(out)
+    return {1: [run.test_csv, run.pool_csv], 2: [run.train_csv, run.val_csv],
+            3: [run.models_dir / columns.model_files(columns.AGE_MODEL)["best"], *run.split_csvs],
+            5: [run.metrics_json, run.predictions_csv]}.get(stage, [])
 
 
 def _has_outputs(stage: int, out: Path) -> bool:
     if stage == 4:
-        return any(not p.stem.endswith("_last") for p in (out / MODELS_SUBDIR).glob("fracture_classifier_*.pt"))
-    return all((out / name).is_file() for name in STAGE_FILES.get(stage, ("-",)))
+        return any(not p.name.endswith(columns.LAST_SUFFIX) for p in
+                   columns.RunDir(out).models_dir.glob(columns.fracture_model("*") + columns.CHECKPOINT_SUFFIX))
+    files = stage_files(stage, out)
+    return bool(files) and all(p.is_file() for p in files)
 
 
 def _call_main(module: str, argv: list[str]) -> dict[str, Any]:
@@ -229,17 +233,13 @@ def _launch(module: str, argv: list[str], args: argparse.Namespace, out: Path, s
 def _run_stage(stage: int, argv: list[str], args: argparse.Namespace, out: Path, resume: bool,
                redo: bool) -> tuple[dict[str, Any], list[Path]]:
     """Run one stage; returns its result and the files it is responsible for."""
-    models = out / MODELS_SUBDIR
     force = ["--force"] if redo and args.force else []
     if stage == 1:
-        res = _call_main("age_split_testset", argv + force)
-        return res, [out / "age_test.csv", out / "age_pool.csv"]
+        return _call_main("age_split_testset", argv + force), stage_files(stage, out)
     if stage == 2:
-        res = _call_main("generate_age_trainval_split", argv + force)
-        return res, [out / "age_train_tmp.csv", out / "age_val_tmp.csv"]
+        return _call_main("generate_age_trainval_split", argv + force), stage_files(stage, out)
     if stage == 5:
-        res = _launch("evaluate", argv, args, out, stage)
-        return res, [out / "metrics.json", out / "test_predictions.csv"]
+        return _launch("evaluate", argv, args, out, stage), stage_files(stage, out)
 
     extra = ["--resume"] if resume else []
 
@@ -247,9 +247,7 @@ def _run_stage(stage: int, argv: list[str], args: argparse.Namespace, out: Path,
         return _launch(module, argv + list(more) + extra, args, out, stage)
 
     if stage == 3:
-        res = train("train_age_classifier")
-        csvs = [out / n for n in ("age_train_tmp.csv", "age_val_tmp.csv", "age_test.csv")]
-        return res, [models / "age_classifier.pt", *csvs]
+        return train("train_age_classifier"), stage_files(stage, out)
     # Pooled first: with --init-from-pooled the group models start from its weights.
     pooled = {"models": {}} if args.no_pooled else train("train_fracture_per_agegroup", ("--pooled",))
     res = train("train_fracture_per_agegroup")
@@ -280,17 +278,17 @@ def summary_table(state: RunState, out: Path) -> str:
                      "best epoch": _fmt(m.get("best_epoch")), "epochs": _fmt(m.get("epochs_run")),
                      "val acc": _fmt(bm.get("val_acc")), "val F1": _fmt(bm.get("val_f1")),
                      "val AUROC": _fmt(bm.get("val_auroc")), "val n": _fmt(bm.get("val_n"))})
+    run = columns.RunDir(out)
     lines = [f"== Pipeline outputs in {out} =="]
-    for name in ("age_test.csv", "age_train_tmp.csv", "age_val_tmp.csv"):
-        p = out / name
+    for p in (run.test_csv, run.train_csv, run.val_csv):
         if p.is_file():
             n = sum(1 for _ in p.open(encoding="utf-8-sig")) - 1
             lines.append(f"  {p}  ({n} rows)")
     if rows:
         lines.append(pd.DataFrame(rows).fillna("").to_string(index=False))
-    for name in ("metrics.json", "test_predictions.csv", "report/report.md"):
-        if (out / name).is_file():
-            lines.append(f"  {out / name}")
+    for p in (run.metrics_json, run.predictions_csv, run.report_dir / columns.REPORT_MD):
+        if p.is_file():
+            lines.append(f"  {p}")
     secs = {k: v.get("seconds") for k, v in state.stages.items() if v.get("seconds") is not None}
     if secs:
         lines.append("  stage seconds: " + ", ".join(f"{k}: {v:.0f}" for k, v in sorted(secs.items())))
@@ -318,7 +316,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     argvs = _stage_argvs(args, out, preset)
     started = time.perf_counter()
     with RunLock(out):
-        state = RunState(out / STATE_FILE)
+        state = RunState(columns.RunDir(out).run_state)
         print_config({**to_dict(args), "out_dir": str(out), "preset": preset}, "run_all_training.py")
         print(f"run_all_training: out-dir {out}, preset {preset}, "
               f"{'data ' + str(args.data_csv or args.image_root) if real else 'phantom data'}", flush=True)

@@ -168,7 +168,6 @@ def describe(counts: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- the fixed test set's identity
-TEST_MANIFEST = "age_test_split.json"  # written by stage 1 next to age_test.csv
 IDENTITY_KEY = "test_identity"
 
 
@@ -275,7 +274,7 @@ def check_splits(frames: Mapping[str, pd.DataFrame], test_csv: str | os.PathLike
             frames[str(path)] = unified_dataset.read_split_csv(path, validate=False)
     notes = []
     if test_csv is not None:
-        manifest = Path(test_csv).parent / TEST_MANIFEST
+        manifest = Path(test_csv).parent / columns.TEST_MANIFEST
         recorded = recorded_test_identity(manifest) if manifest.is_file() else None
         if recorded is not None:
             verify_test_set(frames[str(test_csv)], test_csv, recorded)
@@ -283,7 +282,7 @@ def check_splits(frames: Mapping[str, pd.DataFrame], test_csv: str | os.PathLike
             notes.append(f"{manifest} (from an older version) records no identity of the test set, so "
                          f"{test_csv} is not checked against it; re-running age_split_testset.py records it")
         else:
-            notes.append(f"no {TEST_MANIFEST} beside {test_csv}: the test set's identity is not checked")
+            notes.append(f"no {columns.TEST_MANIFEST} beside {test_csv}: the test set's identity is not checked")
     check_disjoint(frames)
     check_images_disjoint(frames)
     return notes

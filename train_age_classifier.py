@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 import errors
+import columns
 import distributed
 import engine
 import presets
@@ -44,8 +45,6 @@ from models import build_from_checkpoint, load_checkpoint
 from presets import add_data_args, add_training_args, resolve_config, resolve_paths
 from errors import DataError
 from unified_dataset import read_split_csv
-
-STEM = "age_classifier"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -79,7 +78,7 @@ def write_predictions(csv_path: Path, probs: np.ndarray, rows: Sequence[int], n_
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = resolve_paths(resolve_config(args, "age"))
     csvs = {"train": cfg.train_csv, "val": cfg.val_csv, "test": cfg.test_csv}
-    files = engine.RunFiles.from_stem(cfg.models_dir, STEM)
+    files = engine.RunFiles.from_stem(cfg.models_dir, columns.AGE_MODEL)
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
             print_config(to_dict(cfg), "train_age_classifier.py")
@@ -90,7 +89,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         # after the last epoch; with --skip-bad its prediction cells stay empty
         frames = {split: engine.decode_pass(
             df, cfg.img_size, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
-            rejected_csv=Path(cfg.out_dir) / unified_dataset.REJECTED_CSV,
+            rejected_csv=Path(cfg.out_dir) / columns.REJECTED_CSV,
             progress=not cfg.quiet and sys.stderr.isatty()) for split, df in read.items()}
         result = engine.train_classifier(
             cfg, kind="age", train_df=frames["train"], val_df=frames["val"], target_col="age_group",

@@ -35,11 +35,12 @@ Example:
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
 import errors
+import columns
 import distributed
 import engine
 import presets
@@ -54,7 +55,6 @@ from unified_dataset import read_split_csv
 
 CLASS_NAMES = ("no fracture", "fracture")
 TARGET = "fracture"
-STEM = "fracture_classifier"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -111,10 +111,20 @@ def continued_from(ckpt_path, expect: dict[str, Any]) -> tuple[dict[str, Any], d
     return ckpt["model"], origin
 
 
-def plan_jobs(cfg: argparse.Namespace, train_all: pd.DataFrame,
-              val_all: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame, pd.DataFrame]]:
-    """(key, label, train rows, val rows) of every model this run trains, in training order."""
-    pooled = ("pooled", "all age groups", train_all, val_all)
+class Job(NamedTuple):
+    """One fracture model to train: its role (the checkpoint stem's suffix), a label for the
+    log, the age group it serves (None for the pooled models) and its rows."""
+
+    role: str
+    label: str
+    group: int | None
+    train: pd.DataFrame
+    val: pd.DataFrame
+
+
+def plan_jobs(cfg: argparse.Namespace, train_all: pd.DataFrame, val_all: pd.DataFrame) -> list[Job]:
+    """Every model this run trains, in training order."""
+    pooled = Job(columns.POOLED_ROLE, "all age groups", None, train_all, val_all)
     if cfg.pooled:
         return [pooled]
     for path, df in ((cfg.train_csv, train_all), (cfg.val_csv, val_all)):
@@ -122,19 +132,45 @@ def plan_jobs(cfg: argparse.Namespace, train_all: pd.DataFrame,
             raise DataError.at(path, 1, f"no column {cfg.group_column!r}; run train_age_classifier.py "
                                         f"first, or pass --group-column age_group")
     groups = cfg.groups if cfg.groups is not None else range(len(AGE_GROUP_NAMES))
-    jobs = [(f"agegroup{g}", f"age group {g} ({AGE_GROUP_NAMES[g]})",
-             rows_of_group(train_all, cfg.group_column, g), rows_of_group(val_all, cfg.group_column, g))
+    jobs = [Job(columns.group_role(g), f"age group {g} ({AGE_GROUP_NAMES[g]})", g,
+                rows_of_group(train_all, cfg.group_column, g), rows_of_group(val_all, cfg.group_column, g))
             for g in groups]
     if not cfg.init_from_pooled:
         return jobs
-    if not _finished(cfg.models_dir / f"{STEM}_pooled.pt"):
+    if not _finished(model_files(cfg, columns.POOLED_ROLE).best):
         engine.log("group models start from the pooled model (--init-from-pooled): training it first")
         jobs.insert(0, pooled)
     control = cfg.control if cfg.control is not None else cfg.groups is None
     if control:
-        jobs.append(("pooled_continued", "all age groups, continued from the pooled model like the group "
-                     "models (equal-budget control)", train_all, val_all))
+        jobs.append(Job(columns.CONTROL_ROLE, "all age groups, continued from the pooled model like the group "
+                        "models (equal-budget control)", None, train_all, val_all))
     return jobs
+
+
+def model_files(cfg: argparse.Namespace, role: str) -> engine.RunFiles:
+    return engine.RunFiles.from_stem(cfg.models_dir, columns.fracture_model(role))
+
+
+def train_job(cfg: argparse.Namespace, job: Job, device: Any) -> dict[str, Any]:
+    """Train one model (or find it finished); its result, or why it was skipped."""
+    reason = skip_reason(job.train, job.val, cfg.min_rows)
+    if reason:
+        engine.log(f"== {job.label}: SKIPPED: {reason} ==")
+        return {"skipped": reason, "train_rows": len(job.train), "val_rows": len(job.val)}
+    if job.val[TARGET].nunique() < 2:
+        engine.log(f"{job.label}: validation rows hold one class only; AUROC is undefined for it")
+    files = model_files(cfg, job.role)
+    init, origin = None, None
+    if job.role != columns.POOLED_ROLE and cfg.init_from_pooled:
+        init, origin = continued_from(model_files(cfg, columns.POOLED_ROLE).best,
+                                      {"kind": "fracture", "model_name": cfg.model, "img_size": cfg.img_size})
+    result = engine.train_classifier(
+        cfg, kind="fracture", train_df=job.train, val_df=job.val, target_col=TARGET, class_names=CLASS_NAMES,
+        files=files, device=device, age_bounds=AGE_BOUNDS, cache_dir=cfg.cache_dir,
+        extra_meta={"age_group": job.group, "group_column": cfg.group_column, "role": job.role},
+        title=f"fracture classifier, {job.label}", init_state=init, init_from=origin)
+    result.pop("history")
+    return {**result, "config": str(files.config_json), "train_rows": len(job.train), "val_rows": len(job.val)}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -147,31 +183,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   str(cfg.test_csv): read_split_csv(cfg.test_csv, validate=False)}
         for note in splits.check_splits(frames, cfg.test_csv):
             engine.log(f"note: {note}")
-        pooled_ckpt = cfg.models_dir / f"{STEM}_pooled.pt"
-        models: dict[str, Any] = {}
-        for key, label, train_df, val_df in plan_jobs(cfg, train_all, val_all):
-            reason = skip_reason(train_df, val_df, cfg.min_rows)
-            if reason:
-                engine.log(f"== {label}: SKIPPED: {reason} ==")
-                models[key] = {"skipped": reason, "train_rows": len(train_df), "val_rows": len(val_df)}
-                continue
-            if val_df[TARGET].nunique() < 2:
-                engine.log(f"{label}: validation rows hold one class only; AUROC is undefined for it")
-            files = engine.RunFiles.from_stem(cfg.models_dir, f"{STEM}_{key}")
-            group = int(key.removeprefix("agegroup")) if key.startswith("agegroup") else None
-            init, origin = None, None
-            if key != "pooled" and cfg.init_from_pooled:
-                init, origin = continued_from(pooled_ckpt, {"kind": "fracture", "model_name": cfg.model,
-                                                            "img_size": cfg.img_size})
-            result = engine.train_classifier(
-                cfg, kind="fracture", train_df=train_df, val_df=val_df, target_col=TARGET,
-                class_names=CLASS_NAMES, files=files, device=info.device, age_bounds=AGE_BOUNDS,
-                cache_dir=cfg.cache_dir, extra_meta={"age_group": group, "group_column": cfg.group_column,
-                                                     "role": key},
-                title=f"fracture classifier, {label}", init_state=init, init_from=origin)
-            result.pop("history")
-            models[key] = {**result, "config": str(files.config_json), "train_rows": len(train_df),
-                           "val_rows": len(val_df)}
+        models = {job.role: train_job(cfg, job, info.device) for job in plan_jobs(cfg, train_all, val_all)}
         out = {"models": models, "group_column": cfg.group_column, "pooled": cfg.pooled}
         if info.is_main and cfg.result_json:
             write_json(out, cfg.result_json)

@@ -59,9 +59,8 @@ from io_utils import atomic_write, write_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Where every stage sets bad rows aside with --skip-bad (in its --out-dir).
-REJECTED_CSV = "rejected_rows.csv"
 # The remedy an error names where the running command has --skip-bad ({them}: it/them).
-SKIP_BAD_REMEDY = f"--skip-bad sets {{them}} aside in {REJECTED_CSV}"
+SKIP_BAD_REMEDY = f"--skip-bad sets {{them}} aside in {columns.REJECTED_CSV}"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 PCT_LOW, PCT_HIGH = 0.5, 99.5
 # The decode checks refuse images smaller than this on a side (or of one value): no

@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # flat top-level modules, importable however pytest is started
     sys.path.insert(0, str(REPO))
 
+import columns  # noqa: E402
+
 TINY_PATIENTS = 40
 TINY_IMG_SIZE = 64
 
@@ -75,7 +77,7 @@ def run_stages_1_2(data_dir: Path, out_dir: Path, *extra1: str) -> dict:
     import generate_age_trainval_split
 
     r1 = age_split_testset.main(age_split_testset.get_args_parser().parse_args(
-        ["--data-csv", str(data_dir / "dataset.csv"), "--out-dir", str(out_dir), *extra1]))
+        ["--data-csv", str(data_dir / columns.DATASET_CSV), "--out-dir", str(out_dir), *extra1]))
     r2 = generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(
         ["--out-dir", str(out_dir)]))
     return {"stage1": r1, "stage2": r2}
@@ -98,7 +100,7 @@ def fresh_splits(tiny_splits: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     shared = REPO.parent / "shared"
-    if not (shared / "grazpedwri-dx" / "dataset.csv").is_file():
+    if not (shared / "grazpedwri-dx" / columns.DATASET_CSV).is_file():
         pytest.skip("../shared/grazpedwri-dx is not present")
     return shared
 
@@ -107,4 +109,4 @@ def shared_dir() -> Path:
 def real_metadata(shared_dir: Path):
     import unified_dataset
     data = shared_dir / "grazpedwri-dx"
-    return unified_dataset.validate_frame(unified_dataset.load_grazpedwri(data / "dataset.csv", data), check_images=False)
+    return unified_dataset.validate_frame(unified_dataset.load_grazpedwri(data / columns.DATASET_CSV, data), check_images=False)

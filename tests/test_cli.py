@@ -10,6 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import columns
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("age_split_testset.py", "generate_age_trainval_split.py", "train_age_classifier.py",
            "train_fracture_per_agegroup.py", "run_all_training.py", "evaluate.py", "predict.py",
@@ -28,9 +30,9 @@ def test_help(script: str):
 
 
 def test_bad_row_is_one_line_naming_file_and_row(tiny_phantom: Path, tmp_path: Path):
-    df = pd.read_csv(tiny_phantom / "dataset.csv", encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    df = pd.read_csv(tiny_phantom / columns.DATASET_CSV, encoding="utf-8-sig", dtype=str, keep_default_na=False)
     df.loc[3, "age"] = "-2"  # data row 4 = line 5 of the file (header is line 1)
-    bad = tmp_path / "dataset.csv"
+    bad = tmp_path / columns.DATASET_CSV
     df.to_csv(bad, index=False, encoding="utf-8-sig")
     proc = _run("age_split_testset.py", "--data-csv", str(bad), "--image-root", str(tiny_phantom),
                 "--out-dir", str(tmp_path / "run"))
@@ -102,7 +104,7 @@ def test_bad_options_are_refused_while_parsing(argv: list[str], words: str, tmp_
 
 def test_predict_malformed_thresholds_json_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture):
-    bad = tmp_path / "thresholds.json"
+    bad = tmp_path / columns.THRESHOLDS_JSON
     bad.write_text('{"thresholds": {"hard": 0.3,}}')
     out = tmp_path / "pred.csv"
     code, _, err = _run_in_process(monkeypatch, capsys, "predict.py", str(tmp_path / "scan.png"),

@@ -62,7 +62,7 @@ def test_column_contract_and_table() -> None:
 # --------------------------------------------------------------------------- loading
 
 def test_load_phantom_grazpedwri(tiny_phantom: Path) -> None:
-    csv = tiny_phantom / "dataset.csv"
+    csv = tiny_phantom / columns.DATASET_CSV
     raw = pd.read_csv(csv, encoding="utf-8-sig", dtype=str, keep_default_na=False)
     df = unified_dataset.validate_frame(unified_dataset.load_dataset(csv))
     assert len(df) == len(raw)
@@ -77,17 +77,17 @@ def test_load_phantom_grazpedwri(tiny_phantom: Path) -> None:
 
 
 def test_images_found_in_subfolders(tiny_phantom: Path, tmp_path: Path) -> None:
-    shutil.copy(tiny_phantom / "dataset.csv", tmp_path / "dataset.csv")
+    shutil.copy(tiny_phantom / columns.DATASET_CSV, tmp_path / columns.DATASET_CSV)
     for i, png in enumerate(sorted((tiny_phantom / "images").glob("*.png"))):
         part = tmp_path / f"images_part{i % 4 + 1}"
         part.mkdir(exist_ok=True)
         shutil.copy(png, part / png.name)
-    df = unified_dataset.validate_frame(unified_dataset.load_grazpedwri(tmp_path / "dataset.csv", tmp_path))
+    df = unified_dataset.validate_frame(unified_dataset.load_grazpedwri(tmp_path / columns.DATASET_CSV, tmp_path))
     assert {Path(p).parent.name for p in df["image_path"]} == {f"images_part{k}" for k in range(1, 5)}
 
 
 def test_generic_csv_mapping(tiny_phantom: Path, tmp_path: Path) -> None:
-    src = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / "dataset.csv")).head(6)
+    src = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV)).head(6)
     gen = pd.DataFrame({"file": [os.path.relpath(p, tmp_path) for p in src["image_path"]],
                         "pid": src["patient_id"], "years": src["age"], "broken": src["fracture"],
                         "ward": "A"})
@@ -100,7 +100,7 @@ def test_generic_csv_mapping(tiny_phantom: Path, tmp_path: Path) -> None:
 
 
 def test_apply_exclusions_counts(tiny_phantom: Path) -> None:
-    df = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / "dataset.csv"))
+    df = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV))
     kept, counts = unified_dataset.apply_exclusions(df)
     assert counts["excluded"] == {"metal": int(df["metal"].sum())}
     assert len(kept) == len(df) - df["metal"].sum() and kept["metal"].sum() == 0
@@ -113,7 +113,7 @@ def test_apply_exclusions_counts(tiny_phantom: Path) -> None:
 
 
 def test_real_dataset_csv(shared_dir: Path, real_metadata: pd.DataFrame, tmp_path: Path) -> None:
-    csv = shared_dir / "grazpedwri-dx" / "dataset.csv"
+    csv = shared_dir / "grazpedwri-dx" / columns.DATASET_CSV
     df = real_metadata
     assert len(df) == 20327 and df["patient_id"].nunique() == 6091
     assert int(df["fracture"].sum()) == 13550
@@ -126,7 +126,7 @@ def test_real_dataset_csv(shared_dir: Path, real_metadata: pd.DataFrame, tmp_pat
     with pytest.raises(DataError) as err:
         unified_dataset.validate_frame(df)
     assert_one_line(err.value, csv, 3, "image file not found", "0001_1297860435_01_WRI-L2_M014.png")
-    rej = tmp_path / "rejected_rows.csv"
+    rej = tmp_path / columns.REJECTED_CSV
     kept = unified_dataset.validate_frame(df, skip_bad=True, rejected_csv=rej)
     assert sorted(kept["filestem"]) == ["0001_1297860395_01_WRI-L1_M014", "0004_0542630449_01_WRI-L1_M003"]
     assert len(pd.read_csv(rej)) == 20325
@@ -256,7 +256,7 @@ def test_transforms() -> None:
 def test_wrist_dataset(tiny_splits: Path, tmp_path: Path) -> None:
     from torchsampler import ImbalancedDatasetSampler
 
-    csv = tiny_splits / "age_train_tmp.csv"
+    csv = tiny_splits / columns.TRAIN_CSV
     df = unified_dataset.read_split_csv(csv)
     tf = unified_dataset.build_transforms(48, train=False, mean=0.5, std=0.25)
     ds = unified_dataset.WristDataset(df, "age_group", tf, 48)
@@ -279,8 +279,8 @@ def test_wrist_dataset(tiny_splits: Path, tmp_path: Path) -> None:
 
 
 def test_read_split_csv_dtypes(tiny_splits: Path) -> None:
-    df = unified_dataset.read_split_csv(tiny_splits / "age_test.csv")
-    assert df.index[0] == 2 and df.attrs["source"] == str(tiny_splits / "age_test.csv")
+    df = unified_dataset.read_split_csv(tiny_splits / columns.TEST_CSV)
+    assert df.index[0] == 2 and df.attrs["source"] == str(tiny_splits / columns.TEST_CSV)
     assert df["patient_id"].map(type).eq(str).all()
     assert df["age"].dtype == np.float64 and df["age_group"].dtype == np.int64 and df["fracture"].dtype == np.int64
     assert set(df["split"]) == {"test"}
@@ -291,7 +291,7 @@ def test_read_split_csv_dtypes(tiny_splits: Path) -> None:
 @pytest.fixture
 def small_generic(tiny_phantom: Path, tmp_path: Path) -> Path:
     """A generic CSV of 6 rows with private copies of their images."""
-    src = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / "dataset.csv")).head(6)
+    src = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV)).head(6)
     (tmp_path / "img").mkdir()
     names = []
     for p in src["image_path"]:
@@ -345,23 +345,23 @@ def test_bad_input_missing_column(small_generic: Path, tiny_phantom: Path, tmp_p
         unified_dataset.load_dataset(small_generic)
     assert_one_line(err.value, small_generic, 1, "missing required column 'age'")
     _read_meta(tiny_phantom).drop(columns=["patient_id"]).to_csv(
-        tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
+        tmp_path / columns.DATASET_CSV, index=False, encoding="utf-8-sig")
     with pytest.raises(DataError) as err:
-        unified_dataset.load_dataset(tmp_path / "dataset.csv", tiny_phantom, fmt="grazpedwri")
-    assert_one_line(err.value, tmp_path / "dataset.csv", 1, "patient_id")
+        unified_dataset.load_dataset(tmp_path / columns.DATASET_CSV, tiny_phantom, fmt="grazpedwri")
+    assert_one_line(err.value, tmp_path / columns.DATASET_CSV, 1, "patient_id")
 
 
 def _read_meta(data_dir: Path) -> pd.DataFrame:
-    return pd.read_csv(data_dir / "dataset.csv", encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    return pd.read_csv(data_dir / columns.DATASET_CSV, encoding="utf-8-sig", dtype=str, keep_default_na=False)
 
 
 def test_bad_grazpedwri_flag(tiny_phantom: Path, tmp_path: Path) -> None:
     meta = _read_meta(tiny_phantom)
     meta.loc[3, "fracture_visible"] = "2"  # data row 5
-    meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
+    meta.to_csv(tmp_path / columns.DATASET_CSV, index=False, encoding="utf-8-sig")
     with pytest.raises(DataError) as err:
-        unified_dataset.validate_frame(unified_dataset.load_grazpedwri(tmp_path / "dataset.csv", tiny_phantom))
-    assert_one_line(err.value, tmp_path / "dataset.csv", 5, "must be 0 or 1, got 2")
+        unified_dataset.validate_frame(unified_dataset.load_grazpedwri(tmp_path / columns.DATASET_CSV, tiny_phantom))
+    assert_one_line(err.value, tmp_path / columns.DATASET_CSV, 5, "must be 0 or 1, got 2")
 
 
 def test_malformed_csv_row(tmp_path: Path) -> None:
@@ -372,18 +372,18 @@ def test_malformed_csv_row(tmp_path: Path) -> None:
 
 
 def test_empty_split_csv(tiny_splits: Path, tmp_path: Path) -> None:
-    header = (tiny_splits / "age_val_tmp.csv").read_text().splitlines()[0]
-    (tmp_path / "age_val_tmp.csv").write_text(header + "\n")
+    header = (tiny_splits / columns.VAL_CSV).read_text().splitlines()[0]
+    (tmp_path / columns.VAL_CSV).write_text(header + "\n")
     with pytest.raises(DataError) as err:
-        unified_dataset.read_split_csv(tmp_path / "age_val_tmp.csv")
-    assert_one_line(err.value, tmp_path / "age_val_tmp.csv", None, "empty split")
+        unified_dataset.read_split_csv(tmp_path / columns.VAL_CSV)
+    assert_one_line(err.value, tmp_path / columns.VAL_CSV, None, "empty split")
 
 
 def test_skip_bad_rejects_with_reasons(small_generic: Path, tmp_path: Path) -> None:
     BAD_CASES["truncated image"][0](small_generic)
     _edit(small_generic, 5, age=-2)
     _edit(small_generic, 6, fracture=7)
-    rej = tmp_path / "rejected_rows.csv"
+    rej = tmp_path / columns.REJECTED_CSV
     df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic), skip_bad=True, rejected_csv=rej)
     assert df.index.tolist() == [2, 4, 7]
     bad = pd.read_csv(rej)
@@ -410,12 +410,12 @@ def test_stage1_skip_bad(tiny_phantom: Path, tmp_path: Path) -> None:
     import age_split_testset
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
-    df = unified_dataset.load_grazpedwri(data / "dataset.csv")
+    df = unified_dataset.load_grazpedwri(data / columns.DATASET_CSV)
     Path(df.loc[7, "image_path"]).write_bytes(b"")
-    args = ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "out")]
+    args = ["--data-csv", str(data / columns.DATASET_CSV), "--out-dir", str(tmp_path / "out")]
     with pytest.raises(DataError) as err:
         age_split_testset.main(age_split_testset.get_args_parser().parse_args(args))
-    assert_one_line(err.value, data / "dataset.csv", 7, "zero-byte")
+    assert_one_line(err.value, data / columns.DATASET_CSV, 7, "zero-byte")
     res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(args + ["--skip-bad"]))
     bad = pd.read_csv(res["rejected_csv"])
     assert bad["source_row"].tolist() == [7] and "zero-byte" in bad["reason"][0]
@@ -480,12 +480,12 @@ def test_stage1_decode_check_refuses_a_1x1_png(tiny_phantom: Path, tmp_path: Pat
     import age_split_testset
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
-    df = unified_dataset.load_grazpedwri(data / "dataset.csv")
+    df = unified_dataset.load_grazpedwri(data / columns.DATASET_CSV)
     cv2.imwrite(df.loc[9, "image_path"], np.zeros((1, 1), np.uint8))
-    args = ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "out")]
+    args = ["--data-csv", str(data / columns.DATASET_CSV), "--out-dir", str(tmp_path / "out")]
     with pytest.raises(DataError) as err:
         age_split_testset.main(age_split_testset.get_args_parser().parse_args(args + ["--decode-check"]))
-    assert_one_line(err.value, data / "dataset.csv", 9, "image too small (1x1 px")
+    assert_one_line(err.value, data / columns.DATASET_CSV, 9, "image too small (1x1 px")
 
 
 def test_fifo_socket_and_device_are_refused_not_read(tmp_path: Path) -> None:
@@ -539,7 +539,7 @@ def test_one_image_under_two_patients_sets_both_rows_aside(small_generic: Path, 
         unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
     assert_one_line(err.value, small_generic, 2, f"is the same file as {link} in row {j + 2}",
                     f"under patient {rows.patient_id[j]}", "one image cannot belong to two patients")
-    rej = tmp_path / "rejected_rows.csv"
+    rej = tmp_path / columns.REJECTED_CSV
     df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic), skip_bad=True, rejected_csv=rej)
     assert pd.read_csv(rej).source_row.tolist() == [2, j + 2]
     assert 2 not in df.index and j + 2 not in df.index and len(df) == len(rows) - 2
@@ -585,7 +585,7 @@ def test_decode_pass_finds_every_undecodable_image(small_generic: Path, tmp_path
         unified_dataset.check_decodable(df, 32, cache)
     assert_one_line(err.value, small_generic, 4, str(_image(small_generic, 4)), "cannot decode",
                     "(+1 more undecodable images; --skip-bad sets them aside in rejected_rows.csv)")
-    rej = tmp_path / "out" / "rejected_rows.csv"
+    rej = tmp_path / "out" / columns.REJECTED_CSV
     for _ in range(2):  # found again (a resumed run, the next stage): listed once
         kept = unified_dataset.check_decodable(df, 32, cache, skip_bad=True, rejected_csv=rej)
         assert kept.index.tolist() == [2, 3, 5, 7] and kept.attrs["n_undecodable"] == 2

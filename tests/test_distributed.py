@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import columns
 import distributed
 from models import load_checkpoint
 
@@ -54,10 +55,10 @@ def test_torchrun_two_gloo_processes_train_one_model_and_stop_early(fresh_splits
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
 
-    models = fresh_splits / "saved_agegroup_models"
+    models = fresh_splits / columns.MODELS_DIR
     assert sorted(p.name for p in models.glob("*.pt")) == ["fracture_classifier_pooled.pt"]
     result = json.loads(result_json.read_text())["models"]["pooled"]
-    n_val = len(pd.read_csv(fresh_splits / "age_val_tmp.csv"))
+    n_val = len(pd.read_csv(fresh_splits / columns.VAL_CSV))
     assert n_val % 2 == 1  # odd: DistributedSampler pads one rank, which the gather must undo
     assert result["best_metrics"]["val_n"] == n_val  # the whole val set, each row once
     assert sum(map(sum, result["best_metrics"]["val_confusion_matrix"])) == n_val

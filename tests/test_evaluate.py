@@ -22,12 +22,14 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+import columns
 import evaluate
 import metrics
 import models
 import inference
 import predict
 import unified_dataset
+
 IMG = 48  # demo model input size in these tests
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,9 +156,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              "age_group": int(age >= 8) + int(age >= 15),
                              "fracture": int((p + view) % 2 == 0 or cast), "split": split,
                              "cast": cast})
-        name = "age_test.csv" if split == "test" else "age_val_tmp.csv"
+        name = columns.TEST_CSV if split == "test" else columns.VAL_CSV
         pd.DataFrame(rows).to_csv(root / name, index=False)
-    mdir = root / "saved_agegroup_models"
+    mdir = root / columns.MODELS_DIR
     _save_ckpt(mdir / "age_classifier.pt", "age", 3, 0)
     _save_ckpt(mdir / "fracture_classifier_agegroup0.pt", "fracture", 1, 1)
     _save_ckpt(mdir / "fracture_classifier_agegroup1.pt", "fracture", 1, 2)
@@ -223,8 +225,8 @@ def test_combine_routes_oracle_and_hard():
 
 def test_model_probs_under_bf16_autocast_stay_close(run_dir):
     device = torch.device("cpu")
-    routed = inference.load_routed_models(run_dir / "saved_agegroup_models", device)
-    df = unified_dataset.read_split_csv(run_dir / "age_test.csv").head(8)
+    routed = inference.load_routed_models(run_dir / columns.MODELS_DIR, device)
+    df = unified_dataset.read_split_csv(run_dir / columns.TEST_CSV).head(8)
     for lm in (routed.age, routed.pooled):
         for tta in (False, True):
             full = inference.model_probs(lm, df, device, tta)
@@ -262,7 +264,7 @@ def test_predict_png_and_dicom(run_dir, tmp_path):
     png.parent.mkdir()
     cv2.imwrite(str(png), _wrist_like(rng))
     dcm = _write_dicom(tmp_path / "in" / "sub" / "wrist.dcm", _wrist_like(rng) // 16)
-    mdir = run_dir / "saved_agegroup_models"
+    mdir = run_dir / columns.MODELS_DIR
     out = tmp_path / "pred.csv"
     res = predict.main(_predict_args([png.parent], mdir, out, cam=tmp_path / "cams", tta=True))
     df = pd.read_csv(out)
@@ -287,20 +289,20 @@ def test_predict_png_and_dicom(run_dir, tmp_path):
     assert res["n_images"] == 2 and len(res["cams"]) == 2
 
     # a threshold saved by evaluate.py is used; --threshold overrides it
-    (mdir / "thresholds.json").write_text(json.dumps({"thresholds": {"hard": {"value": 0.25}}}))
+    (mdir / columns.THRESHOLDS_JSON).write_text(json.dumps({"thresholds": {"hard": {"value": 0.25}}}))
     try:
         predict.main(_predict_args([png, dcm], mdir, out))
         assert (pd.read_csv(out).threshold == 0.25).all()
         predict.main(_predict_args([png], mdir, out, threshold=0.9))
         assert (pd.read_csv(out).threshold == 0.9).all()
     finally:
-        (mdir / "thresholds.json").unlink()
+        (mdir / columns.THRESHOLDS_JSON).unlink()
 
 
 def test_predict_cam_on_a_real_radiograph_has_its_size_and_says_the_prediction(run_dir, shared_dir, tmp_path):
     real = sorted((shared_dir / "grazpedwri-dx" / "images").glob("*.png"))[0]
     out = tmp_path / "pred.csv"
-    predict.main(_predict_args([real], run_dir / "saved_agegroup_models", out, cam=tmp_path / "cams"))
+    predict.main(_predict_args([real], run_dir / columns.MODELS_DIR, out, cam=tmp_path / "cams"))
     row = pd.read_csv(out).iloc[0]
     overlay = cv2.imread(row.cam_path)
     assert overlay.shape == (*cv2.imread(str(real), cv2.IMREAD_UNCHANGED).shape[:2], 3)
@@ -311,7 +313,7 @@ def test_predict_cam_on_a_real_radiograph_has_its_size_and_says_the_prediction(r
 
 
 def test_predict_errors_are_one_line(run_dir, tmp_path):
-    mdir = run_dir / "saved_agegroup_models"
+    mdir = run_dir / columns.MODELS_DIR
     bad = tmp_path / "empty.png"
     bad.write_bytes(b"")
     with pytest.raises(unified_dataset.DataError) as err:
@@ -331,7 +333,7 @@ def test_predict_errors_are_one_line(run_dir, tmp_path):
 
 
 def test_predict_refuses_degenerate_images(run_dir, tmp_path):
-    mdir = run_dir / "saved_agegroup_models"
+    mdir = run_dir / columns.MODELS_DIR
     flat = tmp_path / "flat.png"
     cv2.imwrite(str(flat), np.full((64, 64), 900, np.uint16))
     tiny = tmp_path / "tiny.png"
@@ -355,7 +357,7 @@ def test_predict_skips_fifo_socket_and_device_without_hanging(run_dir, tmp_path)
     out = tmp_path / "pred.csv"
     try:
         done = subprocess.run([sys.executable, str(REPO / "predict.py"), str(folder), "--models-dir",
-                               str(run_dir / "saved_agegroup_models"), "--output", str(out), "--skip-bad",
+                               str(run_dir / columns.MODELS_DIR), "--output", str(out), "--skip-bad",
                                "--device", "cpu"], capture_output=True, text=True, cwd=REPO, timeout=240)
     finally:
         sock.close()
@@ -375,12 +377,12 @@ def test_evaluate_end_to_end(run_dir):
     for key in ("test_predictions", "metrics", "report", "thresholds"):
         assert Path(written[key]).exists(), key
     pred = pd.read_csv(written["test_predictions"])
-    test = pd.read_csv(run_dir / "age_test.csv")
+    test = pd.read_csv(run_dir / columns.TEST_CSV)
     assert len(pred) == len(test)
     # every system's probability, row by row, from the models themselves
     device = torch.device("cpu")
-    routed = inference.load_routed_models(run_dir / "saved_agegroup_models", device)
-    inf = evaluate.infer(routed, unified_dataset.read_split_csv(run_dir / "age_test.csv"), device)
+    routed = inference.load_routed_models(run_dir / columns.MODELS_DIR, device)
+    inf = evaluate.infer(routed, unified_dataset.read_split_csv(run_dir / columns.TEST_CSV), device)
     rows = np.arange(len(pred))
     label = inf["age_probs"].argmax(1)
     assert pred.age_group_label.tolist() == label.tolist()
@@ -407,7 +409,7 @@ def test_evaluate_end_to_end(run_dir):
 
     # thresholds come from the validation CSV, not from test; per-group ones from the
     # validation images each group model decided
-    val = unified_dataset.read_split_csv(run_dir / "age_val_tmp.csv")
+    val = unified_dataset.read_split_csv(run_dir / columns.VAL_CSV)
     true_val = val["age_group"].to_numpy()
     val_out = evaluate.system_probs(evaluate.infer(routed, val, device), true_val)
     for s, prob in val_out.prob.items():
@@ -468,9 +470,9 @@ def test_evaluate_hard_routing_follows_the_predicted_group(tmp_path):
                     rows.append({"image_path": str(path), "patient_id": f"{split}{rep}{true}{band}",
                                  "age": ages[true] + 0.1 * rep, "age_group": true, "fracture": int(true == 2),
                                  "split": split})
-        pd.DataFrame(rows).to_csv(tmp_path / ("age_test.csv" if split == "test" else "age_val_tmp.csv"),
+        pd.DataFrame(rows).to_csv(tmp_path / (columns.TEST_CSV if split == "test" else columns.VAL_CSV),
                                   index=False)
-    mdir = tmp_path / "saved_agegroup_models"
+    mdir = tmp_path / columns.MODELS_DIR
     _probe_ckpt(mdir / "age_classifier.pt", "routing_probe_age", "age", ["0-7 y", "8-14 y", "15-19 y"])
     for g, logit in enumerate(PROBE_LOGITS):
         _probe_ckpt(mdir / f"fracture_classifier_agegroup{g}.pt", "routing_probe_fracture", "fracture",
@@ -497,10 +499,10 @@ def test_evaluate_hard_routing_follows_the_predicted_group(tmp_path):
 def _odd_copy(run_dir: Path, dest: Path) -> Path:
     """The inputs of ``run_dir`` (no outputs of earlier runs) with one test and one val row
     dropped: odd row counts, so DistributedSampler pads one rank with a duplicate."""
-    outputs = ("thresholds.json", "report", "metrics.json", "test_predictions.csv", "image.cache",
+    outputs = (columns.THRESHOLDS_JSON, "report", columns.METRICS_JSON, columns.PREDICTIONS_CSV, columns.CACHE_DIR,
                ".run.lock")
     shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns(*outputs))
-    for name in ("age_test.csv", "age_val_tmp.csv"):
+    for name in (columns.TEST_CSV, columns.VAL_CSV):
         df = pd.read_csv(dest / name)
         df.iloc[:-1].to_csv(dest / name, index=False)
     return dest
@@ -508,7 +510,7 @@ def _odd_copy(run_dir: Path, dest: Path) -> Path:
 
 def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and "image.cache" not in p.parts)
+                  if p.is_file() and columns.CACHE_DIR not in p.parts)
 
 
 def test_evaluate_under_torchrun_matches_one_process(run_dir, tmp_path):
@@ -525,20 +527,20 @@ def test_evaluate_under_torchrun_matches_one_process(run_dir, tmp_path):
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
 
-    test = pd.read_csv(multi / "age_test.csv")
-    assert len(test) % 2 == 1 and len(pd.read_csv(multi / "age_val_tmp.csv")) % 2 == 1
-    pred = pd.read_csv(multi / "test_predictions.csv")
+    test = pd.read_csv(multi / columns.TEST_CSV)
+    assert len(test) % 2 == 1 and len(pd.read_csv(multi / columns.VAL_CSV)) % 2 == 1
+    pred = pd.read_csv(multi / columns.PREDICTIONS_CSV)
     assert pred.image_path.tolist() == test.image_path.tolist()  # every row once, in order
     # the same probabilities (and so thresholds, labels, routing) as one process
-    pd.testing.assert_frame_equal(pred, pd.read_csv(single / "test_predictions.csv"),
+    pd.testing.assert_frame_equal(pred, pd.read_csv(single / columns.PREDICTIONS_CSV),
                                   check_exact=False, rtol=1e-6, atol=1e-7)
 
     assert _files(multi) == _files(single)  # rank 1 wrote nothing of its own
     assert "gradcam_examples.png" in _files(multi / "report")
-    assert json.loads((multi / "metrics.json").read_text())["world_size"] == 2
-    assert Path(json.loads(result_json.read_text())["test_predictions"]) == multi / "test_predictions.csv"
+    assert json.loads((multi / columns.METRICS_JSON).read_text())["world_size"] == 2
+    assert Path(json.loads(result_json.read_text())["test_predictions"]) == multi / columns.PREDICTIONS_CSV
     for line in ("evaluate: effective config", "sharded over 2 processes",
-                 "== Fracture detection on the test set", "wrote " + str(multi / "metrics.json")):
+                 "== Fracture detection on the test set", "wrote " + str(multi / columns.METRICS_JSON)):
         assert log.count(line) == 1, line  # rank 0 alone prints
     assert not (multi / ".run.lock").exists()
 

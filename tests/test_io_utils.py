@@ -11,13 +11,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import columns
 from io_utils import DiskFullError, LockError, RunLock, atomic_write, is_orphan_temp, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_failure_while_writing_csv_keeps_previous_file(tmp_path: Path):
-    path = tmp_path / "age_test.csv"
+    path = tmp_path / columns.TEST_CSV
     old = pd.DataFrame({"image_path": ["a.png", "b.png"], "fracture": [0, 1]})
     write_csv(old, path)
     before = path.read_bytes()
@@ -29,7 +30,7 @@ def test_failure_while_writing_csv_keeps_previous_file(tmp_path: Path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, crash_halfway)
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["age_test.csv"]  # no temp file left
+    assert [p.name for p in tmp_path.iterdir()] == [columns.TEST_CSV]  # no temp file left
 
 
 def test_second_live_run_is_refused_with_holder_pid(tmp_path: Path):
@@ -76,7 +77,7 @@ def test_killed_writer_leaves_an_orphan_that_the_next_run_removes(tmp_path: Path
     finally:
         writer.kill()  # SIGKILL mid-write: no cleanup code runs
         writer.wait()
-    models = tmp_path / "saved_agegroup_models"
+    models = tmp_path / columns.MODELS_DIR
     orphans = list(models.glob(".m.pt.*.tmp"))
     assert len(orphans) == 1 and is_orphan_temp(orphans[0].name)
     decoys = [tmp_path / "notes.tmp", tmp_path / ".m.pt.tmp", models / ".m.pt.ABCDEFGH.tmp",
@@ -140,7 +141,7 @@ def test_full_disk_keeps_the_previous_file(small_disk):
     import models
 
     disk = small_disk(64)
-    path = disk / "age_test.csv"
+    path = disk / columns.TEST_CSV
     write_csv(pd.DataFrame({"a": [1, 2]}), path)
     before = path.read_bytes()
     _fill(disk)
@@ -148,7 +149,7 @@ def test_full_disk_keeps_the_previous_file(small_disk):
         write_csv(pd.DataFrame({"a": range(20000)}), path)
     assert str(err.value).startswith(f"{path}: no space left on device")
     assert path.read_bytes() == before
-    assert sorted(p.name for p in disk.iterdir()) == ["age_test.csv", "filler"]  # no temp file left
+    assert sorted(p.name for p in disk.iterdir()) == [columns.TEST_CSV, "filler"]  # no temp file left
     (disk / "filler").unlink()
     _fill(disk)  # again, now with room for the checkpoint's first bytes only
     ckpt = models.make_checkpoint(models.create_model("cnn_demo", num_classes=2), model_name="cnn_demo",
@@ -156,16 +157,16 @@ def test_full_disk_keeps_the_previous_file(small_disk):
                                   mean=0.5, std=0.25, age_bounds=[8.0, 15.0])
     with pytest.raises(DiskFullError, match="m.pt: no space left on device"):
         models.save_checkpoint(disk / "m.pt", ckpt)
-    assert sorted(p.name for p in disk.iterdir()) == ["age_test.csv", "filler"]
+    assert sorted(p.name for p in disk.iterdir()) == [columns.TEST_CSV, "filler"]
 
 
 def test_full_disk_in_stage1_is_one_line_and_loses_nothing(small_disk, tiny_phantom: Path):
     out = small_disk(512)
-    cmd = [sys.executable, str(REPO / "age_split_testset.py"), "--data-csv", str(tiny_phantom / "dataset.csv"),
+    cmd = [sys.executable, str(REPO / "age_split_testset.py"), "--data-csv", str(tiny_phantom / columns.DATASET_CSV),
            "--out-dir", str(out)]
     first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    before = {n: (out / n).read_bytes() for n in ("age_test.csv", "age_pool.csv", "age_test_split.json")}
+    before = {n: (out / n).read_bytes() for n in (columns.TEST_CSV, columns.POOL_CSV, columns.TEST_MANIFEST)}
     _fill(out, leave_kb=12)  # room for the lock, the config and a new age_test.csv, not for the pool
     proc = subprocess.run(cmd + ["--force", "--seed", "7"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert "no space left on device" in _one_line_error(proc)

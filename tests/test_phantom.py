@@ -33,7 +33,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_returns_csv_and_writes_images_and_montage(small: Path) -> None:
-    df = _read_csv(small / "dataset.csv")
+    df = _read_csv(small / columns.DATASET_CSV)
     assert len(df) > 12
     for stem in df["filestem"]:
         assert (small / "images" / f"{stem}.png").is_file()
@@ -43,8 +43,8 @@ def test_returns_csv_and_writes_images_and_montage(small: Path) -> None:
 
 def test_same_seed_same_bytes_and_pixels(small: Path, tmp_path: Path) -> None:
     csv_path = phantom.generate_phantom(tmp_path / "b", n_patients=12, img_size=64, seed=3, progress=False)
-    assert csv_path == tmp_path / "b" / "dataset.csv"
-    assert csv_path.read_bytes() == (small / "dataset.csv").read_bytes()
+    assert csv_path == tmp_path / "b" / columns.DATASET_CSV
+    assert csv_path.read_bytes() == (small / columns.DATASET_CSV).read_bytes()
     for stem in _read_csv(csv_path)["filestem"]:
         a = cv2.imread(str(small / "images" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
         b = cv2.imread(str(tmp_path / "b" / "images" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
@@ -53,16 +53,16 @@ def test_same_seed_same_bytes_and_pixels(small: Path, tmp_path: Path) -> None:
 
 def test_other_seed_other_data(small: Path, tmp_path: Path) -> None:
     csv_path = phantom.generate_phantom(tmp_path / "c", n_patients=12, img_size=64, seed=4, progress=False)
-    assert csv_path.read_bytes() != (small / "dataset.csv").read_bytes()
+    assert csv_path.read_bytes() != (small / columns.DATASET_CSV).read_bytes()
 
 
 def test_csv_layout_matches_grazpedwri(small: Path) -> None:
-    raw = (small / "dataset.csv").read_bytes()
+    raw = (small / columns.DATASET_CSV).read_bytes()
     assert raw.startswith(b"\xef\xbb\xbf")  # UTF-8 byte-order mark, as the real file
     header = raw[3:].split(b"\r\n", 1)[0].decode()
     assert header.split(",") == list(columns.GRAZPEDWRI_COLUMNS)
     assert raw.count(b"\r\n") == raw.count(b"\n")  # CRLF line ends, as the real file
-    df = _read_csv(small / "dataset.csv")
+    df = _read_csv(small / columns.DATASET_CSV)
     for col in columns.FLAG_COLUMNS:
         assert set(df[col]) <= {"1", ""}, col
     assert set(df["projection"]) <= {"1", "2", "3"}
@@ -73,7 +73,7 @@ def test_csv_layout_matches_grazpedwri(small: Path) -> None:
 
 
 def test_filestem_encodes_the_row(small: Path) -> None:
-    df = _read_csv(small / "dataset.csv")
+    df = _read_csv(small / columns.DATASET_CSV)
     assert df["filestem"].is_unique
     for row in df.itertuples():
         m = STEM_RE.match(row.filestem)
@@ -88,13 +88,13 @@ def test_filestem_encodes_the_row(small: Path) -> None:
 
 def test_real_loader_reads_phantom_like_the_real_csv(small: Path) -> None:
     # The real dataset.csv parses with the same call; flags come back as 1.0/NaN.
-    df = pd.read_csv(small / "dataset.csv", encoding="utf-8-sig")
+    df = pd.read_csv(small / columns.DATASET_CSV, encoding="utf-8-sig")
     assert df["fracture_visible"].dropna().eq(1).all()
     assert df["age"].between(0, 19.5).all()
 
 
 def test_images_are_16_bit_portrait_with_more_than_8_bits(small: Path) -> None:
-    df = _read_csv(small / "dataset.csv")
+    df = _read_csv(small / columns.DATASET_CSV)
     for stem in df["filestem"][:6]:
         img = cv2.imread(str(small / "images" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
         assert img.dtype == np.uint16 and img.ndim == 2
@@ -243,4 +243,4 @@ def test_cli_help_and_run(tmp_path: Path) -> None:
                           "--n-patients", "3", "--img-size", "48", "--seed", "1", "--quiet"],
                          capture_output=True, text=True, check=True, cwd=ROOT)
     assert "images/s" in run.stdout
-    assert (tmp_path / "cli" / "dataset.csv").is_file()
+    assert (tmp_path / "cli" / columns.DATASET_CSV).is_file()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import columns
 from columns import PREDICTION_COLUMNS
 from models import build_from_checkpoint, load_checkpoint
 
@@ -22,7 +23,7 @@ EPOCHS = 8
 
 
 def _command(tiny_phantom: Path, out: Path) -> list[str]:
-    return [sys.executable, str(REPO / "run_all_training.py"), "--data-csv", str(tiny_phantom / "dataset.csv"),
+    return [sys.executable, str(REPO / "run_all_training.py"), "--data-csv", str(tiny_phantom / columns.DATASET_CSV),
             "--out-dir", str(out), "--preset", "demo", "--img-size", "32", "--batch-size", "16",
             "--epochs", str(EPOCHS), "--patience", str(EPOCHS), "--to-stage", "3", "--quiet"]
 
@@ -33,7 +34,7 @@ def _env() -> dict[str, str]:
 
 def _start_and_signal(cmd: list[str], out: Path, sig: int, log: Path) -> tuple[int, str]:
     """Start the driver, send ``sig`` once stage 3 has saved its first epoch; return (rc, log)."""
-    last = out / "saved_agegroup_models" / "age_classifier_last.pt"
+    last = out / columns.MODELS_DIR / "age_classifier_last.pt"
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
         deadline = time.monotonic() + 240
@@ -54,13 +55,13 @@ def _rerun(cmd: list[str]) -> str:
 
 
 def _check_outputs(out: Path) -> None:
-    models = out / "saved_agegroup_models"
+    models = out / columns.MODELS_DIR
     ckpt = load_checkpoint(models / "age_classifier.pt", expect={"kind": "age", "num_classes": 3})
     build_from_checkpoint(ckpt)
     assert ckpt["finished"] and not (models / "age_classifier_last.pt").exists()
     epochs = pd.read_csv(models / "age_classifier_metrics.csv")["epoch"].tolist()
     assert epochs == list(range(1, EPOCHS + 1))  # each epoch once: none lost, none repeated in the record
-    for name in ("age_train_tmp.csv", "age_val_tmp.csv", "age_test.csv"):
+    for name in (columns.TRAIN_CSV, columns.VAL_CSV, columns.TEST_CSV):
         assert set(PREDICTION_COLUMNS) <= set(pd.read_csv(out / name).columns)
 
 
@@ -76,7 +77,7 @@ def test_sigkill_mid_training_then_rerun_resumes(tiny_phantom: Path, tmp_path: P
     rc, _ = _start_and_signal(cmd, out, signal.SIGKILL, tmp_path / "killed.log")
     assert rc == -signal.SIGKILL
     assert (out / ".run.lock").exists()  # left behind by the dead process: must be taken over
-    state = load_checkpoint(out / "saved_agegroup_models" / "age_classifier_last.pt")
+    state = load_checkpoint(out / columns.MODELS_DIR / "age_classifier_last.pt")
     saved = state["epoch"]
     assert saved >= 1 and "optimizer" in state
 
@@ -94,10 +95,10 @@ def test_sigint_saves_state_and_rerun_resumes(tiny_phantom: Path, tmp_path: Path
     assert rc == 130, log[-3000:]
     assert "Interrupted during epoch" in log and "Traceback" not in log
     assert "re-run the same command to resume" in log
-    state = json.loads((out / "run_state.json").read_text())
+    state = json.loads((out / columns.RUN_STATE).read_text())
     assert state["stages"]["3"]["status"] == "interrupted"
     assert not (out / ".run.lock").exists()  # released on the way out
-    last = load_checkpoint(out / "saved_agegroup_models" / "age_classifier_last.pt")
+    last = load_checkpoint(out / columns.MODELS_DIR / "age_classifier_last.pt")
     assert {"optimizer", "scheduler", "early_stopping", "rng", "history"} <= set(last)
     assert [h["epoch"] for h in last["history"]] == list(range(1, last["epoch"] + 1))
 

@@ -17,7 +17,7 @@ import splits
 import unified_dataset
 from unified_dataset import DataError
 
-SPLIT_FILES = {"test": "age_test.csv", "train": "age_train_tmp.csv", "val": "age_val_tmp.csv"}
+SPLIT_FILES = {"test": columns.TEST_CSV, "train": columns.TRAIN_CSV, "val": columns.VAL_CSV}
 # Stated tolerances: each age group x fracture stratum's share of a held-out split is within
 # STRATUM_TOL of its share in the data split from; the held-out share of patients within
 # FRAC_TOL of the requested fraction (one of round(1/frac) folds is taken).
@@ -114,7 +114,7 @@ def test_tiny_splits_leak_free_and_complete(tiny_splits: Path, tiny_phantom: Pat
         for b in frames:
             if a < b:
                 assert not set(frames[a]["patient_id"]) & set(frames[b]["patient_id"])
-    loaded = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / "dataset.csv"))
+    loaded = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV))
     kept, _ = unified_dataset.apply_exclusions(loaded)
     together = pd.concat(frames.values())
     assert sorted(together["image_path"]) == sorted(kept["image_path"])  # no row lost or doubled
@@ -122,59 +122,60 @@ def test_tiny_splits_leak_free_and_complete(tiny_splits: Path, tiny_phantom: Pat
         assert set(df["split"]) == {name}
         assert set(df["age_group"]) == {0, 1, 2}
         assert list(df.columns[:6]) == list(columns.CANONICAL) + ["split"]
-    pool = unified_dataset.read_split_csv(tiny_splits / "age_pool.csv")
+    pool = unified_dataset.read_split_csv(tiny_splits / columns.POOL_CSV)
     assert sorted(pool["image_path"]) == sorted(pd.concat([frames["train"], frames["val"]])["image_path"])
 
 
 def test_manifests(tiny_splits: Path, tiny_phantom: Path) -> None:
-    m1 = json.loads((tiny_splits / age_split_testset.MANIFEST).read_text())
+    m1 = json.loads((tiny_splits / columns.TEST_MANIFEST).read_text())
     assert m1["seed"] == 42 and m1["test_set"] == "drawn"
-    assert m1["source"]["sha256"] == splits.file_sha256(tiny_phantom / "dataset.csv")
-    assert m1["outputs"]["age_test.csv"] == splits.file_sha256(tiny_splits / "age_test.csv")
-    test = pd.read_csv(tiny_splits / "age_test.csv")
+    assert m1["source"]["sha256"] == splits.file_sha256(tiny_phantom / columns.DATASET_CSV)
+    assert m1["outputs"][columns.TEST_CSV] == splits.file_sha256(tiny_splits / columns.TEST_CSV)
+    test = pd.read_csv(tiny_splits / columns.TEST_CSV)
     by = m1["counts"]["test"]["images_by_age_group_fracture"]
     for g in range(3):
         for f in (0, 1):
             assert by[str(g)][str(f)] == int(((test.age_group == g) & (test.fracture == f)).sum())
-    metal = int(unified_dataset.load_dataset(tiny_phantom / "dataset.csv")["metal"].sum())
+    metal = int(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV)["metal"].sum())
     assert m1["exclusions"]["excluded"]["metal"] == metal
     assert m1["counts"]["test"]["images"] + m1["counts"]["pool"]["images"] == m1["source"]["rows"] - metal
-    m2 = json.loads((tiny_splits / generate_age_trainval_split.MANIFEST).read_text())
-    assert m2["seed"] == 42 and m2["source"]["sha256"] == splits.file_sha256(tiny_splits / "age_pool.csv")
-    assert m2["counts"]["train"]["images"] == len(pd.read_csv(tiny_splits / "age_train_tmp.csv"))
-    assert (tiny_splits / age_split_testset.CONFIG).is_file() and (tiny_splits / generate_age_trainval_split.CONFIG).is_file()
+    m2 = json.loads((tiny_splits / columns.TRAINVAL_MANIFEST).read_text())
+    assert m2["seed"] == 42 and m2["source"]["sha256"] == splits.file_sha256(tiny_splits / columns.POOL_CSV)
+    assert m2["counts"]["train"]["images"] == len(pd.read_csv(tiny_splits / columns.TRAIN_CSV))
+    assert columns.RunDir(tiny_splits).config(age_split_testset.SCRIPT).is_file()
+    assert columns.RunDir(tiny_splits).config(generate_age_trainval_split.SCRIPT).is_file()
 
 
 def test_stage1_deterministic(tiny_phantom: Path, tiny_splits: Path, tmp_path: Path) -> None:
-    args = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--seed", "42", "--out-dir", str(tmp_path / "again")]
+    args = ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--seed", "42", "--out-dir", str(tmp_path / "again")]
     age_split_testset.main(age_split_testset.get_args_parser().parse_args(args))
-    for name in ("age_test.csv", "age_pool.csv"):
+    for name in (columns.TEST_CSV, columns.POOL_CSV):
         assert (tmp_path / "again" / name).read_bytes() == (tiny_splits / name).read_bytes()
 
 
 def test_test_set_kept_unless_force(fresh_splits: Path, tiny_phantom: Path, capsys: pytest.CaptureFixture) -> None:
-    test_csv = fresh_splits / "age_test.csv"
+    test_csv = fresh_splits / columns.TEST_CSV
     before = test_csv.read_bytes()
-    train_before = (fresh_splits / "age_train_tmp.csv").read_bytes()
-    base = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]
+    train_before = (fresh_splits / columns.TRAIN_CSV).read_bytes()
+    base = ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(fresh_splits)]
     res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(base + ["--seed", "7"]))
     assert "exists, reusing it" in capsys.readouterr().out
     assert res["test_kept"] and "test_csv" not in res and test_csv.read_bytes() == before
-    assert (fresh_splits / "age_train_tmp.csv").read_bytes() == train_before
-    assert json.loads((fresh_splits / age_split_testset.MANIFEST).read_text())["test_drawn"]["seed"] == 42
+    assert (fresh_splits / columns.TRAIN_CSV).read_bytes() == train_before
+    assert json.loads((fresh_splits / columns.TEST_MANIFEST).read_text())["test_drawn"]["seed"] == 42
 
     res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(base + ["--seed", "7", "--force"]))
     out = capsys.readouterr().out
     assert "re-drawing it because of --force" in out
     assert not res["test_kept"] and test_csv.read_bytes() != before
     # Train/val from the old test set now share patients with the new one: removed, then redrawn.
-    assert "removed" in out and not (fresh_splits / "age_train_tmp.csv").exists()
+    assert "removed" in out and not (fresh_splits / columns.TRAIN_CSV).exists()
     generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
     splits.check_disjoint(read_splits(fresh_splits))
 
 
 def test_stage2_keeps_matching_and_redraws(fresh_splits: Path, capsys: pytest.CaptureFixture) -> None:
-    train = fresh_splits / "age_train_tmp.csv"
+    train = fresh_splits / columns.TRAIN_CSV
     # Stand-in for stage 3 adding a column: keeping must not lose it.
     df = pd.read_csv(train)
     df["age_group_label"] = df["age_group"]
@@ -188,9 +189,9 @@ def test_stage2_keeps_matching_and_redraws(fresh_splits: Path, capsys: pytest.Ca
 
 
 def test_stage2_refuses_overlapping_inputs(fresh_splits: Path) -> None:
-    pool_csv = fresh_splits / "age_pool.csv"
+    pool_csv = fresh_splits / columns.POOL_CSV
     pool = pd.read_csv(pool_csv, dtype=str, keep_default_na=False)
-    test = pd.read_csv(fresh_splits / "age_test.csv", dtype=str, keep_default_na=False)
+    test = pd.read_csv(fresh_splits / columns.TEST_CSV, dtype=str, keep_default_na=False)
     leak = test.iloc[[0]].assign(split="pool")
     pd.concat([pool, leak]).to_csv(pool_csv, index=False)
     with pytest.raises(DataError) as err:
@@ -206,10 +207,10 @@ def test_stage2_age_bounds_must_match(fresh_splits: Path) -> None:
 
 
 def test_empty_age_group_refused(tiny_phantom: Path, tmp_path: Path) -> None:
-    meta = pd.read_csv(tiny_phantom / "dataset.csv", encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    meta = pd.read_csv(tiny_phantom / columns.DATASET_CSV, encoding="utf-8-sig", dtype=str, keep_default_na=False)
     meta["age"] = meta["age"].astype(float).clip(upper=14.0).map(lambda a: f"{a:g}")
-    meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
-    args = ["--data-csv", str(tmp_path / "dataset.csv"), "--image-root", str(tiny_phantom),
+    meta.to_csv(tmp_path / columns.DATASET_CSV, index=False, encoding="utf-8-sig")
+    args = ["--data-csv", str(tmp_path / columns.DATASET_CSV), "--image-root", str(tiny_phantom),
             "--out-dir", str(tmp_path / "out")]
     with pytest.raises(DataError) as err:
         age_split_testset.main(age_split_testset.get_args_parser().parse_args(args))
@@ -219,8 +220,8 @@ def test_empty_age_group_refused(tiny_phantom: Path, tmp_path: Path) -> None:
 def test_stage1_generates_default_phantom(tmp_path: Path) -> None:
     res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(
         ["--out-dir", str(tmp_path), "--phantom-patients", "40", "--phantom-img-size", "32"]))
-    assert res["phantom_csv"] == tmp_path / "phantom" / "dataset.csv"
-    assert (tmp_path / "phantom" / "images").is_dir() and (tmp_path / "age_test.csv").is_file()
+    assert res["phantom_csv"] == tmp_path / "phantom" / columns.DATASET_CSV
+    assert (tmp_path / "phantom" / "images").is_dir() and (tmp_path / columns.TEST_CSV).is_file()
     res2 = age_split_testset.main(age_split_testset.get_args_parser().parse_args(
         ["--out-dir", str(tmp_path), "--phantom-patients", "40", "--phantom-img-size", "32"]))
     assert "phantom_csv" not in res2 and res2["test_kept"]  # phantom and test set both reused
@@ -243,13 +244,13 @@ def _csv(path: Path) -> pd.DataFrame:
 
 
 def _test_patient(out: Path, min_images: int = 2) -> str:
-    counts = _csv(out / "age_test.csv").groupby("patient_id").size()
+    counts = _csv(out / columns.TEST_CSV).groupby("patient_id").size()
     return str(counts[counts >= min_images].index[0])
 
 
 def _tamper(out: Path, how: str) -> str:
     """Change age_test.csv by hand as a user or a sync tool might; return the patient involved."""
-    path = out / "age_test.csv"
+    path = out / columns.TEST_CSV
     df = _csv(path)
     pid = _test_patient(out, 2)
     if how == "patient dropped":  # e.g. the only image of a patient deleted
@@ -257,7 +258,7 @@ def _tamper(out: Path, how: str) -> str:
     elif how == "row dropped":
         df = df.drop(index=df.index[df.patient_id == pid][0])
     elif how == "row added":
-        pool = _csv(out / "age_pool.csv")
+        pool = _csv(out / columns.POOL_CSV)
         df = pd.concat([df, pool.iloc[[0]].assign(split="test")])
         pid = pool.patient_id.iloc[0]
     elif how == "age edited":
@@ -282,9 +283,9 @@ def _stage_mains(out: Path) -> dict:
 
 
 def test_tampered_test_csv_stops_every_stage(fresh_splits: Path, tiny_phantom: Path) -> None:
-    pool_before = (fresh_splits / "age_pool.csv").read_bytes()
+    pool_before = (fresh_splits / columns.POOL_CSV).read_bytes()
     pid = _tamper(fresh_splits, "patient dropped")
-    s1 = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]
+    s1 = ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(fresh_splits)]
     with pytest.raises(DataError) as err:
         age_split_testset.main(age_split_testset.get_args_parser().parse_args(s1))
     msg = str(err.value)
@@ -292,12 +293,12 @@ def test_tampered_test_csv_stops_every_stage(fresh_splits: Path, tiny_phantom: P
     assert f"patient(s) {pid} no longer in it" in msg and "row(s) removed" in msg and "--force" in msg
     assert "\n" not in msg
     # the patient did not move into the pool: nothing was rewritten
-    assert (fresh_splits / "age_pool.csv").read_bytes() == pool_before
+    assert (fresh_splits / columns.POOL_CSV).read_bytes() == pool_before
     for stage, run in _stage_mains(fresh_splits).items():
         with pytest.raises(DataError, match="the fixed test set changed since stage 1 drew it") as err:
             run()
-        assert str(err.value).startswith(str(fresh_splits / "age_test.csv")), stage
-    assert not (fresh_splits / "saved_agegroup_models").exists()  # stopped before any training
+        assert str(err.value).startswith(str(fresh_splits / columns.TEST_CSV)), stage
+    assert not (fresh_splits / columns.MODELS_DIR).exists()  # stopped before any training
 
     # --force re-draws: a new identity, and the later stages accept the new test set
     age_split_testset.main(age_split_testset.get_args_parser().parse_args(s1 + ["--force"]))
@@ -324,30 +325,30 @@ def test_tampered_test_csv_says_what_changed(fresh_splits: Path, how: str, words
 
 
 def test_test_set_identity_ignores_added_columns_and_row_order(fresh_splits: Path, tiny_phantom: Path) -> None:
-    path = fresh_splits / "age_test.csv"
+    path = fresh_splits / columns.TEST_CSV
     df = _csv(path)
     df["age_group_label"] = df["age_group"]  # what stage 3 adds
     df["age_group_prob_0"] = "0.5"
     df.iloc[::-1].to_csv(path, index=False)
     generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
     res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(
-        ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]))
+        ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(fresh_splits)]))
     assert res["test_kept"]
     ident = splits.identity_of_test_set(unified_dataset.read_split_csv(path))
-    assert json.loads((fresh_splits / age_split_testset.MANIFEST).read_text())[splits.IDENTITY_KEY] == ident
+    assert json.loads((fresh_splits / columns.TEST_MANIFEST).read_text())[splits.IDENTITY_KEY] == ident
     assert sum(ident["images_per_patient"].values()) == ident["images"] == len(df)
 
 
 def test_manifest_without_identity_is_recorded_on_rerun(fresh_splits: Path, tiny_phantom: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
-    manifest = fresh_splits / age_split_testset.MANIFEST
+    manifest = fresh_splits / columns.TEST_MANIFEST
     old = json.loads(manifest.read_text())
     recorded = old.pop(splits.IDENTITY_KEY)
     manifest.write_text(json.dumps(old))  # as an older version wrote it
     generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(fresh_splits)]))
     assert "records no identity of the test set" in capsys.readouterr().out
     age_split_testset.main(age_split_testset.get_args_parser().parse_args(
-        ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(fresh_splits)]))
+        ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(fresh_splits)]))
     assert "recording it now" in capsys.readouterr().out
     assert json.loads(manifest.read_text())[splits.IDENTITY_KEY] == recorded
     _tamper(fresh_splits, "row dropped")  # from now on a change is caught
@@ -357,9 +358,9 @@ def test_manifest_without_identity_is_recorded_on_rerun(fresh_splits: Path, tiny
 
 def _changed_dataset(tiny_phantom: Path, tiny_splits: Path, tmp_path: Path, how: str) -> Path:
     """A copy of the phantom's dataset.csv with one test image's row changed as ``how`` says."""
-    meta = _csv(tiny_phantom / "dataset.csv")
-    test = _csv(tiny_splits / "age_test.csv")
-    pool = _csv(tiny_splits / "age_pool.csv")
+    meta = _csv(tiny_phantom / columns.DATASET_CSV)
+    test = _csv(tiny_splits / columns.TEST_CSV)
+    pool = _csv(tiny_splits / columns.POOL_CSV)
     stem = Path(test.image_path[0]).stem
     i = meta.index[meta.filestem == stem][0]
     if how == "image removed":
@@ -370,8 +371,8 @@ def _changed_dataset(tiny_phantom: Path, tiny_splits: Path, tmp_path: Path, how:
         meta.loc[i, "fracture_visible"] = "" if meta.loc[i, "fracture_visible"] == "1" else "1"
     elif how == "age changed":
         meta.loc[i, "age"] = f"{float(meta.loc[i, 'age']) + 0.5:g}"
-    meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
-    return tmp_path / "dataset.csv"
+    meta.to_csv(tmp_path / columns.DATASET_CSV, index=False, encoding="utf-8-sig")
+    return tmp_path / columns.DATASET_CSV
 
 
 @pytest.mark.parametrize("how, words", [
@@ -383,25 +384,25 @@ def _changed_dataset(tiny_phantom: Path, tiny_splits: Path, tmp_path: Path, how:
 def test_kept_test_set_checked_against_changed_dataset(fresh_splits: Path, tiny_phantom: Path, tiny_splits: Path,
                                                        tmp_path: Path, how: str, words: str) -> None:
     data_csv = _changed_dataset(tiny_phantom, tiny_splits, tmp_path, how)
-    pool_before = (fresh_splits / "age_pool.csv").read_bytes()
+    pool_before = (fresh_splits / columns.POOL_CSV).read_bytes()
     with pytest.raises(DataError) as err:
         age_split_testset.main(age_split_testset.get_args_parser().parse_args(
             ["--data-csv", str(data_csv), "--image-root", str(tiny_phantom), "--out-dir", str(fresh_splits)]))
     msg = str(err.value)
     assert msg.startswith(f"{fresh_splits / 'age_test.csv'}:2: ") and words in msg and "--force" in msg, msg
-    assert (fresh_splits / "age_pool.csv").read_bytes() == pool_before
+    assert (fresh_splits / columns.POOL_CSV).read_bytes() == pool_before
 
 
 def test_whitespace_in_patient_ids_does_not_split_a_patient(tiny_phantom: Path, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture) -> None:
-    meta = _csv(tiny_phantom / "dataset.csv")
+    meta = _csv(tiny_phantom / columns.DATASET_CSV)
     n_patients = meta.patient_id.nunique()
     # every patient with several images gets a stray space on one of them, before or after
     for k, (pid, rows) in enumerate(meta.groupby("patient_id").groups.items()):
         if len(rows) > 1:
             meta.loc[rows[-1], "patient_id"] = f"{pid} " if k % 2 else f"\t{pid}"
-    meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
-    age_split_testset.main(age_split_testset.get_args_parser().parse_args(["--data-csv", str(tmp_path / "dataset.csv"), "--image-root",
+    meta.to_csv(tmp_path / columns.DATASET_CSV, index=False, encoding="utf-8-sig")
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(["--data-csv", str(tmp_path / columns.DATASET_CSV), "--image-root",
                                              str(tiny_phantom), "--out-dir", str(tmp_path / "out")]))
     generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(tmp_path / "out")]))
     frames = read_splits(tmp_path / "out")
@@ -422,10 +423,10 @@ def test_patient_ids_case_and_leading_zeros_count(tiny_phantom: Path, tmp_path: 
     with pytest.raises(DataError, match="patient 7 is also in"):
         splits.check_disjoint({"a.csv": pd.DataFrame({"patient_id": ["7 "]}), "b.csv": pd.DataFrame({"patient_id": ["7"]})})
     splits.check_disjoint({"a.csv": pd.DataFrame({"patient_id": ["007"]}), "b.csv": pd.DataFrame({"patient_id": ["7"]})})
-    meta = _csv(tiny_phantom / "dataset.csv")
+    meta = _csv(tiny_phantom / columns.DATASET_CSV)
     meta.loc[meta.patient_id == "1", "patient_id"] = ["1", "01"][: int((meta.patient_id == "1").sum())]
-    meta.to_csv(tmp_path / "dataset.csv", index=False, encoding="utf-8-sig")
-    age_split_testset.main(age_split_testset.get_args_parser().parse_args(["--data-csv", str(tmp_path / "dataset.csv"), "--image-root",
+    meta.to_csv(tmp_path / columns.DATASET_CSV, index=False, encoding="utf-8-sig")
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(["--data-csv", str(tmp_path / columns.DATASET_CSV), "--image-root",
                                              str(tiny_phantom), "--out-dir", str(tmp_path / "o")]))
     assert "'01' / '1'" in capsys.readouterr().out
 
@@ -433,13 +434,13 @@ def test_patient_ids_case_and_leading_zeros_count(tiny_phantom: Path, tmp_path: 
 def test_symlinked_image_under_another_patient_is_refused(tiny_phantom: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data, symlinks=True)
-    meta = _csv(data / "dataset.csv")
+    meta = _csv(data / columns.DATASET_CSV)
     first = meta.iloc[0]
     other = meta.patient_id[meta.patient_id != first.patient_id].iloc[0]
     (data / "images" / "alias.png").symlink_to(data / "images" / f"{first.filestem}.png")
     meta = pd.concat([meta, meta.iloc[[1]].assign(filestem="alias", patient_id=other)], ignore_index=True)
-    meta.to_csv(data / "dataset.csv", index=False, encoding="utf-8-sig")
-    args = ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "out")]
+    meta.to_csv(data / columns.DATASET_CSV, index=False, encoding="utf-8-sig")
+    args = ["--data-csv", str(data / columns.DATASET_CSV), "--out-dir", str(tmp_path / "out")]
     with pytest.raises(DataError) as err:
         age_split_testset.main(age_split_testset.get_args_parser().parse_args(args))
     last = len(meta) + 1
@@ -458,10 +459,10 @@ def test_symlinked_image_under_another_patient_is_refused(tiny_phantom: Path, tm
 
 @pytest.mark.parametrize("decode", [False, True])
 def test_stage1_says_how_long_its_image_check_took(tiny_phantom: Path, tmp_path: Path, capsys, decode: bool) -> None:
-    args = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(tmp_path)]
+    args = ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(tmp_path)]
     age_split_testset.main(age_split_testset.get_args_parser().parse_args(args + (["--decode-check"] if decode else [])))
-    n = len(unified_dataset.load_dataset(tiny_phantom / "dataset.csv"))
-    check = json.loads((tmp_path / age_split_testset.MANIFEST).read_text())["image_check"]
+    n = len(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV))
+    check = json.loads((tmp_path / columns.TEST_MANIFEST).read_text())["image_check"]
     mode = "decode" if decode else "cheap"
     threads = unified_dataset.default_workers() if decode else 1  # the cheap check: one thread per 256 files
     assert check["mode"] == mode and check["files"] == n and check["threads"] == threads
@@ -476,17 +477,17 @@ def test_stage2_follows_a_metadata_only_stage1(tiny_phantom: Path, tmp_path: Pat
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
     out = tmp_path / "out"
-    age_split_testset.main(age_split_testset.get_args_parser().parse_args(["--data-csv", str(data / "dataset.csv"), "--out-dir", str(out),
+    age_split_testset.main(age_split_testset.get_args_parser().parse_args(["--data-csv", str(data / columns.DATASET_CSV), "--out-dir", str(out),
                                              "--no-image-check"]))
-    assert json.loads((out / age_split_testset.MANIFEST).read_text())["image_check"] == {"mode": "none"}
-    missing = Path(pd.read_csv(out / "age_pool.csv")["image_path"][3])
+    assert json.loads((out / columns.TEST_MANIFEST).read_text())["image_check"] == {"mode": "none"}
+    missing = Path(pd.read_csv(out / columns.POOL_CSV)["image_path"][3])
     missing.unlink()  # metadata only: the images need not be there
     generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(out)]))
     assert "stage 1 split without looking at the images (--no-image-check): so does this stage" \
         in capsys.readouterr().out
     # without that record stage 2 looks at the images, and stops at the missing one
-    manifest = json.loads((out / age_split_testset.MANIFEST).read_text())
+    manifest = json.loads((out / columns.TEST_MANIFEST).read_text())
     manifest["image_check"] = {"mode": "cheap"}
-    (out / age_split_testset.MANIFEST).write_text(json.dumps(manifest))
+    (out / columns.TEST_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=f"image file not found: {missing}"):
         generate_age_trainval_split.main(generate_age_trainval_split.get_args_parser().parse_args(["--out-dir", str(out), "--force"]))

@@ -10,13 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
+import columns
 import engine
 import run_all_training
 import train_fracture_per_agegroup
 from columns import PREDICTION_COLUMNS, SPLIT_CSV_COLUMNS
 from models import build_from_checkpoint, load_checkpoint
 
-CSVS = ("age_train_tmp.csv", "age_val_tmp.csv", "age_test.csv")
+CSVS = (columns.TRAIN_CSV, columns.VAL_CSV, columns.TEST_CSV)
 FAST = ["--preset", "demo", "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--quiet"]
 
 
@@ -27,7 +28,7 @@ def _driver(argv: list[str]) -> dict:
 
 def test_driver_end_to_end_on_tiny_phantom(tiny_phantom: Path, tmp_path: Path, capsys):
     out = tmp_path / "run"
-    base = ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(out), *FAST,
+    base = ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(out), *FAST,
             "--group-column", "age_group", "--min-rows", "3"]
     _driver(base + ["--to-stage", "2"])
     before = {n: pd.read_csv(out / n, dtype=str, keep_default_na=False) for n in CSVS}
@@ -47,7 +48,7 @@ def test_driver_end_to_end_on_tiny_phantom(tiny_phantom: Path, tmp_path: Path, c
         assert labels.between(0, 2).all() and np.allclose(probs.sum(1), 1, atol=1e-5)
         assert (probs.argmax(1) == labels).all()
 
-    models = out / "saved_agegroup_models"
+    models = out / columns.MODELS_DIR
     age = load_checkpoint(models / "age_classifier.pt", expect={"kind": "age", "num_classes": 3})
     assert age["finished"] and age["img_size"] == 32
     for stem in [f"fracture_classifier_agegroup{g}" for g in range(3)] + ["fracture_classifier_pooled",
@@ -90,7 +91,7 @@ def test_tiny_swin_trains_through_the_same_path(fresh_splits: Path, capsys):
     ckpt = load_checkpoint(info["checkpoint"], expect={"model_name": "swin_demo", "kind": "fracture"})
     model = build_from_checkpoint(ckpt)
     assert type(model).__name__ == "SwinTransformer"
-    assert info["best_metrics"]["val_n"] == int((pd.read_csv(fresh_splits / "age_val_tmp.csv")["age_group"] == 1).sum())
+    assert info["best_metrics"]["val_n"] == int((pd.read_csv(fresh_splits / columns.VAL_CSV)["age_group"] == 1).sum())
     assert "[Epoch 1] Train Loss" in capsys.readouterr().out
 
 
@@ -102,7 +103,7 @@ def test_small_group_is_skipped_and_missing_predictions_are_explained(fresh_spli
          "--min-rows", "1000", "--quiet"]))
     assert "only" in result["models"]["agegroup2"]["skipped"]
     assert "age group 2 (15-19 y): SKIPPED" in capsys.readouterr().out
-    assert not list((fresh_splits / "saved_agegroup_models").glob("*.pt"))
+    assert not list((fresh_splits / columns.MODELS_DIR).glob("*.pt"))
     with pytest.raises(DataError, match="age_train_tmp.csv:1: no column 'age_group_label'; run train_age_classifier"):
         train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(["--out-dir", str(fresh_splits), "--quiet"]))
 
@@ -110,7 +111,7 @@ def test_small_group_is_skipped_and_missing_predictions_are_explained(fresh_spli
 def test_failing_stage_stops_the_run_with_its_error(tiny_phantom: Path, tmp_path: Path, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
-    csv = data / "dataset.csv"
+    csv = data / columns.DATASET_CSV
     lines = csv.read_text(encoding="utf-8-sig").splitlines()
     header = lines[0].split(",")
     row = lines[3].split(",")  # line 4 of the file (header = line 1)
@@ -123,7 +124,7 @@ def test_failing_stage_stops_the_run_with_its_error(tiny_phantom: Path, tmp_path
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "stage 1 (split test set) failed:" in err and "dataset.csv:4: age" in err and "Traceback" not in err
-    state = json.loads((out / "run_state.json").read_text())
+    state = json.loads((out / columns.RUN_STATE).read_text())
     assert state["stages"]["1"]["status"] == "failed" and "2" not in state["stages"]
     assert not (out / ".run.lock").exists()
 
@@ -159,7 +160,7 @@ def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_spl
             "--group-column", "age_group", "--init-from-pooled", "--min-rows", "3"]
     res = train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(base))
     assert list(res["models"]) == ["pooled", "agegroup0", "agegroup1", "agegroup2", "pooled_continued"]
-    models = fresh_splits / "saved_agegroup_models"
+    models = fresh_splits / columns.MODELS_DIR
     pooled = load_checkpoint(models / "fracture_classifier_pooled.pt")
     control = load_checkpoint(models / "fracture_classifier_pooled_continued.pt")
     assert pooled["init"] == {"kind": "random", "seed": 42}
@@ -167,7 +168,7 @@ def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_spl
     assert control["init"]["images_seen"] == pooled["images_seen"] > 0
     hist = pd.read_csv(models / "fracture_classifier_pooled_continued_metrics.csv")
     assert control["images_seen"] == hist["train_images"].sum() and control["epochs_max"] == 2
-    n_train = len(pd.read_csv(fresh_splits / "age_train_tmp.csv"))
+    n_train = len(pd.read_csv(fresh_splits / columns.TRAIN_CSV))
     assert n_train - 4 < hist["train_images"].iloc[0] <= n_train  # one epoch of rows, bar a dropped last batch
 
     def load(stem: str) -> inference.LoadedModel:
@@ -199,8 +200,8 @@ def test_no_control_and_group_subsets_leave_the_control_out(fresh_splits: Path):
 def test_resume_refused_when_the_training_rows_changed(fresh_splits: Path):
     base = ["--out-dir", str(fresh_splits), "--pooled", "--img-size", "32", "--epochs", "1", "--quiet"]
     train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(base))
-    train = pd.read_csv(fresh_splits / "age_train_tmp.csv", dtype=str, keep_default_na=False)
-    train.iloc[1:].to_csv(fresh_splits / "age_train_tmp.csv", index=False)  # one row fewer
+    train = pd.read_csv(fresh_splits / columns.TRAIN_CSV, dtype=str, keep_default_na=False)
+    train.iloc[1:].to_csv(fresh_splits / columns.TRAIN_CSV, index=False)  # one row fewer
     with pytest.raises(engine.ResumeError) as err:
         train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(base + ["--resume"]))
     msg = str(err.value)
@@ -217,7 +218,7 @@ TINY_RUN = ["--preset", "demo", "--img-size", "32", "--epochs", "1", "--batch-si
 def _messy_copy(tiny_phantom: Path, tmp_path: Path) -> tuple[Path, pd.DataFrame]:
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
-    return data, pd.read_csv(data / "dataset.csv", encoding="utf-8-sig", dtype=str, keep_default_na=False)
+    return data, pd.read_csv(data / columns.DATASET_CSV, encoding="utf-8-sig", dtype=str, keep_default_na=False)
 
 
 def _image_of(data: Path, meta: pd.DataFrame, row: int) -> Path:
@@ -235,12 +236,12 @@ def test_driver_takes_a_messy_folder_to_the_report(tiny_phantom: Path, tmp_path:
     trunc.write_bytes(trunc.read_bytes()[:300])  # a partly extracted zip
     # the split is deterministic: draw it once to know which images the test set will hold
     age_split_testset.main(age_split_testset.get_args_parser().parse_args(
-        ["--data-csv", str(data / "dataset.csv"), "--out-dir", str(tmp_path / "probe"), "--skip-bad"]))
-    test_paths = pd.read_csv(tmp_path / "probe" / "age_test.csv")["image_path"].tolist()
-    pool_paths = pd.read_csv(tmp_path / "probe" / "age_pool.csv")["image_path"].tolist()
+        ["--data-csv", str(data / columns.DATASET_CSV), "--out-dir", str(tmp_path / "probe"), "--skip-bad"]))
+    test_paths = pd.read_csv(tmp_path / "probe" / columns.TEST_CSV)["image_path"].tolist()
+    pool_paths = pd.read_csv(tmp_path / "probe" / columns.POOL_CSV)["image_path"].tolist()
     damaged = [damage_idat(Path(test_paths[1])), damage_idat(Path(pool_paths[4]))]  # IEND intact
     out = tmp_path / "run"
-    cmd = ["--data-csv", str(data / "dataset.csv"), "--image-root", str(data), "--out-dir", str(out), *TINY_RUN]
+    cmd = ["--data-csv", str(data / columns.DATASET_CSV), "--image-root", str(data), "--out-dir", str(out), *TINY_RUN]
     capfd.readouterr()
 
     with pytest.raises(SystemExit) as exc:
@@ -254,24 +255,24 @@ def test_driver_takes_a_messy_folder_to_the_report(tiny_phantom: Path, tmp_path:
 
     _driver(cmd + ["--skip-bad"])  # the suggested re-run
     printed = capfd.readouterr()
-    assert (out / "report" / "report.md").is_file() and (out / "metrics.json").is_file()
+    assert (out / "report" / "report.md").is_file() and (out / columns.METRICS_JSON).is_file()
     assert "libpng" not in printed.err
-    rejected = pd.read_csv(out / "rejected_rows.csv")
+    rejected = pd.read_csv(out / columns.REJECTED_CSV)
     assert sorted(rejected["image_path"]) == sorted(map(str, [zero, trunc, *damaged]))  # each once
     reasons = dict(zip(rejected["image_path"], rejected["reason"]))
     assert "zero-byte" in reasons[str(zero)] and "truncated PNG" in reasons[str(trunc)]
     assert all("corrupt PNG (CRC error in the 'IDAT' chunk" in reasons[str(p)] for p in damaged)
     # the split CSVs keep every row; stage 3 leaves the undecodable image's predictions empty
-    test_csv = pd.read_csv(out / "age_test.csv", dtype=str, keep_default_na=False)
+    test_csv = pd.read_csv(out / columns.TEST_CSV, dtype=str, keep_default_na=False)
     assert test_csv["image_path"].tolist() == test_paths
     row = test_csv.loc[test_csv["image_path"] == str(damaged[0])].iloc[0]
     assert all(row[c] == "" for c in PREDICTION_COLUMNS)
     assert (test_csv.drop(index=row.name)[list(PREDICTION_COLUMNS)] != "").all().all()
     # stage 5 leaves it out and says so
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / columns.METRICS_JSON).read_text())
     assert metrics["undecodable_left_out"] == {"test": 1, "val": 0}
     assert metrics["n_test_images"] == len(test_paths) - 1
-    assert str(damaged[0]) not in set(pd.read_csv(out / "test_predictions.csv")["image_path"])
+    assert str(damaged[0]) not in set(pd.read_csv(out / columns.PREDICTIONS_CSV)["image_path"])
     assert "test: 1 of" in (out / "report" / "report.md").read_text()
 
 
@@ -284,12 +285,12 @@ def test_undecodable_image_stops_training_in_one_line_and_keeps_the_last_state(t
     data, meta = _messy_copy(tiny_phantom, tmp_path)
     damaged = damage_idat(_image_of(data, meta, 11))
     out = tmp_path / "run"
-    last = out / "saved_agegroup_models" / "age_classifier_last.pt"
+    last = out / columns.MODELS_DIR / "age_classifier_last.pt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"state of an interrupted run")
     capfd.readouterr()
     with pytest.raises(SystemExit):
-        _driver(["--data-csv", str(data / "dataset.csv"), "--out-dir", str(out), *TINY_RUN])
+        _driver(["--data-csv", str(data / columns.DATASET_CSV), "--out-dir", str(out), *TINY_RUN])
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("stage 3 (age classifier) failed: ")
     assert f": {damaged}: cannot decode image: corrupt PNG" in err[0]
@@ -308,13 +309,13 @@ def test_from_stage_takes_a_stage_run_by_hand(tiny_phantom: Path, tmp_path: Path
 
     out = tmp_path / "run"
     age_split_testset.main(age_split_testset.get_args_parser().parse_args(
-        ["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(out), "--no-image-check"]))
-    test_before = (out / "age_test.csv").read_bytes()
+        ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(out), "--no-image-check"]))
+    test_before = (out / columns.TEST_CSV).read_bytes()
     capsys.readouterr()
-    _driver(["--data-csv", str(tiny_phantom / "dataset.csv"), "--out-dir", str(out), "--from-stage", "2",
+    _driver(["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(out), "--from-stage", "2",
              "--to-stage", "2", *FAST])
     printed = capsys.readouterr().out
     assert "-- stage 1 (split test set): not run (--from-stage 2)" in printed
     # stage 2 follows stage 1's metadata-only choice, recorded in its manifest
     assert "age_test_split.json: stage 1 split without looking at the images" in printed
-    assert (out / "age_train_tmp.csv").is_file() and (out / "age_test.csv").read_bytes() == test_before
+    assert (out / columns.TRAIN_CSV).is_file() and (out / columns.TEST_CSV).read_bytes() == test_before
