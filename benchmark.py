@@ -142,8 +142,13 @@ def parse_variant(spec: str) -> dict[str, Any]:
     return out
 
 
+def _amp(precision: str) -> str:
+    """The engine's amp mode of a benchmark precision."""
+    return "off" if precision == "fp32" else precision
+
+
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    return engine.autocast(device, "off" if precision == "fp32" else precision)
+    return engine.autocast(device, _amp(precision))
 
 
 def _reset_peak_memory(device: torch.device) -> None:
@@ -424,19 +429,13 @@ def _batch(args: argparse.Namespace, device: torch.device, batch: int,
 
 def _train_step_fn(model: torch.nn.Module, step_model: Callable, device: torch.device,
                    precision: str, num_classes: int, fused_opt: bool | None = None) -> Callable:
-    """The training step of engine.train_one_epoch: the project's optimizer and focal loss."""
+    """engine.train_step, the trainers' own, with the project's optimizer and focal loss."""
     criterion = engine.make_criterion("focal", num_classes)
     opt = engine.build_optimizer(model, lr=1e-5, weight_decay=0.05, fused=fused_opt)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with _autocast(device, precision):
-            logits = step_model(x)
-            loss = criterion(logits, engine.loss_targets(logits, y))
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        engine.train_step(step_model, x, y, criterion, opt, scaler, device, amp=_amp(precision))
 
     return step
 
@@ -491,7 +490,6 @@ def matmul_peak(device: torch.device, n: int, seconds: float) -> dict[str, float
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     per, reps, _ = _timed(lambda: torch.mm(a, b), device, warmup=3, steps=5, min_time=seconds)
-    del a, b
     return {"matmul_n": n, "matmul_dtype": "bf16", "matmul_reps": reps,
             "peak_tflops": 2 * n**3 / per / 1e12}
 

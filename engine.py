@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score, roc_auc_score
+from sklearn.metrics import classification_report
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 from torchsampler import ImbalancedDatasetSampler
@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 import columns
 import distributed
+import metrics
 from config import save_config, to_dict
 from errors import ResumeError
 from io_utils import write_csv
@@ -154,42 +155,6 @@ def _predicted_labels(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(1)
 
 
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int,
-                           probs: np.ndarray | None = None) -> dict[str, Any]:
-    """acc, f1 (binary F1 of class 1 for 2 classes, else macro-F1), auroc, confusion, n."""
-    labels = np.asarray(labels).astype(int)
-    preds = np.asarray(preds).astype(int)
-    classes = list(range(num_classes))
-    n = int(labels.size)
-    out: dict[str, Any] = {"n": n, "acc": float("nan"), "f1": float("nan"), "auroc": float("nan")}
-    if n:
-        out["acc"] = float(accuracy_score(labels, preds))
-        if num_classes == 2:
-            out["f1"] = float(f1_score(labels, preds, pos_label=1, zero_division=0))
-        else:
-            out["f1"] = float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0))
-    if probs is not None and n and len(np.unique(labels)) == num_classes:
-        if num_classes == 2:
-            out["auroc"] = float(roc_auc_score(labels, probs[:, 1]))
-        else:
-            out["auroc"] = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro",
-                                               labels=classes))
-    out["confusion_matrix"] = confusion_matrix(labels, preds, labels=classes).tolist()
-    return out
-
-
-def compute_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Metrics of ``[N, C]`` probabilities against integer labels."""
-    probs = np.asarray(probs)
-    return classification_metrics(labels, probs.argmax(1), probs.shape[1], probs)
-
-
-def format_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str]) -> str:
-    names = [str(c) for c in class_names]
-    df = pd.DataFrame(matrix, index=[f"true {c}" for c in names], columns=[f"pred {c}" for c in names])
-    return df.to_string()
-
-
 # --------------------------------------------------------------------------- one pass over data
 def _progress(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=not enabled)
@@ -256,9 +221,9 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: Callable, device: 
     with torch.no_grad():
         loss = float(criterion(logits_t, loss_targets(logits_t, torch.from_numpy(labels)))) if len(labels) else float("nan")
     probs = to_probs(logits_t).numpy()
-    metrics = compute_metrics(probs, labels)
-    metrics["loss"] = loss
-    return EvalResult(loss=loss, probs=probs, labels=labels, indices=indices, metrics=metrics)
+    scores = metrics.compute_metrics(probs, labels)
+    scores["loss"] = loss
+    return EvalResult(loss=loss, probs=probs, labels=labels, indices=indices, metrics=scores)
 
 
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: str = "off",
@@ -268,6 +233,29 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: 
                                progress=progress, desc="predict")
     logits_t = torch.from_numpy(logits)
     return to_probs(logits_t.reshape(-1) if logits_t.shape[1] == 1 else logits_t).numpy()
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: Callable,
+               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device, *,
+               amp: str = "off", accum_steps: int = 1, step_now: bool = True,
+               grad_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-step: forward, loss, backward of ``loss / accum_steps``; with ``step_now``
+    also the (unscaled, clipped) optimizer step. Returns the loss and logits, detached."""
+    # DDP: skip the gradient all-reduce on accumulation micro-steps
+    sync = model.no_sync() if (not step_now and hasattr(model, "no_sync")) else contextlib.nullcontext()
+    with sync:
+        with autocast(device, amp):
+            logits = model(x)
+            loss = criterion(logits, loss_targets(logits, y))
+        scaler.scale(loss / accum_steps).backward()
+    if step_now:
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), logits.detach()
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable,
@@ -288,22 +276,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable,
     for i, (x, y) in enumerate(bar):
         x, y = _to_device(x, y, device, channels_last)
         step_now = (i + 1) % accum_steps == 0 or i + 1 == n_batches
-        # DDP: skip the gradient all-reduce on accumulation micro-steps
-        sync = model.no_sync() if (not step_now and hasattr(model, "no_sync")) else contextlib.nullcontext()
-        with sync:
-            with autocast(device, amp):
-                logits = model(x)
-                loss = criterion(logits, loss_targets(logits, y))
-            scaler.scale(loss / accum_steps).backward()
-        if step_now:
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach().double() * y.shape[0]
-        preds.append(_predicted_labels(logits.detach()))
+        loss, logits = train_step(model, x, y, criterion, optimizer, scaler, device, amp=amp,
+                                  accum_steps=accum_steps, step_now=step_now, grad_clip=grad_clip)
+        loss_sum += loss.double() * y.shape[0]
+        preds.append(_predicted_labels(logits))
         labels.append(y)
         num_classes = 2 if _is_binary(logits) else logits.shape[1]
         if progress and i % 10 == 0:
@@ -315,7 +291,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable,
     if not math.isfinite(total_loss):
         raise FloatingPointError("training loss is not finite (diverged); lower --lr or use --amp off")
     preds_np, labels_np = distributed.gather_arrays(preds_np, labels_np)
-    m = classification_metrics(labels_np, preds_np, num_classes)
+    m = metrics.classification_metrics(labels_np, preds_np, num_classes)
     return {"loss": total_loss / max(n, 1), "acc": m["acc"], "f1": m["f1"], "n": int(n),
             "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else float("nan")}
 
@@ -586,7 +562,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
             log(f"[Epoch {epoch}] Val Loss {_fmt(vm['loss'])} | Acc {_fmt(vm['acc'])} | F1 {_fmt(vm['f1'])}"
                 f" | AUROC {_fmt(vm['auroc'])} | n {vm['n']}"
                 + (" | new best" if is_best else f" | best {_fmt(stopper.best)} at epoch {stopper.best_epoch}"))
-            log(format_confusion(vm["confusion_matrix"], class_names))
+            log(metrics.format_confusion(vm["confusion_matrix"], class_names))
             if len(class_names) > 2:
                 log(classification_report(ev.labels, ev.probs.argmax(1), labels=list(range(len(class_names))),
                                           target_names=list(class_names), digits=3, zero_division=0))
@@ -643,12 +619,15 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, sampler: str = "random", workers: int = 0,
-                seed: int = 0, device: torch.device = torch.device("cpu"), persistent: bool = True) -> DataLoader:
+                seed: int = 0, device: torch.device = torch.device("cpu"), persistent: bool = True,
+                shard: bool = True) -> DataLoader:
     """DataLoader for training (``sampler`` balanced|random) or evaluation (in order).
 
     Under torchrun the samplers are the distributed ones (class-balanced:
     :class:`distributed.DistributedBalancedSampler`; evaluation: ``DistributedSampler``
-    without shuffling, whose padding :func:`forward_all` removes again).
+    without shuffling, whose padding :func:`forward_all` removes again). ``shard=False``
+    gives an evaluation loader every row on every rank, for work one rank does alone
+    without gathering (Grad-CAM).
     """
     dist_on = distributed.is_dist()
     if train and sampler == "balanced":
@@ -658,7 +637,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, sampler: str 
     elif train:
         s = DistributedSampler(dataset, shuffle=True, seed=seed) if dist_on else RandomSampler(dataset)
     else:
-        s = DistributedSampler(dataset, shuffle=False) if dist_on else SequentialSampler(dataset)
+        s = DistributedSampler(dataset, shuffle=False) if dist_on and shard else SequentialSampler(dataset)
     transform = getattr(dataset, "transform", None)
     if workers == 0 and hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed + distributed.get_rank())
@@ -791,9 +770,11 @@ def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.
 
 def inference_loader(df: pd.DataFrame, img_size: int, mean: float, std: float, *, batch_size: int,
                      workers: int = 0, device: torch.device = torch.device("cpu"),
-                     cache_dir: str | Path | None = None) -> DataLoader:
+                     cache_dir: str | Path | None = None, shard: bool = True) -> DataLoader:
     """In-order loader over every row of ``df`` with the eval transform (labels -1), for
-    :func:`predict`; size and normalisation come from the checkpoint being applied."""
+    :func:`predict`; size and normalisation come from the checkpoint being applied. Under
+    torchrun (and ``shard``) each rank gets its share, which :func:`predict` gathers."""
     ds = WristDataset(df, None, build_transforms(img_size, train=False, mean=mean, std=std), img_size,
                       cache_dir=cache_dir)
-    return make_loader(ds, batch_size, train=False, workers=workers, device=device, persistent=False)
+    return make_loader(ds, batch_size, train=False, workers=workers, device=device, persistent=False,
+                       shard=shard)

@@ -60,7 +60,6 @@ Example
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +79,7 @@ import report
 import splits
 import unified_dataset
 from config import print_config, save_config, to_dict, versions
-from io_utils import write_csv, write_json
+from io_utils import to_jsonable, write_csv, write_json
 import presets
 from presets import AMP_MODES
 
@@ -467,21 +466,6 @@ def summarise_routing(test_df: pd.DataFrame, y: np.ndarray, inf_test: Mapping[st
     return age, misrouted
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
 # --------------------------------------------------------------------------- figures
 def make_figures(report_dir: Path, y: np.ndarray, test: SplitOutputs, calibrated: SplitOutputs,
                  thresholds: Mapping[str, float | np.ndarray], masks: Mapping[str, np.ndarray],
@@ -668,7 +652,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         names = columns.age_group_names(bounds)
         cache = None if args.no_cache else (args.cache_dir or columns.RunDir(paths["out"]).cache_dir)
         amp = engine.resolve_amp(args.amp, device)
-        infer_kw = dict(batch_size=args.batch_size, num_workers=args.workers, cache_dir=cache, amp=amp)
+        infer_kw = dict(batch_size=args.batch_size, workers=args.workers, cache_dir=cache, amp=amp)
         test_df, val_df, left_out = decode_splits(test_df, val_df, routed, cache, args.skip_bad, paths["out"], notes)
         true_val, true_test = (true_groups(df, bounds, split, notes) for split, df in (("val", val_df), ("test", test_df)))
         engine.log(f"inference: validation ({len(val_df)} images), test ({len(test_df)} images) "
@@ -761,9 +745,9 @@ def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: d
     pred_df["fracture_pred"] = pred_df[f"pred_{args.routing}"]
     pred_df["threshold"] = thr[args.routing]
     written: dict[str, Any] = {"test_predictions": write_csv(pred_df, columns.RunDir(paths["out"]).predictions_csv)}
-    written["thresholds"] = write_json(_clean({
+    written["thresholds"] = write_json({
         "thresholds": result["thresholds"], "method": result["threshold_method"], "val_csv": str(paths["val_csv"]),
-        "note": "chosen on validation by evaluate.py; read by predict.py"}),
+        "note": "chosen on validation by evaluate.py; read by predict.py"},
         paths["models_dir"] / columns.THRESHOLDS_JSON)
 
     report_dir = paths["report_dir"]
@@ -782,15 +766,15 @@ def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: d
     written["figures"] = list(figures.values())
     save_config(result["config"], report_dir / (SCRIPT + columns.CONFIG_SUFFIX))
     result["wall_time_s"] = time.perf_counter() - t0
-    written["metrics"] = write_json(_clean(result), columns.RunDir(paths["out"]).metrics_json)
-    written["summary"] = _clean({
+    written["metrics"] = write_json(result, columns.RunDir(paths["out"]).metrics_json)
+    written["summary"] = to_jsonable(nan_as_none=True, obj={
         s: {k: [r["overall"][k], *r["overall"]["ci"].get(k, [None, None])]
             for k in ("auroc", "f1", "sensitivity", "specificity")}
         for s, r in result["systems"].items()})
     written["conclusion"] = result["conclusion"]
     written["wall_time_s"] = result["wall_time_s"]
     if args.result_json:
-        write_json(_clean(written), args.result_json)
+        write_json(written, args.result_json)
     return written
 
 

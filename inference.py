@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import columns
-import distributed
 import errors
 import engine
 import models
@@ -192,21 +191,6 @@ class HFlipTTA(nn.Module):
         return torch.log(p.clamp_min(1e-12))
 
 
-def make_loader(lm: LoadedModel, df: pd.DataFrame, batch_size: int = 32, num_workers: int = 0,
-                cache_dir: str | os.PathLike | None = None, shard: bool = True) -> DataLoader:
-    """An in-order loader of ``df``'s images prepared as ``lm``'s checkpoint prescribes.
-
-    Under torchrun (and ``shard``) it yields only this rank's share, for ``engine.predict``,
-    which gathers the shares; ``shard=False`` gives every row, for code that runs on one
-    rank without gathering (Grad-CAM).
-    """
-    tf = unified_dataset.build_transforms(lm.img_size, train=False, mean=lm.mean, std=lm.std)
-    ds = unified_dataset.WristDataset(df, None, tf, lm.img_size, cache_dir=cache_dir)
-    sampler = DistributedSampler(ds, shuffle=False) if shard and distributed.is_dist() else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler,
-                      num_workers=num_workers, persistent_workers=False)
-
-
 def fracture_prob(out: np.ndarray) -> np.ndarray:
     """The fracture probability from a binary model's output of shape (N,), (N,1) or (N,2)."""
     out = np.asarray(out, dtype=float)
@@ -215,18 +199,28 @@ def fracture_prob(out: np.ndarray) -> np.ndarray:
     return out.reshape(-1)
 
 
-def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bool = False,
-                amp: str = "off", **loader_kw: Any) -> np.ndarray:
-    """Probabilities of ``lm`` on ``df``: (N, C) for the age model, (N,) for fracture models.
+def loader_for(lm: LoadedModel, df: pd.DataFrame, *, batch_size: int = 32, workers: int = 0,
+               cache_dir: str | os.PathLike | None = None, shard: bool = True,
+               device: torch.device = torch.device("cpu")) -> DataLoader:
+    """``engine.inference_loader`` over ``df``, preparing images as ``lm``'s checkpoint prescribes."""
+    return engine.inference_loader(df, lm.img_size, lm.mean, lm.std, batch_size=batch_size, workers=workers,
+                                   cache_dir=cache_dir, shard=shard, device=device)
 
-    ``amp``: off, bf16 or fp16 autocast (``engine.resolve_amp`` turns auto into one).
-    Under torchrun every rank must call this with the same ``df``: the ranks share the work.
+
+def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bool = False,
+                amp: str = "off", channels_last: bool = False, **loader_kw: Any) -> np.ndarray:
+    """Probabilities of ``lm`` on ``df``: (N, C) for the age model, (N,) for fracture models.
+    The one way a checkpoint is run over a table (stage 3's predictions, evaluation, predict.py).
+
+    ``amp``: off, bf16 or fp16 autocast (``engine.resolve_amp`` turns auto into one);
+    ``loader_kw``: :func:`loader_for`'s batch size, workers and cache. Under torchrun every
+    rank must call this with the same ``df``: the ranks share the work.
     """
     if len(df) == 0:
         return np.zeros((0, lm.num_classes)) if lm.num_classes > 2 else np.zeros(0)
     model = HFlipTTA(lm.model) if tta else lm.model
-    probs = np.asarray(engine.predict(model, make_loader(lm, df, **loader_kw), device, amp=amp),
-                       float)
+    probs = np.asarray(engine.predict(model, loader_for(lm, df, device=device, **loader_kw), device, amp=amp,
+                                      channels_last=channels_last), float)
     if lm.num_classes > 2:
         return probs.reshape(len(df), lm.num_classes)
     return fracture_prob(probs)
@@ -278,7 +272,7 @@ def route(routed: RoutedModels, df: pd.DataFrame, device: torch.device, mode: st
     soft: every group model sees every image and their probabilities are mixed.
     Returns a frame aligned with ``df``: age_group_label, age_group_prob_0..G-1,
     fracture_prob, fracture_model (which model decided; the argmax group's for soft).
-    ``loader_kw`` go on to :func:`model_probs` (``amp``) and :func:`make_loader`.
+    ``loader_kw`` go on to :func:`model_probs` (``amp``, the loader's batch size, workers, cache).
     """
     age_probs = model_probs(routed.age, df, device, tta, **loader_kw)
     pred = age_probs.argmax(1) if len(df) else np.zeros(0, int)
@@ -365,7 +359,7 @@ def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
     full-size images add up."""
     if len(df) == 0:
         return
-    loader = make_loader(lm, df, batch_size=8, shard=False)
+    loader = loader_for(lm, df, batch_size=8, shard=False)
     model = HFlipTTA(lm.model) if tta else lm.model
     paths = iter(df["image_path"].astype(str))
     for x, _ in loader:

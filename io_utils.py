@@ -14,16 +14,20 @@ other run can be writing there then. A full disk while writing is reported as
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import enum
 import errno
 import json
+import math
 import os
 import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 import columns
@@ -131,11 +135,44 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
+def to_jsonable(obj: Any, nan_as_none: bool = False) -> Any:
+    """``obj`` as JSON-style primitives (dict/list/str/int/float/bool/None).
+
+    Paths and unknown objects become strings, tuples/sets lists, NumPy and 0-d torch values
+    Python scalars, arrays and tensors lists, enums their values; so the result survives
+    ``torch.load(weights_only=True)`` and ``json.dump`` alike. ``nan_as_none`` turns NaN
+    and infinities into None, as JSON has no such numbers (a checkpoint keeps them).
+    """
+    if isinstance(obj, np.generic):  # before the primitives: np.float64 is a float subclass
+        obj = obj.item()
+    if isinstance(obj, enum.Enum):
+        return to_jsonable(obj.value, nan_as_none)
+    if obj is None or type(obj) in (bool, int, str):
+        return obj
+    if isinstance(obj, float):
+        return None if nan_as_none and not math.isfinite(obj) else float(obj)
+    for base in (bool, int, str):  # subclasses pickle as their class: keep the base value
+        if isinstance(obj, base):
+            return base(obj)
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v, nan_as_none) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [to_jsonable(v, nan_as_none) for v in items]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if callable(getattr(obj, "tolist", None)):  # NumPy arrays, torch tensors
+        return to_jsonable(obj.tolist(), nan_as_none)
+    return str(obj)
+
+
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Write JSON (indented, sorted keys, non-JSON types via ``str``) atomically."""
+    """Write JSON (indented, sorted keys; :func:`to_jsonable`, NaN as null) atomically."""
 
     def _write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json.dumps(to_jsonable(obj, nan_as_none=True), indent=2, sort_keys=True) + "\n")
 
     return atomic_write(path, _write)
 

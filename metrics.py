@@ -527,3 +527,40 @@ def min_detectable_difference(se: float, alpha: float = 0.05, power: float = 0.8
     from scipy.stats import norm
 
     return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
+
+
+# --------------------------------------------------------------------------- training-time metrics
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int,
+                           probs: np.ndarray | None = None) -> dict[str, Any]:
+    """acc, f1 (binary F1 of class 1 for 2 classes, else macro-F1), auroc, confusion, n."""
+    labels = np.asarray(labels).astype(int)
+    preds = np.asarray(preds).astype(int)
+    classes = list(range(num_classes))
+    n = int(labels.size)
+    out: dict[str, Any] = {"n": n, "acc": float("nan"), "f1": float("nan"), "auroc": float("nan")}
+    if n:
+        out["acc"] = float(accuracy_score(labels, preds))
+        if num_classes == 2:
+            out["f1"] = float(f1_score(labels, preds, pos_label=1, zero_division=0))
+        else:
+            out["f1"] = float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0))
+    if probs is not None and n and len(np.unique(labels)) == num_classes:
+        if num_classes == 2:
+            out["auroc"] = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            out["auroc"] = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro",
+                                               labels=classes))
+    out["confusion_matrix"] = confusion_matrix(labels, preds, labels=classes).tolist()
+    return out
+
+
+def compute_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Metrics of ``[N, C]`` probabilities against integer labels."""
+    probs = np.asarray(probs)
+    return classification_metrics(labels, probs.argmax(1), probs.shape[1], probs)
+
+
+def format_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str]) -> str:
+    names = [str(c) for c in class_names]
+    df = pd.DataFrame(matrix, index=[f"true {c}" for c in names], columns=[f"pred {c}" for c in names])
+    return df.to_string()

@@ -43,10 +43,8 @@ Checkpoints
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import difflib
-import enum
 import math
 import os
 import pickle
@@ -69,7 +67,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint
 from torch import nn
 
 from errors import CheckpointError, PretrainedWeightsError
-from io_utils import atomic_path
+from io_utils import atomic_path, to_jsonable
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION", "CHECKPOINT_KEYS", "CHECKPOINT_KINDS", "CheckpointError",
@@ -446,36 +444,6 @@ def _check_pretrained_coverage(model: nn.Module, path: str, name: str, min_fract
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def to_jsonable(obj: Any) -> Any:
-    """``obj`` as JSON-style primitives (dict/list/str/int/float/bool/None).
-
-    Paths and unknown objects become strings, tuples/sets lists, NumPy and 0-d torch values
-    Python scalars, arrays and tensors lists, enums their values; so the result survives
-    ``torch.load(weights_only=True)`` and ``json.dump`` alike.
-    """
-    if isinstance(obj, np.generic):  # before the primitives: np.float64 is a float subclass
-        return obj.item()
-    if isinstance(obj, enum.Enum):
-        return to_jsonable(obj.value)
-    if obj is None or type(obj) in (bool, int, float, str):
-        return obj
-    for base in (bool, int, float, str):  # subclasses pickle as their class: keep the base value
-        if isinstance(obj, base):
-            return base(obj)
-    if isinstance(obj, argparse.Namespace):
-        obj = vars(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
-        return [to_jsonable(v) for v in items]
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return str(obj)
 
 
 _SAFE_SCALARS = (str, bytes, int, float, bool, complex, type(None))  # exact types: np.float64 is a float

@@ -45,20 +45,6 @@ from inference import (ROUTINGS, cam_examples, load_routed_models,
                        overlay_png_bytes, route)
 from io_utils import atomic_write, write_csv
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-
-
-def _is_dicom_file(path: Path) -> bool:
-    if not path.is_file():  # opening a FIFO would wait for a writer forever
-        return False
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files given directly plus the images under given folders, sorted, no duplicates.
 
@@ -71,7 +57,7 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 dirs.sort()
                 for f in sorted(files):
                     fp = Path(root) / f
-                    if fp.suffix.lower() in IMAGE_SUFFIXES or (not fp.suffix and _is_dicom_file(fp)):
+                    if unified_dataset.is_image_file(fp):
                         found.append(fp)
         elif p.exists():
             found.append(p)
@@ -87,27 +73,19 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def check_readable(files: Sequence[Path], skip_bad: bool = False) -> tuple[list[Path], list[str]]:
-    """Decode every file once up front, so a bad one fails here with its name rather than
-    inside a DataLoader worker; non-regular files and degenerate images
-    (``unified_dataset.degenerate_image``) are bad too. Returns (good files, messages
-    about skipped ones)."""
+    """Decode every file once up front (``unified_dataset.check_image_file``: a non-regular
+    file, a broken or degenerate image is refused), so a bad one fails here with its name
+    rather than inside a DataLoader worker. Returns (good files, messages about skipped ones)."""
     good, bad = [], []
     for f in files:
-        try:
-            img = unified_dataset.read_raw(f)
-            if img.ndim != 2:
-                raise ValueError(f"unexpected image shape {img.shape}")
-            why = unified_dataset.degenerate_image(img)
-            if why is not None:
-                raise errors.DataError.at(f, None, why)
-        except Exception as exc:  # any decoder failure is the same user error
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            line = msg if msg.startswith(str(f)) else f"{f}: unreadable image ({msg})"
-            if not skip_bad:
-                raise errors.DataError(line) from None
-            bad.append(line)
-        else:
+        reason = unified_dataset.check_image_file(f, decode=True)
+        if reason is None:
             good.append(f)
+            continue
+        line = reason if str(f) in reason else f"{f}: {reason}"
+        if not skip_bad:
+            raise errors.DataError(line)
+        bad.append(line)
     return good, bad
 
 
@@ -191,7 +169,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"note: {note}")
     df = pd.DataFrame({"image_path": [str(f) for f in files]})
     res = route(routed, df, device, args.routing, tta=args.tta, batch_size=args.batch_size,
-                num_workers=args.workers)
+                workers=args.workers)
     names = columns.age_group_names(routed.age_bounds)
     out = pd.concat([df, res], axis=1)
     out.insert(2, "age_group_name", [names[g] for g in out["age_group_label"]])

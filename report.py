@@ -622,7 +622,7 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
               markdown_table(subset_rows(sysres, [k for k in result["subsets"] if k != "overall"]))]
     if result["subgroups"]:
         lines += ["## By X-ray device and projection", "",
-                  f"AUROC with 95% CI per subset; subsets under 30 images or with one class are listed, not scored.",
+                  "AUROC with 95% CI per subset; subsets under 30 images or with one class are listed, not scored.",
                   "", markdown_table(subgroup_rows(result["subgroups"]))]
     lines += ["## Paired differences (same patient resamples)", "",
               markdown_table(comparison_rows(result["comparisons"]))]

@@ -59,8 +59,7 @@ import columns
 import errors
 from config import print_config, to_dict
 from distributed import LOCK_HELD_ENV
-from io_utils import RunLock, write_json
-from models import to_jsonable
+from io_utils import RunLock, to_jsonable, write_json
 from presets import add_split_args, add_training_args, chosen_preset, explicit_training_argv, split_argv
 
 HERE = Path(__file__).resolve().parent

@@ -35,13 +35,12 @@ import errors
 import columns
 import distributed
 import engine
+import inference
 import presets
 import splits
-import unified_dataset
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES, PREDICTION_COLUMNS
 from config import print_config, to_dict
 from io_utils import write_csv, write_json
-from models import build_from_checkpoint, load_checkpoint
 from presets import add_data_args, add_training_args, resolve_config, resolve_paths
 from errors import DataError
 from unified_dataset import read_split_csv
@@ -96,15 +95,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             class_names=AGE_GROUP_NAMES, files=files, device=info.device, age_bounds=AGE_BOUNDS,
             cache_dir=cfg.cache_dir, title="age-group classifier", images_checked=True)
 
-        ckpt = load_checkpoint(files.best, expect={"kind": "age", "num_classes": len(AGE_GROUP_NAMES)})
-        model = build_from_checkpoint(ckpt, info.device, source=str(files.best))
+        age_model = inference.load_model(files.best, columns.AGE_MODEL, info.device, "age",
+                                         num_classes=len(AGE_GROUP_NAMES))
         amp = engine.resolve_amp(cfg.amp, info.device)
         counts = {}
         for split, path in csvs.items():
-            loader = engine.inference_loader(frames[split], ckpt["img_size"], ckpt["mean"], ckpt["std"],
-                                             batch_size=cfg.batch_size, workers=cfg.workers,
-                                             device=info.device, cache_dir=cfg.cache_dir)
-            probs = engine.predict(model, loader, info.device, amp=amp, channels_last=cfg.channels_last)
+            probs = inference.model_probs(age_model, frames[split], info.device, amp=amp,
+                                          channels_last=cfg.channels_last, batch_size=cfg.batch_size,
+                                          workers=cfg.workers, cache_dir=cfg.cache_dir)
             if info.is_main:
                 write_predictions(path, probs, frames[split].index, len(read[split]))
             counts[split] = np.bincount(probs.argmax(1), minlength=len(AGE_GROUP_NAMES)).tolist()

@@ -626,6 +626,23 @@ def check_image_files(paths: Sequence[str], decode: bool = False, num_workers: i
 
 # --------------------------------------------------------------------------- images
 
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether a file found in a folder is one of ours to read: an image extension, or no
+    extension and DICOM's ``DICM`` magic (DICOM files often have no extension). A FIFO or
+    other non-regular file is never opened here (a reader would wait forever); named like an
+    image, it counts, so the image check can refuse it by name."""
+    p = Path(path)
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    if p.suffix or not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as fh:
+            return _sniff(fh.read(132), p) == "dicom"
+    except OSError:
+        return False
+
+
 def _sniff(head: bytes, path: Path) -> str | None:
     if head.startswith(PNG_SIGNATURE):
         return "png"

@@ -13,6 +13,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import engine
+import metrics
 import presets
 from models import build_from_checkpoint, create_model, load_checkpoint
 
@@ -194,16 +195,16 @@ def test_metrics_match_sklearn():
     labels = rng.integers(0, 2, 200)
     p1 = np.clip(labels * 0.3 + rng.random(200) * 0.7, 0, 1)
     probs = np.stack([1 - p1, p1], 1)
-    m = engine.compute_metrics(probs, labels)
+    m = metrics.compute_metrics(probs, labels)
     assert m["f1"] == pytest.approx(f1_score(labels, p1 > 0.5))
     assert m["auroc"] == pytest.approx(roc_auc_score(labels, p1))
     assert np.sum(m["confusion_matrix"]) == 200 and m["n"] == 200
     labels3 = rng.integers(0, 3, 90)
     probs3 = rng.dirichlet([1, 1, 1], 90)
-    m3 = engine.compute_metrics(probs3, labels3)
+    m3 = metrics.compute_metrics(probs3, labels3)
     assert m3["f1"] == pytest.approx(f1_score(labels3, probs3.argmax(1), average="macro"))
     assert m3["auroc"] == pytest.approx(roc_auc_score(labels3, probs3, multi_class="ovr"))
-    assert math.isnan(engine.compute_metrics(probs[:5], np.ones(5, int))["auroc"])  # one class: undefined
+    assert math.isnan(metrics.compute_metrics(probs[:5], np.ones(5, int))["auroc"])  # one class: undefined
     # one-logit and two-logit heads give the same [N, 2] probabilities
     z = torch.randn(7)
     two = engine.to_probs(torch.stack([torch.zeros(7), z], 1))
