@@ -38,16 +38,16 @@ from typing import Any
 
 import pandas as pd
 
-import errors
 import columns
+import errors
 import io_utils
 import phantom
 import presets
 import splits
 from config import print_config, save_config, to_dict
+from errors import DataError
 from io_utils import RunLock, write_json
 from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
-from errors import DataError
 from unified_dataset import apply_exclusions, load_dataset, read_split_csv, validate_frame
 
 SCRIPT = "age_split_testset"

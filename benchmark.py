@@ -5,7 +5,7 @@ side is ``--phantom-size``; real GRAZPEDWRI-DX images are about 500x750 to 1500x
 generated into ``--work-dir`` (a temporary folder, removed afterwards, unless given).
 
 Outputs: a table on stdout and JSON at ``--out`` (machine, config, library versions, one
-entry per section, the issue's targets with value/needed/met). The JSON is rewritten after
+entry per section, the speed targets with value/needed/met). The JSON is rewritten after
 every section, so a run stopped from outside still leaves what it had measured.
 
 Sections (``--sections``; default all, ``e2e`` only on CUDA):
@@ -26,7 +26,7 @@ Sections (``--sections``; default all, ``e2e`` only on CUDA):
          out-of-memory batch is halved and retried (said in the note).
   e2e    end to end, ``engine.make_loader`` with ``--workers`` workers feeding the training
          step: the baseline (fp32, contiguous, uncached images) against the fast path
-         (``--fast-variant`` fed from the cache); the issue's target is >= 3x.
+         (``--fast-variant`` fed from the cache); the target is >= 3x.
   stage1check  stage 1's image check on ``--check-files`` full-size 16-bit PNGs (the phantom's
          images at ``--phantom-size``, copied to that many files with their own rows in a
          GRAZPEDWRI-DX-style dataset.csv under ``<work-dir>/stage1check``, kept for the next

@@ -33,7 +33,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -50,14 +50,13 @@ from tqdm.auto import tqdm
 import columns
 import distributed
 import metrics
+import unified_dataset
 from config import save_config, to_dict
-from errors import ResumeError
+from errors import DataError, ResumeError
 from io_utils import write_csv
 from losses import FocalLoss
 from models import create_model, load_checkpoint, make_checkpoint, resolve_model_name, save_checkpoint
 from presets import AMP_MODES, model_note
-import unified_dataset
-from errors import DataError
 from unified_dataset import WristDataset, build_transforms
 
 HISTORY_COLUMNS: tuple[str, ...] = (
@@ -430,6 +429,157 @@ def _fmt(x: float) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
+@dataclass
+class TrainState:
+    """What a run carries from one epoch to the next, and what its ``last`` file restores."""
+
+    stopper: EarlyStopping
+    scaler: torch.amp.GradScaler
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    start_epoch: int = 1
+
+
+def _settings_error(path: Path, diffs: Sequence[str]) -> ResumeError:
+    return ResumeError(f"{path}: cannot resume, essential settings differ: " + "; ".join(diffs)
+                       + ". Use the saved settings, or --force to start over.")
+
+
+def _finished_result(files: RunFiles, settings: Mapping[str, Any], opts: FitOptions,
+                     monitor_col: str) -> tuple[dict[str, Any] | None, bool]:
+    """With --resume, a model already trained with these settings is not retrained: its
+    result. Returns (that result or None, whether a finished model is being redone)."""
+    if not (opts.resume and files.best.exists()):
+        return None, False
+    finished = load_checkpoint(files.best)
+    if not finished.get("finished"):
+        return None, False
+    diffs = settings_mismatch(finished.get("settings", {}), settings)
+    if diffs and not opts.force:
+        raise _settings_error(files.best, diffs)
+    if diffs:
+        log(f"--force: {files.best} was trained with other settings ({'; '.join(diffs)}); starting over")
+        return None, True
+    log(f"{files.best}: already trained (best epoch {finished['epoch']}, {monitor_col} "
+        f"{_fmt(finished['metrics'].get(monitor_col))}); not retraining")
+    return _result(files, finished["epoch"], finished["metrics"], finished["epochs_run"], finished["stopped_early"],
+                   finished["history"]), False
+
+
+def _restore_last(files: RunFiles, settings: Mapping[str, Any], opts: FitOptions, model: nn.Module,
+                  optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, monitor_col: str) -> None:
+    """Continue an unfinished run from its ``last`` file (only with --resume and the same
+    essential settings): weights, optimizer, schedule, scaler, early stopping, history, RNGs."""
+    if not files.last.exists():
+        return
+    saved = load_checkpoint(files.last)
+    diffs = settings_mismatch(saved.get("settings", {}), settings)
+    if not opts.resume:
+        log(f"Found an unfinished run in {files.last} (epoch {saved['epoch']}); starting over "
+            f"(pass --resume to continue it)")
+        return
+    if diffs and not opts.force:
+        raise _settings_error(files.last, diffs)
+    if diffs:
+        log(f"--force: saved state in {files.last} has different settings ({'; '.join(diffs)}); starting over")
+        return
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None and saved.get("scheduler") is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler"):
+        state.scaler.load_state_dict(saved["scaler"])
+    state.stopper.load_state_dict(saved["early_stopping"])
+    state.history = list(saved["history"])
+    state.best_metrics = dict(saved["best_metrics"])
+    state.start_epoch = int(saved["epoch"]) + 1
+    set_rng_state(saved["rng"])
+    if distributed.get_rank():  # ranks must not share augmentation streams
+        seed_everything(opts.seed + 1000 * state.start_epoch + distributed.get_rank())
+    log(f"Resuming from epoch {state.start_epoch} (state of epoch {saved['epoch']} in {files.last}; "
+        f"best {monitor_col} so far {_fmt(state.stopper.best)} at epoch {state.stopper.best_epoch})")
+
+
+def _wrap(model: nn.Module, device: torch.device, opts: FitOptions) -> nn.Module:
+    """The model as trained: DDP under torchrun, compiled if asked (checkpoints keep ``model``)."""
+    if distributed.is_dist():
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if opts.compile else model
+
+
+def _run_epoch(epoch: int, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, criterion: Callable,
+               optimizer: torch.optim.Optimizer, device: torch.device, state: TrainState, opts: FitOptions,
+               progress: bool) -> tuple[dict[str, Any], EvalResult, dict[str, float]]:
+    """Train one epoch and validate: the history row, the validation result, the train stats."""
+    t0 = time.perf_counter()
+    for loader in (train_loader, val_loader):
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+    lr = optimizer.param_groups[0]["lr"]
+    tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler=state.scaler, amp=opts.amp,
+                         accum_steps=opts.accum_steps, channels_last=opts.channels_last, grad_clip=opts.grad_clip,
+                         progress=progress, desc=f"epoch {epoch} train")
+    ev = evaluate(model, val_loader, criterion, device, amp=opts.amp, channels_last=opts.channels_last,
+                  progress=progress, desc=f"epoch {epoch} val")
+    vm = ev.metrics
+    row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"], "train_f1": tr["f1"],
+           "train_images": tr["n"], "val_loss": vm["loss"], "val_acc": vm["acc"], "val_f1": vm["f1"],
+           "val_auroc": vm["auroc"], "seconds": time.perf_counter() - t0, "images_per_s": tr["images_per_s"]}
+    return row, ev, tr
+
+
+def _step_scheduler(scheduler: Any, value: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(value)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+def _best_metrics(vm: Mapping[str, Any], tr: Mapping[str, Any]) -> dict[str, Any]:
+    best = {f"val_{k}" if k != "confusion_matrix" else "val_confusion_matrix": v for k, v in vm.items()}
+    best.update({"train_loss": tr["loss"], "train_acc": tr["acc"], "train_f1": tr["f1"]})
+    return best
+
+
+def _save_epoch(files: RunFiles, checkpoint: Callable[..., dict[str, Any]], epoch: int, is_best: bool,
+                vm: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
+    """The best checkpoint (if this epoch is it), the metrics CSV and the resumable ``last`` state."""
+    if is_best:
+        save_checkpoint(files.best, checkpoint(epoch, state.best_metrics, finished=False))
+    _write_history(state.history, files.metrics_csv)
+    save_checkpoint(files.last, checkpoint(
+        epoch, vm, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler is not None else None,
+        scaler=state.scaler.state_dict(), early_stopping=state.stopper.state_dict(), rng=rng_state(),
+        sampler_epoch=epoch, history=state.history, best_metrics=state.best_metrics))
+
+
+def _log_epoch(epoch: int, row: Mapping[str, Any], ev: EvalResult, is_best: bool, stopper: EarlyStopping,
+               class_names: Sequence[str]) -> None:
+    vm = ev.metrics
+    log(f"[Epoch {epoch}] Train Loss {_fmt(row['train_loss'])} | Acc {_fmt(row['train_acc'])} | F1 "
+        f"{_fmt(row['train_f1'])} | lr {row['lr']:.3g} | {row['images_per_s']:.1f} img/s")
+    log(f"[Epoch {epoch}] Val Loss {_fmt(vm['loss'])} | Acc {_fmt(vm['acc'])} | F1 {_fmt(vm['f1'])}"
+        f" | AUROC {_fmt(vm['auroc'])} | n {vm['n']}"
+        + (" | new best" if is_best else f" | best {_fmt(stopper.best)} at epoch {stopper.best_epoch}"))
+    log(metrics.format_confusion(vm["confusion_matrix"], class_names))
+    if len(class_names) > 2:
+        log(classification_report(ev.labels, ev.probs.argmax(1), labels=list(range(len(class_names))),
+                                  target_names=list(class_names), digits=3, zero_division=0))
+
+
+def _finish(files: RunFiles, epochs_run: int, stopped_early: bool, history: list[dict[str, Any]],
+            opts: FitOptions) -> None:
+    """Mark the best checkpoint finished (what --resume checks to not retrain) with the run's
+    budget; the resumable state (optimizer etc., several times the model's size) goes."""
+    if distributed.is_main():
+        best = load_checkpoint(files.best)
+        best.update(finished=True, epochs_run=epochs_run, stopped_early=stopped_early, history=history,
+                    epochs_max=opts.epochs, images_seen=images_seen(history))
+        save_checkpoint(files.best, best)
+        files.last.unlink(missing_ok=True)
+    distributed.barrier()  # the best checkpoint exists for every rank after this
+
+
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, criterion: Callable,
         optimizer: torch.optim.Optimizer, scheduler: Any, *, device: torch.device, files: RunFiles,
         meta: Mapping[str, Any], settings: Mapping[str, Any], opts: FitOptions,
@@ -447,149 +597,56 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
     monitor_col, mode = MONITORS[opts.monitor]
     settings = dict(settings)
     progress = not opts.quiet and sys.stderr.isatty() and distributed.is_main()
-    scaler = torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16")
-    stopper = EarlyStopping(opts.patience, mode=mode, min_delta=opts.min_delta)
-    history: list[dict[str, Any]] = []
-    best_metrics: dict[str, Any] = {}
-    start_epoch = 1
+    state = TrainState(EarlyStopping(opts.patience, mode=mode, min_delta=opts.min_delta),
+                       torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16"))
     raw = model.to(device)
     if opts.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
+    done, redo = _finished_result(files, settings, opts, monitor_col)
+    if done is not None:
+        distributed.barrier()
+        return done
+    if not redo:
+        _restore_last(files, settings, opts, raw, optimizer, scheduler, state, monitor_col)
+    train_model = _wrap(raw, device, opts)
 
-    finished = load_checkpoint(files.best) if opts.resume and files.best.exists() else None
-    if finished is not None and finished.get("finished"):
-        diffs = settings_mismatch(finished.get("settings", {}), settings)
-        if diffs and not opts.force:
-            raise ResumeError(f"{files.best}: cannot resume, essential settings differ: " + "; ".join(diffs)
-                              + ". Use the saved settings, or --force to start over.")
-        if not diffs:
-            log(f"{files.best}: already trained (best epoch {finished['epoch']}, {monitor_col} "
-                f"{_fmt(finished['metrics'].get(monitor_col))}); not retraining")
-            distributed.barrier()
-            return _result(files, finished["epoch"], finished["metrics"], finished["epochs_run"],
-                           finished["stopped_early"], finished["history"])
-        log(f"--force: {files.best} was trained with other settings ({'; '.join(diffs)}); starting over")
-    elif files.last.exists():
-        state = load_checkpoint(files.last)
-        diffs = settings_mismatch(state.get("settings", {}), settings)
-        if not opts.resume:
-            log(f"Found an unfinished run in {files.last} (epoch {state['epoch']}); starting over "
-                f"(pass --resume to continue it)")
-        elif diffs and not opts.force:
-            raise ResumeError(f"{files.last}: cannot resume, essential settings differ: " + "; ".join(diffs)
-                              + ". Use the saved settings, or --force to start over.")
-        elif diffs:
-            log(f"--force: saved state in {files.last} has different settings ({'; '.join(diffs)}); starting over")
-        else:
-            raw.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None and state.get("scheduler") is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            stopper.load_state_dict(state["early_stopping"])
-            history = list(state["history"])
-            best_metrics = dict(state["best_metrics"])
-            start_epoch = int(state["epoch"]) + 1
-            set_rng_state(state["rng"])
-            if distributed.get_rank():  # ranks must not share augmentation streams
-                seed_everything(opts.seed + 1000 * start_epoch + distributed.get_rank())
-            log(f"Resuming from epoch {start_epoch} (state of epoch {state['epoch']} in {files.last}; "
-                f"best {monitor_col} so far {_fmt(stopper.best)} at epoch {stopper.best_epoch})")
-
-    train_model: nn.Module = raw
-    if distributed.is_dist():
-        train_model = nn.parallel.DistributedDataParallel(
-            raw, device_ids=[device.index] if device.type == "cuda" else None)
-    if opts.compile:
-        train_model = torch.compile(train_model)
-
-    def checkpoint(epoch: int, metrics: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-        return make_checkpoint(raw, **meta, metrics=metrics, epoch=epoch, settings=settings,
+    def checkpoint(epoch: int, scores: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+        return make_checkpoint(raw, **meta, metrics=scores, epoch=epoch, settings=settings,
                                monitor=opts.monitor, **extra)
 
-    epoch = saved_epoch = start_epoch - 1
-    stopped_early = stopper.should_stop  # stopped, but interrupted before the finished marker
-    if stopped_early:
-        start_epoch = opts.epochs + 1
+    epoch = saved_epoch = state.start_epoch - 1
+    stopped_early = state.stopper.should_stop  # stopped, but interrupted before the finished marker
     log(f"Training {meta.get('model_name', '')} on {device} (amp {opts.amp}) for up to {opts.epochs} epochs, "
-        f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, "
-        f"best epoch by {monitor_col}")
+        f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, best epoch by {monitor_col}")
     try:
-        for epoch in range(start_epoch, opts.epochs + 1):
-            t0 = time.perf_counter()
-            for loader in (train_loader, val_loader):
-                if hasattr(loader.sampler, "set_epoch"):
-                    loader.sampler.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            tr = train_one_epoch(train_model, train_loader, criterion, optimizer, device, scaler=scaler,
-                                 amp=opts.amp, accum_steps=opts.accum_steps,
-                                 channels_last=opts.channels_last, grad_clip=opts.grad_clip,
-                                 progress=progress, desc=f"epoch {epoch} train")
-            ev = evaluate(train_model, val_loader, criterion, device, amp=opts.amp,
-                          channels_last=opts.channels_last, progress=progress, desc=f"epoch {epoch} val")
-            vm = ev.metrics
-            row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                   "train_f1": tr["f1"], "train_images": tr["n"], "val_loss": vm["loss"], "val_acc": vm["acc"], "val_f1": vm["f1"],
-                   "val_auroc": vm["auroc"], "seconds": time.perf_counter() - t0,
-                   "images_per_s": tr["images_per_s"]}
-            history.append(row)
+        for epoch in range(opts.epochs + 1 if stopped_early else state.start_epoch, opts.epochs + 1):
+            row, ev, tr = _run_epoch(epoch, train_model, train_loader, val_loader, criterion, optimizer, device,
+                                     state, opts, progress)
+            state.history.append(row)
             value = float(row[monitor_col])
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(value)
-            elif scheduler is not None:
-                scheduler.step()
-            is_best = stopper.step(value, epoch)
+            _step_scheduler(scheduler, value)
+            is_best = state.stopper.step(value, epoch)
             # every rank computed the same gathered metrics; rank 0's decision is the one
-            stop = distributed.broadcast_object(stopper.should_stop and epoch < opts.epochs)
+            stop = distributed.broadcast_object(state.stopper.should_stop and epoch < opts.epochs)
             if is_best:
-                best_metrics = {f"val_{k}" if k != "confusion_matrix" else "val_confusion_matrix": v
-                                for k, v in vm.items()}
-                best_metrics.update({"train_loss": tr["loss"], "train_acc": tr["acc"], "train_f1": tr["f1"]})
-            # saved before the epoch is reported: a Ctrl-C after its Val line keeps it
-            if distributed.is_main():
-                if is_best:
-                    save_checkpoint(files.best, checkpoint(epoch, best_metrics, finished=False))
-                _write_history(history, files.metrics_csv)
-                save_checkpoint(files.last, checkpoint(
-                    epoch, vm, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict() if scheduler is not None else None,
-                    scaler=scaler.state_dict(), early_stopping=stopper.state_dict(), rng=rng_state(),
-                    sampler_epoch=epoch, history=history, best_metrics=best_metrics))
+                state.best_metrics = _best_metrics(ev.metrics, tr)
+            if distributed.is_main():  # saved before the epoch is reported: a Ctrl-C after its Val line keeps it
+                _save_epoch(files, checkpoint, epoch, is_best, ev.metrics, optimizer, scheduler, state)
             saved_epoch = epoch
-            log(f"[Epoch {epoch}] Train Loss {_fmt(tr['loss'])} | Acc {_fmt(tr['acc'])} | F1 {_fmt(tr['f1'])}"
-                f" | lr {lr:.3g} | {tr['images_per_s']:.1f} img/s")
-            log(f"[Epoch {epoch}] Val Loss {_fmt(vm['loss'])} | Acc {_fmt(vm['acc'])} | F1 {_fmt(vm['f1'])}"
-                f" | AUROC {_fmt(vm['auroc'])} | n {vm['n']}"
-                + (" | new best" if is_best else f" | best {_fmt(stopper.best)} at epoch {stopper.best_epoch}"))
-            log(metrics.format_confusion(vm["confusion_matrix"], class_names))
-            if len(class_names) > 2:
-                log(classification_report(ev.labels, ev.probs.argmax(1), labels=list(range(len(class_names))),
-                                          target_names=list(class_names), digits=3, zero_division=0))
+            _log_epoch(epoch, row, ev, is_best, state.stopper, class_names)
             if stop:
                 stopped_early = True
-                log(f"Early stopping at epoch {epoch}: no {monitor_col} improvement for "
-                    f"{stopper.bad_epochs} epochs (best {_fmt(stopper.best)} at epoch {stopper.best_epoch})")
+                log(f"Early stopping at epoch {epoch}: no {monitor_col} improvement for {state.stopper.bad_epochs} "
+                    f"epochs (best {_fmt(state.stopper.best)} at epoch {state.stopper.best_epoch})")
                 break
     except KeyboardInterrupt:
-        done = saved_epoch
-        log(f"\nInterrupted during epoch {epoch}. State of epoch {done} is saved in {files.last}; "
-            f"re-run with --resume (run_all_training.py: the same command) to continue from epoch {done + 1}."
-            if done >= 1 else
-            f"\nInterrupted during epoch {epoch}, before any epoch completed; nothing to resume.")
+        log(f"\nInterrupted during epoch {epoch}. State of epoch {saved_epoch} is saved in {files.last}; re-run "
+            f"with --resume (run_all_training.py: the same command) to continue from epoch {saved_epoch + 1}."
+            if saved_epoch >= 1 else f"\nInterrupted during epoch {epoch}, before any epoch completed; nothing to resume.")
         raise
-
-    if distributed.is_main():
-        # The best checkpoint, marked finished, is what --resume checks to not retrain; the
-        # resumable state (optimizer etc., several times the model's size) is no longer needed.
-        best = load_checkpoint(files.best)
-        best.update(finished=True, epochs_run=epoch, stopped_early=stopped_early, history=history,
-                    epochs_max=opts.epochs, images_seen=images_seen(history))
-        save_checkpoint(files.best, best)
-        files.last.unlink(missing_ok=True)
-    distributed.barrier()  # the best checkpoint exists for every rank after this
-    log(f"Best epoch {stopper.best_epoch}: {monitor_col} {_fmt(stopper.best)} -> {files.best}")
-    return _result(files, stopper.best_epoch, best_metrics, epoch, stopped_early, history)
+    _finish(files, epoch, stopped_early, state.history, opts)
+    log(f"Best epoch {state.stopper.best_epoch}: {monitor_col} {_fmt(state.stopper.best)} -> {files.best}")
+    return _result(files, state.stopper.best_epoch, state.best_metrics, epoch, stopped_early, state.history)
 
 
 def images_seen(history: Sequence[Mapping[str, Any]]) -> int | None:

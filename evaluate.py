@@ -75,12 +75,12 @@ import engine
 import errors
 import inference
 import metrics
+import presets
 import report
 import splits
 import unified_dataset
 from config import print_config, save_config, to_dict, versions
 from io_utils import to_jsonable, write_csv, write_json
-import presets
 from presets import AMP_MODES
 
 # Every system, in table order. The per-group variants share their base system's
@@ -551,25 +551,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--routing", choices=inference.ROUTINGS, default="hard",
                    help="system whose output fills fracture_prob/fracture_pred in the CSV")
     p.add_argument("--threshold-method", choices=("youden", "sensitivity"), default="youden")
-    p.add_argument("--target-sensitivity", type=float, default=None,
+    p.add_argument("--target-sensitivity", type=presets.probability, default=None,
                    help="choose the highest threshold with this validation sensitivity "
                         "(implies --threshold-method sensitivity)")
     p.add_argument("--study-col", default="study_number",
                    help="column that, with patient_id, identifies a study (the images read together); "
                         "without it in the CSV, each patient is one study")
-    p.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples")
+    p.add_argument("--n-boot", type=presets.non_negative_int, default=1000, help="patient bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level")
+    p.add_argument("--alpha", type=presets.probability, default=0.05, help="1 - confidence level")
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
-    p.add_argument("--n-cam", type=int, default=6, help="Grad-CAM examples in the report (0: none)")
+    p.add_argument("--n-cam", type=presets.non_negative_int, default=6, help="Grad-CAM examples in the report (0: none)")
     p.add_argument("--history-pattern", default="{stem}_metrics.csv",
                    help="per-epoch metrics CSV beside each checkpoint ({stem}: checkpoint stem)")
     p.add_argument("--cache-dir", default=None,
                    help="decoded-image cache shared with the trainers (default: "
                         "<out-dir>/image.cache)")
     p.add_argument("--no-cache", action="store_true", help="decode every image (no cache)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--batch-size", type=presets.positive_int, default=64)
+    p.add_argument("--workers", type=presets.non_negative_int, default=0)
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (under torchrun, cuda means each rank's local GPU)")
     p.add_argument("--amp", choices=AMP_MODES, default="off",
@@ -626,93 +626,125 @@ def study_column(df: pd.DataFrame, name: str | None, notes: list[str]) -> str | 
     return None
 
 
+@dataclass
+class Split:
+    """One evaluated CSV: its rows, fracture labels and true age groups, the models' outputs
+    (:func:`infer`) and the systems' probabilities."""
+
+    df: pd.DataFrame
+    y: np.ndarray
+    true_group: np.ndarray
+    inf: dict[str, Any]
+    out: SplitOutputs
+
+    @property
+    def patients(self) -> np.ndarray:
+        return self.df["patient_id"].astype(str).to_numpy()
+
+
+def load_and_infer(args: argparse.Namespace, paths: Mapping[str, Path], device: torch.device,
+                   distributed_info: str) -> tuple[inference.RoutedModels, Split, Split, dict[str, int], list[str]]:
+    """The checked CSVs and models, every image decoded, and every model's inference on
+    validation and test (sharded under torchrun: every rank calls this)."""
+    test_df = unified_dataset.read_split_csv(paths["test_csv"])
+    val_df = unified_dataset.read_split_csv(paths["val_csv"])
+    for note in splits.check_splits({str(paths["test_csv"]): test_df, str(paths["val_csv"]): val_df},
+                                    paths["test_csv"], also=[columns.RunDir(paths["out"]).train_csv]):
+        engine.log(f"note: {note}")
+    routed = inference.load_routed_models(paths["models_dir"], device)
+    notes = list(routed.notes)
+    if routed.pooled is None:
+        notes.append(f"no {inference.POOLED_CKPT}: the pooled baseline (d) is missing")
+    cache = None if args.no_cache else (args.cache_dir or columns.RunDir(paths["out"]).cache_dir)
+    amp = engine.resolve_amp(args.amp, device)
+    test_df, val_df, left_out = decode_splits(test_df, val_df, routed, cache, args.skip_bad, paths["out"], notes)
+    engine.log(f"inference: validation ({len(val_df)} images), test ({len(test_df)} images) on {device} "
+               f"(amp {amp}){distributed_info}")
+    found = []
+    for name, df in (("val", val_df), ("test", test_df)):
+        inf = infer(routed, df, device, args.tta, batch_size=args.batch_size, workers=args.workers, cache_dir=cache,
+                    amp=amp)
+        true = true_groups(df, routed.age_bounds, name, notes)
+        found.append(Split(df, df["fracture"].to_numpy(int), true, inf, system_probs(inf, true)))
+    return routed, found[0], found[1], left_out, notes
+
+
+def score(args: argparse.Namespace, routed: inference.RoutedModels, val: Split, test: Split,
+          notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every number of the evaluation (the ``metrics.json`` sections), and what the output
+    files need besides (per-row thresholds, subsets, calibrated probabilities)."""
+    method = "sensitivity" if args.target_sensitivity is not None else args.threshold_method
+    target = args.target_sensitivity if args.target_sensitivity is not None else 0.95
+    boot = {"n_boot": args.n_boot, "seed": args.seed, "alpha": args.alpha}
+    names = columns.age_group_names(routed.age_bounds)
+    chosen = choose_thresholds(val.y, val.out, routed.n_groups, method, target, notes)
+    thr = row_thresholds(chosen, test.out)
+    budgets = system_budgets(routed)
+    reference, budget_why = equal_budget_reference(budgets)
+    masks = subsets(test.df, test.true_group, names)
+    print(f"metrics with {args.n_boot} patient-bootstrap resamples ...")
+    pairs = comparison_pairs(reference)
+    study_col = study_column(test.df, args.study_col, notes)
+    calibration, calibrated = calibrate(val.inf, test.inf, val.y, test.y, val.true_group, test.true_group, routed)
+    age, misrouted = summarise_routing(test.df, test.y, test.inf, test.true_group, test.out, chosen, names, boot, notes)
+    result = {
+        "threshold_method": method if method == "youden" else f"sensitivity >= {target}",
+        "budgets": budgets,
+        "equal_budget": {"reference": reference, "differences": budget_why, "images_tolerance": IMAGES_TOLERANCE},
+        "thresholds": chosen, "subsets": list(masks),
+        "systems": score_systems(test.y, test.out, thr, masks, test.patients, boot),
+        "comparisons": compare_systems(test.y, test.out, thr, test.patients, pairs, boot),
+        "comparisons_by_age_group": {
+            sub: compare_systems(test.y, test.out, thr, test.patients, pairs[:1], boot, mask=masks[sub])
+            for sub in masks if sub.startswith("age ") and masks[sub].any()},
+        "study_level": score_studies((val.df, val.y, val.out), (test.df, test.y, test.out), study_col,
+                                     routed.n_groups, method, target, reference, boot, notes),
+        "subgroups": score_subgroups(test.df, test.y, test.out, test.patients, boot),
+        "calibration": calibration, "age_classifier": age, "misrouted": misrouted,
+    }
+    return result, {"thresholds": thr, "masks": masks, "calibrated": calibrated}
+
+
+def describe_run(args: argparse.Namespace, paths: Mapping[str, Path], routed: inference.RoutedModels, val: Split,
+                 test: Split, device: torch.device, world_size: int) -> dict[str, Any]:
+    """What was evaluated, how, and with which models (the head of ``metrics.json``)."""
+    return {
+        "inputs": {k: str(v) for k, v in paths.items()}, "config": to_dict(args), "versions": versions(),
+        "device": str(device), "world_size": world_size,
+        "n_test_images": int(len(test.df)), "n_test_patients": int(pd.unique(test.patients).size),
+        "test_prevalence": float(test.y.mean()), "n_val_images": int(len(val.df)),
+        "age_bounds": list(routed.age_bounds), "age_group_names": list(columns.age_group_names(routed.age_bounds)),
+        "n_boot": args.n_boot, "seed": args.seed, "alpha": args.alpha, "tta": args.tta,
+        "routing_served_by": routed.served_by(),
+        "models": {lm.name: {"path": str(lm.path), "model_name": lm.meta.get("model_name"), "img_size": lm.img_size,
+                             "epoch": lm.meta.get("epoch"), "train_metrics": lm.meta.get("metrics"),
+                             "budget": model_budget(lm)}
+                   for lm in [routed.age, *routed.groups.values(), routed.pooled, routed.pooled_continued] if lm},
+    }
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate; returns the written files and a summary on rank 0 (and in a single
     process), an empty dict on the other torchrun ranks."""
     t0 = time.perf_counter()
     paths = _paths(args)
-    method = "sensitivity" if args.target_sensitivity is not None else args.threshold_method
-    target = args.target_sensitivity if args.target_sensitivity is not None else 0.95
-    boot = {"n_boot": args.n_boot, "seed": args.seed, "alpha": args.alpha}
-    cfg = to_dict(args)
     with distributed.session(args.device, paths["out"]) as info:
         if info.is_main:
-            print_config(cfg, "evaluate")
-        device = info.device
-        test_df = unified_dataset.read_split_csv(paths["test_csv"])
-        val_df = unified_dataset.read_split_csv(paths["val_csv"])
-        for note in splits.check_splits({str(paths["test_csv"]): test_df, str(paths["val_csv"]): val_df},
-                                        paths["test_csv"], also=[columns.RunDir(paths["out"]).train_csv]):
-            engine.log(f"note: {note}")
-        routed = inference.load_routed_models(paths["models_dir"], device)
-        notes = list(routed.notes)
-        if routed.pooled is None:
-            notes.append("no fracture_classifier_pooled.pt: the pooled baseline (d) is missing")
-        bounds = routed.age_bounds
-        names = columns.age_group_names(bounds)
-        cache = None if args.no_cache else (args.cache_dir or columns.RunDir(paths["out"]).cache_dir)
-        amp = engine.resolve_amp(args.amp, device)
-        infer_kw = dict(batch_size=args.batch_size, workers=args.workers, cache_dir=cache, amp=amp)
-        test_df, val_df, left_out = decode_splits(test_df, val_df, routed, cache, args.skip_bad, paths["out"], notes)
-        true_val, true_test = (true_groups(df, bounds, split, notes) for split, df in (("val", val_df), ("test", test_df)))
-        engine.log(f"inference: validation ({len(val_df)} images), test ({len(test_df)} images) "
-                   f"on {device} (amp {amp})"
-                   + (f", sharded over {info.world_size} processes" if info.distributed else ""))
-        inf_val = infer(routed, val_df, device, args.tta, **infer_kw)
-        inf_test = infer(routed, test_df, device, args.tta, **infer_kw)
+            print_config(to_dict(args), SCRIPT)
+        sharded = f", sharded over {info.world_size} processes" if info.distributed else ""
+        routed, val, test, left_out, notes = load_and_infer(args, paths, info.device, sharded)
         # The rest (bootstrap, figures, Grad-CAM) is rank 0's alone and may outlast the
         # collective timeout: leave the process group now (barrier first, see
         # distributed.cleanup), so the other ranks exit instead of waiting for rank 0.
         distributed.cleanup()
         if not info.is_main:
             return {}
-        y_val, y = val_df["fracture"].to_numpy(int), test_df["fracture"].to_numpy(int)
-        patients = test_df["patient_id"].astype(str).to_numpy()
-        val_out, test_out = system_probs(inf_val, true_val), system_probs(inf_test, true_test)
-
-        chosen = choose_thresholds(y_val, val_out, routed.n_groups, method, target, notes)
-        thr = row_thresholds(chosen, test_out)
-        budgets = system_budgets(routed)
-        reference, budget_why = equal_budget_reference(budgets)
-        masks = subsets(test_df, true_test, names)
-        print(f"metrics with {args.n_boot} patient-bootstrap resamples ...")
-        systems = score_systems(y, test_out, thr, masks, patients, boot)
-        pairs = comparison_pairs(reference)
-        comparisons = compare_systems(y, test_out, thr, patients, pairs, boot)
-        by_group = {sub: compare_systems(y, test_out, thr, patients, pairs[:1], boot, mask=masks[sub])
-                    for sub in masks if sub.startswith("age ") and masks[sub].any()}
-        study_col = study_column(test_df, args.study_col, notes)
-        studies = score_studies((val_df, y_val, val_out), (test_df, y, test_out), study_col, routed.n_groups,
-                                method, target, reference, boot, notes)
-        subgroups = score_subgroups(test_df, y, test_out, patients, boot)
-        calibration, calibrated = calibrate(inf_val, inf_test, y_val, y, true_val, true_test, routed)
-        age, misrouted = summarise_routing(test_df, y, inf_test, true_test, test_out, chosen, names, boot, notes)
-
-        result = {
-            "inputs": {k: str(v) for k, v in paths.items()},
-            "config": cfg, "versions": versions(), "device": str(device), "world_size": info.world_size,
-            "n_test_images": int(len(test_df)), "n_test_patients": int(pd.unique(patients).size),
-            "undecodable_left_out": left_out,
-            "test_prevalence": float(y.mean()), "n_val_images": int(len(val_df)),
-            "age_bounds": list(bounds), "age_group_names": list(names),
-            "threshold_method": method if method == "youden" else f"sensitivity >= {target}",
-            "n_boot": args.n_boot, "seed": args.seed, "alpha": args.alpha, "tta": args.tta,
-            "routing_served_by": routed.served_by(),
-            "models": {lm.name: {"path": str(lm.path), "model_name": lm.meta.get("model_name"),
-                                 "img_size": lm.img_size, "epoch": lm.meta.get("epoch"),
-                                 "train_metrics": lm.meta.get("metrics"), "budget": model_budget(lm)}
-                       for lm in [routed.age, *routed.groups.values(), routed.pooled, routed.pooled_continued] if lm},
-            "budgets": budgets, "equal_budget": {"reference": reference, "differences": budget_why,
-                                                 "images_tolerance": IMAGES_TOLERANCE},
-            "thresholds": chosen, "subsets": list(masks), "systems": systems,
-            "comparisons": comparisons, "comparisons_by_age_group": by_group,
-            "study_level": studies, "subgroups": subgroups, "calibration": calibration,
-            "age_classifier": age, "misrouted": misrouted, "notes": notes,
-        }
+        scores, extra = score(args, routed, val, test, notes)
+        result = {**describe_run(args, paths, routed, val, test, info.device, info.world_size),
+                  "undecodable_left_out": left_out, **scores, "notes": notes}
         group_cols = {lm.meta.get("group_column") for lm in routed.groups.values()} - {None}
         result["conclusion"] = report.answer(result, ", ".join(sorted(map(str, group_cols))) or None)
-        written = write_outputs(args, paths, result, test_df, inf_test, test_out, calibrated, thr, masks,
-                                routed, device, t0)
+        written = write_outputs(args, paths, result, test, extra, routed, info.device, t0)
     report.print_summary(result)
     for k in ("test_predictions", "metrics", "thresholds", "report"):
         print(f"wrote {written[k]}")
@@ -720,53 +752,58 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return written
 
 
-def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: dict[str, Any], test_df: pd.DataFrame,
-                  inf_test: Mapping[str, Any], test_out: SplitOutputs, calibrated: SplitOutputs,
-                  thr: Mapping[str, float | np.ndarray], masks: Mapping[str, np.ndarray],
-                  routed: inference.RoutedModels, device: torch.device, t0: float) -> dict[str, Any]:
-    """test_predictions.csv, thresholds.json, the figures, report.md, metrics.json."""
-    y = test_df["fracture"].to_numpy(int)
-    pred_group = inf_test["age_probs"].argmax(1)
-    pred_df = test_df.reset_index(drop=True).copy()
-    pred_df["age_group"] = columns.age_to_group(test_df["age"].to_numpy(float), routed.age_bounds)
-    pred_df["age_group_label"] = pred_group
+def predictions_frame(args: argparse.Namespace, test: Split, thr: Mapping[str, float | np.ndarray],
+                      calibrated: SplitOutputs, routed: inference.RoutedModels) -> pd.DataFrame:
+    """test_predictions.csv: per test image its true and predicted age group, and every
+    system's probability (raw and calibrated), threshold and decision."""
+    pred_group = test.inf["age_probs"].argmax(1)
+    frame = test.df.reset_index(drop=True).copy()
+    frame["age_group"] = test.true_group
+    frame["age_group_label"] = pred_group
     for g in range(routed.n_groups):
-        pred_df[f"age_group_prob_{g}"] = inf_test["age_probs"][:, g]
-    pred_df["routed_model"] = [routed.model_for_group(int(g)).name for g in pred_group]
+        frame[f"age_group_prob_{g}"] = test.inf["age_probs"][:, g]
+    frame["routed_model"] = [routed.model_for_group(int(g)).name for g in pred_group]
     for s in thr:
-        prob = test_out.prob[base_system(s)]
-        if s in test_out.prob:
-            pred_df[f"prob_{s}"] = prob
-            pred_df[f"prob_{s}_calibrated"] = calibrated.prob[s]
-        pred_df[f"pred_{s}"] = (prob >= thr[s]).astype(int)
-        pred_df[f"threshold_{s}"] = thr[s]
-    pred_df["routing"] = args.routing
-    pred_df["fracture_prob"] = test_out.prob[args.routing]
-    pred_df["fracture_pred"] = pred_df[f"pred_{args.routing}"]
-    pred_df["threshold"] = thr[args.routing]
-    written: dict[str, Any] = {"test_predictions": write_csv(pred_df, columns.RunDir(paths["out"]).predictions_csv)}
+        prob = test.out.prob[base_system(s)]
+        if s in test.out.prob:
+            frame[f"prob_{s}"] = prob
+            frame[f"prob_{s}_calibrated"] = calibrated.prob[s]
+        frame[f"pred_{s}"] = (prob >= thr[s]).astype(int)
+        frame[f"threshold_{s}"] = thr[s]
+    frame["routing"] = args.routing
+    frame["fracture_prob"] = test.out.prob[args.routing]
+    frame["fracture_pred"] = frame[f"pred_{args.routing}"]
+    frame["threshold"] = thr[args.routing]
+    return frame
+
+
+def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: dict[str, Any], test: Split,
+                  extra: Mapping[str, Any], routed: inference.RoutedModels, device: torch.device,
+                  t0: float) -> dict[str, Any]:
+    """test_predictions.csv, thresholds.json, the figures, report.md, metrics.json."""
+    run, thr = columns.RunDir(paths["out"]), extra["thresholds"]
+    written: dict[str, Any] = {"test_predictions": write_csv(
+        predictions_frame(args, test, thr, extra["calibrated"], routed), run.predictions_csv)}
     written["thresholds"] = write_json({
         "thresholds": result["thresholds"], "method": result["threshold_method"], "val_csv": str(paths["val_csv"]),
         "note": "chosen on validation by evaluate.py; read by predict.py"},
         paths["models_dir"] / columns.THRESHOLDS_JSON)
-
     report_dir = paths["report_dir"]
-    figures = make_figures(report_dir, y, test_out, calibrated, thr, masks, result["age_classifier"], routed,
-                           args.history_pattern)
+    figures = make_figures(report_dir, test.y, test.out, extra["calibrated"], thr, extra["masks"],
+                           result["age_classifier"], routed, args.history_pattern)
     try:
-        cam = cam_figure(report_dir, test_df, y, test_out.prob["hard"], thr["hard"], pred_group,
-                         test_out.group["oracle"], routed, device, args.n_cam)
+        cam = cam_figure(report_dir, test.df, test.y, test.out.prob["hard"], thr["hard"],
+                         test.inf["age_probs"].argmax(1), test.true_group, routed, device, args.n_cam)
         if cam is not None:
             figures["gradcam"] = cam
     except Exception as exc:  # a failed explanation must not cost the evaluation
         result["notes"].append(f"Grad-CAM figure skipped: {type(exc).__name__}: {exc}")
-
     result["wall_time_s"] = time.perf_counter() - t0
     written["report"] = report.write_report(report_dir, result, figures)
     written["figures"] = list(figures.values())
     save_config(result["config"], report_dir / (SCRIPT + columns.CONFIG_SUFFIX))
     result["wall_time_s"] = time.perf_counter() - t0
-    written["metrics"] = write_json(result, columns.RunDir(paths["out"]).metrics_json)
+    written["metrics"] = write_json(result, run.metrics_json)
     written["summary"] = to_jsonable(nan_as_none=True, obj={
         s: {k: [r["overall"][k], *r["overall"]["ci"].get(k, [None, None])]
             for k in ("auroc", "f1", "sensitivity", "specificity")}

@@ -24,10 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import columns
-import errors
 import engine
+import errors
 import models
 import unified_dataset
+
 ROUTINGS = ("hard", "soft")
 
 

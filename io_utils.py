@@ -33,7 +33,6 @@ import pandas as pd
 import columns
 from errors import FULL_ERRNOS, DiskFullError, LockError, os_error_in_chain
 
-
 # Names of temporary files this module (and the driver's torchrun result file) creates:
 # tempfile.mkstemp puts 8 characters of [a-z0-9_] between prefix and suffix.
 ORPHAN_PATTERNS = (re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$"), re.compile(r"^\.stage\d+_result\.[a-z0-9_]{8}\.json$"))

@@ -504,7 +504,7 @@ def make_checkpoint(
 
     ``extra`` adds further keys, e.g. optimizer/scheduler/RNG state in a resumable ``last`` file.
     """
-    from config import versions  # the lead's helper; imported here so models.py imports stay light
+    from config import versions  # imported here so that importing models.py stays light
 
     ckpt = {
         "model": model if isinstance(model, Mapping) else model_state_dict(model),

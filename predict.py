@@ -35,15 +35,15 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-import errors
 import columns
+import errors
 import presets
 import unified_dataset
 from config import print_config, to_dict
 from distributed import resolve_device
-from inference import (ROUTINGS, cam_examples, load_routed_models,
-                       overlay_png_bytes, route)
+from inference import ROUTINGS, cam_examples, load_routed_models, overlay_png_bytes, route
 from io_utils import atomic_write, write_csv
+
 
 def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files given directly plus the images under given folders, sorted, no duplicates.

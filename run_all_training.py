@@ -57,6 +57,7 @@ import pandas as pd
 
 import columns
 import errors
+import presets
 from config import print_config, to_dict
 from distributed import LOCK_HELD_ENV
 from io_utils import RunLock, to_jsonable, write_json
@@ -91,9 +92,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--group-column", choices=("age_group_label", "age_group"), default=None,
                    help="stage 4: route training rows by the predicted or the true age group "
                         "[default: age_group_label, the predicted one]")
-    g.add_argument("--min-rows", type=int, default=None, help="stage 4: smallest group that is trained")
-    g.add_argument("--n-boot", type=int, default=None, help="evaluation bootstrap resamples (evaluate.py's default)")
-    g.add_argument("--nproc-per-node", type=int, default=1,
+    g.add_argument("--min-rows", type=presets.non_negative_int, default=None, help="stage 4: smallest group that is trained")
+    g.add_argument("--n-boot", type=presets.non_negative_int, default=None, help="evaluation bootstrap resamples (evaluate.py's default)")
+    g.add_argument("--nproc-per-node", type=presets.positive_int, default=1,
                    help="processes (GPUs) per node for the training and evaluation stages, "
                         "launched through torchrun")
     g.add_argument("--force", action="store_true",

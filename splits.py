@@ -26,9 +26,9 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 import columns
-from io_utils import write_csv
 import unified_dataset
 from errors import DataError
+from io_utils import write_csv
 
 
 def strata(df: pd.DataFrame) -> np.ndarray:

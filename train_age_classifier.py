@@ -31,18 +31,18 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-import errors
 import columns
 import distributed
 import engine
+import errors
 import inference
 import presets
 import splits
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES, PREDICTION_COLUMNS
 from config import print_config, to_dict
+from errors import DataError
 from io_utils import write_csv, write_json
 from presets import add_data_args, add_training_args, resolve_config, resolve_paths
-from errors import DataError
 from unified_dataset import read_split_csv
 
 

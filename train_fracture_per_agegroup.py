@@ -39,18 +39,18 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
-import errors
 import columns
 import distributed
 import engine
+import errors
 import presets
 import splits
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES
 from config import print_config, to_dict
+from errors import DataError
 from io_utils import write_json
 from models import load_checkpoint
 from presets import add_data_args, add_training_args, resolve_config, resolve_paths
-from errors import DataError
 from unified_dataset import read_split_csv
 
 CLASS_NAMES = ("no fracture", "fracture")

@@ -500,6 +500,35 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
     source = source if source is not None else df.attrs.get("source", "<DataFrame>")
     _require_columns(df, ("image_path", "patient_id", "age", "fracture"), source)
     df = columns.coerce_frame(df)
+    problems = _value_problems(df, check_group=age_bounds is None)
+    image_check = _file_problems(df, problems, source, check_images, decode, num_workers)
+    n_bad = len(problems)
+    if n_bad and not skip_bad:
+        raise bad_rows_error(source, problems, df.index, remedy=remedy)
+    is_bad = df.index.isin(list(problems))
+    good = df.loc[~is_bad]
+    if n_bad:
+        if rejected_csv is not None:
+            bad = df.loc[is_bad]
+            record_rejected(bad, [problems[r] for r in bad.index], source, rejected_csv, append=append_rejected)
+        where = f" -> {rejected_csv}" if rejected_csv is not None else ""
+        print(f"{source}: set aside {n_bad} bad row(s) of {len(df)} (--skip-bad){where}")
+    if good.empty:
+        raise DataError.at(source, None, "no usable rows left" + (f" ({n_bad} rejected)" if n_bad else ""))
+    good = good.copy()
+    if age_bounds is not None or "age_group" not in good.columns:
+        good["age_group"] = columns.age_to_group(good["age"].to_numpy(), age_bounds or columns.AGE_BOUNDS)
+    for name in ("age_group", "fracture") + columns.FLAG_COLUMNS:
+        if name in good.columns:
+            good[name] = pd.to_numeric(good[name]).astype("int64")
+    good = good[columns.ordered_columns(good.columns)]
+    good.index.name = columns.ROW_INDEX_NAME
+    good.attrs.update(source=str(source), n_rejected=n_bad, image_check=image_check)
+    return good
+
+
+def _value_problems(df: pd.DataFrame, check_group: bool) -> dict[Any, str]:
+    """Row -> the first thing wrong with its values (ids, age, label, flags, age group)."""
     problems: dict[Any, str] = {}
 
     def flag(mask: pd.Series, reason: Any) -> None:
@@ -522,10 +551,17 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
             vals = pd.to_numeric(df[name], errors="coerce").astype("float64")
             flag(~vals.isin([0.0, 1.0]), lambda r, n=name, v=vals: f"flag {n!r} must be 1 or empty, got "
                  + ("text" if pd.isna(v[r]) else f"{v[r]:g}"))
-    if "age_group" in df.columns and age_bounds is None:
+    if "age_group" in df.columns and check_group:
         ag = pd.to_numeric(df["age_group"], errors="coerce").astype("float64")
         flag(~(ag.notna() & (ag >= 0) & (np.mod(ag.fillna(0), 1) == 0)) & age.notna(),
              lambda r: f"age_group must be an integer >= 0, got {df.at[r, 'age_group']}")
+    return problems
+
+
+def _file_problems(df: pd.DataFrame, problems: dict[Any, str], source: Any, check_images: bool, decode: bool,
+                   num_workers: int | None) -> dict[str, Any]:
+    """Add to ``problems`` the rows whose image is another row's (one image, one row) and,
+    with ``check_images``, whose file is unusable; returns how the files were checked."""
     paths = df["image_path"].astype(str)
     pids = df["patient_id"]
     named = paths[paths.str.strip() != ""]
@@ -534,50 +570,24 @@ def validate_frame(df: pd.DataFrame, source: Any = None, check_images: bool = Tr
     same_file = named.map(os.path.realpath if check_images else os.path.normpath)
     for row, reason in _duplicate_problems(same_file, paths, pids, "the same file as").items():
         problems.setdefault(row, reason)
-    image_check: dict[str, Any] = {"mode": "none"}
-    if check_images:
-        todo = [(r, p) for r, p in zip(df.index, paths) if r not in problems]
-        reasons, digests, image_check = check_image_files([p for _, p in todo], decode=decode,
-                                                          num_workers=num_workers)
-        print(f"{source}: image check ({image_check['mode']}, {image_check['threads']} thread(s)): "
-              f"{image_check['files']} files in {image_check['seconds']:.1f} s", flush=True)
-        decoded = {}
-        for (row, _), reason, digest in zip(todo, reasons, digests):
-            if reason is not None:
-                problems[row] = reason
-            elif digest is not None:
-                decoded[row] = digest
-        # decoded: the same pixels under two file names (a copy, a re-encoding) are one image too
-        if decoded:
-            by_pixels = pd.Series(decoded).reindex([r for r in df.index if r in decoded])
-            for row, reason in _duplicate_problems(by_pixels, paths, pids, "identical in pixels to").items():
-                problems.setdefault(row, reason)
-
-    n_bad = len(problems)
-    if n_bad and not skip_bad:
-        raise bad_rows_error(source, problems, df.index, remedy=remedy)
-    is_bad = df.index.isin(list(problems))
-    good = df.loc[~is_bad]
-    if n_bad:
-        if rejected_csv is not None:
-            bad = df.loc[is_bad]
-            record_rejected(bad, [problems[r] for r in bad.index], source, rejected_csv, append=append_rejected)
-        where = f" -> {rejected_csv}" if rejected_csv is not None else ""
-        print(f"{source}: set aside {n_bad} bad row(s) of {len(df)} (--skip-bad){where}")
-    if good.empty:
-        raise DataError.at(source, None, "no usable rows left" + (f" ({n_bad} rejected)" if n_bad else ""))
-    good = good.copy()
-    if age_bounds is not None or "age_group" not in good.columns:
-        good["age_group"] = columns.age_to_group(good["age"].to_numpy(), age_bounds or columns.AGE_BOUNDS)
-    for name in ("age_group", "fracture") + columns.FLAG_COLUMNS:
-        if name in good.columns:
-            good[name] = pd.to_numeric(good[name]).astype("int64")
-    good = good[columns.ordered_columns(good.columns)]
-    good.index.name = columns.ROW_INDEX_NAME
-    good.attrs["source"] = str(source)
-    good.attrs["n_rejected"] = n_bad
-    good.attrs["image_check"] = image_check
-    return good
+    if not check_images:
+        return {"mode": "none"}
+    todo = [(r, p) for r, p in zip(df.index, paths) if r not in problems]
+    reasons, digests, image_check = check_image_files([p for _, p in todo], decode=decode, num_workers=num_workers)
+    print(f"{source}: image check ({image_check['mode']}, {image_check['threads']} thread(s)): "
+          f"{image_check['files']} files in {image_check['seconds']:.1f} s", flush=True)
+    decoded = {}
+    for (row, _), reason, digest in zip(todo, reasons, digests):
+        if reason is not None:
+            problems[row] = reason
+        elif digest is not None:
+            decoded[row] = digest
+    # decoded: the same pixels under two file names (a copy, a re-encoding) are one image too
+    if decoded:
+        by_pixels = pd.Series(decoded).reindex([r for r in df.index if r in decoded])
+        for row, reason in _duplicate_problems(by_pixels, paths, pids, "identical in pixels to").items():
+            problems.setdefault(row, reason)
+    return image_check
 
 
 def record_rejected(bad: pd.DataFrame, reasons: Sequence[str], source: Any, rejected_csv: str | os.PathLike,

@@ -24,9 +24,9 @@ from torch import nn
 
 import columns
 import evaluate
+import inference
 import metrics
 import models
-import inference
 import predict
 import unified_dataset
 

@@ -17,6 +17,7 @@ from sklearn.metrics import (
 )
 
 import metrics
+
 # fixed, hand-checkable input: 10 images, ties in the scores on purpose
 Y = np.array([0, 0, 1, 1, 0, 1, 1, 0, 1, 0])
 P = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.9, 0.6, 0.2, 0.4, 0.7])

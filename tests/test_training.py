@@ -227,8 +227,9 @@ def _image_of(data: Path, meta: pd.DataFrame, row: int) -> Path:
 
 
 def test_driver_takes_a_messy_folder_to_the_report(tiny_phantom: Path, tmp_path: Path, capfd):
-    import age_split_testset
     from conftest import damage_idat
+
+    import age_split_testset
 
     data, meta = _messy_copy(tiny_phantom, tmp_path)
     _image_of(data, meta, 6).write_bytes(b"")  # a zero-byte file
@@ -278,8 +279,9 @@ def test_driver_takes_a_messy_folder_to_the_report(tiny_phantom: Path, tmp_path:
 
 def test_undecodable_image_stops_training_in_one_line_and_keeps_the_last_state(tiny_phantom: Path, tmp_path: Path,
                                                                                 capfd):
-    import train_age_classifier
     from conftest import damage_idat
+
+    import train_age_classifier
     from unified_dataset import DataError
 
     data, meta = _messy_copy(tiny_phantom, tmp_path)
