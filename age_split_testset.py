@@ -190,7 +190,8 @@ def fixed_test_set(args: argparse.Namespace, run: columns.RunDir, df: pd.DataFra
         test = read_split_csv(test_csv)
         identity = splits.recorded_test_identity(run.test_manifest) if run.test_manifest.is_file() else None
         if identity is not None:
-            splits.verify_test_set(test, test_csv, identity, remedy="restore it, or pass --force to re-draw the test set")
+            splits.verify_test_set(test, test_csv, identity,
+                                   remedy="restore it, or pass --force to re-draw the test set")
         else:
             print(f"note: {run.test_manifest} records no identity of the kept test set (written by an older "
                   f"version, or missing): recording it now from {test_csv} as it is")

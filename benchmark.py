@@ -356,7 +356,8 @@ def make_check_files(df: pd.DataFrame, n_files: int, folder: Path) -> tuple[Path
             raise OSError(f"{paths[i]}: PNG encoding failed")
         paths[i].write_bytes(buf.tobytes())
 
-    unified_dataset.run_threaded(write, range(n_files), unified_dataset.default_workers(), lambda i, result: None, chunksize=16)
+    unified_dataset.run_threaded(write, range(n_files), unified_dataset.default_workers(), lambda i, result: None,
+                                 chunksize=16)
     rows = []
     for i, path in enumerate(paths):
         row = meta.iloc[i % len(src)].copy()

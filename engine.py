@@ -548,8 +548,8 @@ def _save_epoch(files: RunFiles, checkpoint: Callable[..., dict[str, Any]], epoc
         save_checkpoint(files.best, checkpoint(epoch, state.best_metrics, finished=False))
     _write_history(state.history, files.metrics_csv)
     save_checkpoint(files.last, checkpoint(
-        epoch, vm, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler is not None else None,
-        scaler=state.scaler.state_dict(), early_stopping=state.stopper.state_dict(), rng=rng_state(),
+        epoch, vm, optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict() if scheduler is not None else None, scaler=state.scaler.state_dict(), early_stopping=state.stopper.state_dict(), rng=rng_state(),
         sampler_epoch=epoch, history=state.history, best_metrics=state.best_metrics))
 
 
@@ -642,7 +642,8 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
     except KeyboardInterrupt:
         log(f"\nInterrupted during epoch {epoch}. State of epoch {saved_epoch} is saved in {files.last}; re-run "
             f"with --resume (run_all_training.py: the same command) to continue from epoch {saved_epoch + 1}."
-            if saved_epoch >= 1 else f"\nInterrupted during epoch {epoch}, before any epoch completed; nothing to resume.")
+            if saved_epoch >= 1
+            else f"\nInterrupted during epoch {epoch}, before any epoch completed; nothing to resume.")
         raise
     _finish(files, epoch, stopped_early, state.history, opts)
     log(f"Best epoch {state.stopper.best_epoch}: {monitor_col} {_fmt(state.stopper.best)} -> {files.best}")

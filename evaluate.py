@@ -277,13 +277,13 @@ def study_outputs(df: pd.DataFrame, y: np.ndarray, out: SplitOutputs, study_col:
     return studies, agg
 
 
-def score_studies(val: tuple[pd.DataFrame, np.ndarray, SplitOutputs], test: tuple[pd.DataFrame, np.ndarray, SplitOutputs],
-                  study_col: str | None, n_groups: int, method: str, target: float, reference: str | None,
+def score_studies(val: tuple[pd.DataFrame, np.ndarray, SplitOutputs],
+                  test: tuple[pd.DataFrame, np.ndarray, SplitOutputs], study_col: str | None, n_groups: int, method: str, target: float, reference: str | None,
                   boot: Mapping[str, Any], notes: list[str]) -> dict[str, Any]:
     """Study-level results per aggregation (max, mean): thresholds chosen on validation
     studies, every system scored on test studies, and routing against ``reference``."""
-    result: dict[str, Any] = {"unit": "patient_id + " + study_col if study_col else "patient_id (one study per patient)",
-                              "aggregations": {}}
+    unit = "patient_id + " + study_col if study_col else "patient_id (one study per patient)"
+    result: dict[str, Any] = {"unit": unit, "aggregations": {}}
     for how in ("max", "mean"):
         val_studies, val_out = study_outputs(*val, study_col, how)
         test_studies, test_out = study_outputs(*test, study_col, how)
@@ -331,7 +331,8 @@ def score_subgroups(df: pd.DataFrame, y: np.ndarray, out: SplitOutputs, patients
 
 # --------------------------------------------------------------------------- calibration
 def calibrate(inf_val: Mapping[str, Any], inf_test: Mapping[str, Any], y_val: np.ndarray, y_test: np.ndarray,
-              true_val: np.ndarray, true_test: np.ndarray, routed: inference.RoutedModels) -> tuple[dict[str, Any], SplitOutputs]:
+              true_val: np.ndarray, true_test: np.ndarray,
+              routed: inference.RoutedModels) -> tuple[dict[str, Any], SplitOutputs]:
     """Temperature scaling: one temperature per model, fitted on validation, applied to test.
 
     A group's model is fitted on the validation images routed to that group (the images it
@@ -446,7 +447,8 @@ def summarise_routing(test_df: pd.DataFrame, y: np.ndarray, inf_test: Mapping[st
     misrouted images cost."""
     pred_group = inf_test["age_probs"].argmax(1)
     age = metrics.multiclass_summary(true_group, pred_group, range(len(names)), names)
-    age_df = pd.DataFrame({"patient_id": test_df["patient_id"].astype(str).to_numpy(), "t": true_group, "p": pred_group})
+    age_df = pd.DataFrame({"patient_id": test_df["patient_id"].astype(str).to_numpy(), "t": true_group,
+                           "p": pred_group})
     _, lo, hi = metrics.patient_bootstrap_ci(age_df, lambda d: metrics.macro_f1(d["t"], d["p"], range(len(names))),
                                              **boot)
     age["macro_f1_ci"] = [lo, hi]
@@ -561,7 +563,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--alpha", type=presets.probability, default=0.05, help="1 - confidence level")
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
-    p.add_argument("--n-cam", type=presets.non_negative_int, default=6, help="Grad-CAM examples in the report (0: none)")
+    p.add_argument("--n-cam", type=presets.non_negative_int, default=6,
+                   help="Grad-CAM examples in the report (0: none)")
     p.add_argument("--history-pattern", default="{stem}_metrics.csv",
                    help="per-epoch metrics CSV beside each checkpoint ({stem}: checkpoint stem)")
     p.add_argument("--cache-dir", default=None,

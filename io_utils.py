@@ -94,7 +94,8 @@ def is_orphan_temp(name: str) -> bool:
     return any(p.match(name) for p in ORPHAN_PATTERNS)
 
 
-def remove_orphan_temps(root: str | os.PathLike, subdirs: Iterable[str] = columns.RUN_SUBDIRS) -> list[tuple[Path, int]]:
+def remove_orphan_temps(root: str | os.PathLike,
+                        subdirs: Iterable[str] = columns.RUN_SUBDIRS) -> list[tuple[Path, int]]:
     """Delete this pipeline's temporary files in ``root`` and (recursively) its ``subdirs``.
 
     Only call it while holding ``root``'s :class:`RunLock`: a temporary file there then

@@ -349,7 +349,8 @@ def existing(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 # --------------------------------------------------------------------------- the report's text
-SYSTEM_NAMES = {"pooled": "the plain pooled model", "pooled_continued": "the pooled model continued like the group models"}
+SYSTEM_NAMES = {"pooled": "the plain pooled model",
+                "pooled_continued": "the pooled model continued like the group models"}
 PROJECTIONS = {"1": "1 (AP/PA)", "2": "2 (lateral)", "3": "3 (oblique)"}
 TABLE_METRICS = ("auroc", "auprc", "f1", "sensitivity", "specificity", "ppv", "npv", "accuracy")
 CAPTIONS = {
@@ -603,7 +604,8 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
     lines += ["## Training budgets", "",
               "What each system's models cost in training, from their checkpoints. Two systems have an equal "
               f"budget when they start from the same weights, train with the same settings and epoch cap, and "
-              f"see the same number of training images (within {100 * result['equal_budget']['images_tolerance']:.0f}%).",
+              f"see the same number of training images (within "
+              f"{100 * result['equal_budget']['images_tolerance']:.0f}%).",
               "", markdown_table(budget_rows(result)),
               "## Fracture detection per image, whole test set", "", markdown_table(metric_rows(sysres, thr)),
               "## Fracture detection per study", "",

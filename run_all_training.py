@@ -92,8 +92,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--group-column", choices=("age_group_label", "age_group"), default=None,
                    help="stage 4: route training rows by the predicted or the true age group "
                         "[default: age_group_label, the predicted one]")
-    g.add_argument("--min-rows", type=presets.non_negative_int, default=None, help="stage 4: smallest group that is trained")
-    g.add_argument("--n-boot", type=presets.non_negative_int, default=None, help="evaluation bootstrap resamples (evaluate.py's default)")
+    g.add_argument("--min-rows", type=presets.non_negative_int, default=None,
+                   help="stage 4: smallest group that is trained")
+    g.add_argument("--n-boot", type=presets.non_negative_int, default=None,
+                   help="evaluation bootstrap resamples (evaluate.py's default)")
     g.add_argument("--nproc-per-node", type=presets.positive_int, default=1,
                    help="processes (GPUs) per node for the training and evaluation stages, "
                         "launched through torchrun")
