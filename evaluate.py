@@ -414,8 +414,8 @@ def budget_differences(routed_budget: Mapping[str, Any], other: Mapping[str, Any
     if routed_budget["init"] is None:
         why.append("the group models do not share one starting point")
     elif _init_key(routed_budget["init"]) != _init_key(other["init"]):
-        why.append(f"they start from different weights ({report.describe_init(routed_budget['init'])} vs "
-                   f"{report.describe_init(other['init'])})")
+        why.append(f"they start from different weights: the group models from "
+                   f"{report.describe_init(routed_budget['init'])}, this one from {report.describe_init(other['init'])}")
     ref = other["models"][0]["schedule"]
     for m in routed_budget["models"]:
         diff = [f"{k} {m['schedule'].get(k)} vs {ref.get(k)}" for k in SCHEDULE_KEYS

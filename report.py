@@ -351,6 +351,7 @@ def existing(paths: Iterable[str | os.PathLike]) -> list[Path]:
 # --------------------------------------------------------------------------- the report's text
 SYSTEM_NAMES = {"pooled": "the plain pooled model",
                 "pooled_continued": "the pooled model continued like the group models"}
+SHORT_NAMES = {"pooled": "the plain pooled model", "pooled_continued": "the pooled, continued model"}
 PROJECTIONS = {"1": "1 (AP/PA)", "2": "2 (lateral)", "3": "3 (oblique)"}
 TABLE_METRICS = ("auroc", "auprc", "f1", "sensitivity", "specificity", "ppv", "npv", "accuracy")
 CAPTIONS = {
@@ -430,8 +431,8 @@ def _routed_budget_sentence(result: Mapping[str, Any], reference: str) -> str:
             f"{r['epochs_max']} epochs with the same settings ({sched.get('scheduler')} schedule, lr "
             f"{sched.get('lr')}, batch {sched.get('batch_size')}, {sched.get('sampler')} sampling, "
             f"{sched.get('loss')} loss); the routed system's {len(b['models'])} group models ran "
-            f"{_epochs(b['models'])} epochs and saw {_count(b['images_seen'])} training images in all, "
-            f"{SYSTEM_NAMES[reference]} ran {_epochs(r['models'])} and saw {_count(r['images_seen'])}.")
+            f"{_epochs(b['models'])} epochs and saw {_count(b['images_seen'])} training images in all; "
+            f"{SHORT_NAMES[reference]} ran {_epochs(r['models'])} epochs and saw {_count(r['images_seen'])}.")
 
 
 def answer(result: Mapping[str, Any], group_column: str | None = None) -> str:
