@@ -74,3 +74,23 @@ def test_benchmark_smallest_run(tmp_path: Path) -> None:
     assert _positive(result["wall_s"])
     # on the CPU only the data targets apply (MFU and end-to-end are H100 targets)
     assert "bf16_mfu" not in result["targets"]
+
+
+def test_readme_scale_table_is_what_scale_projection_prints() -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "benchmarks" / "scale_projection.py"
+    printed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
+                             timeout=60).stdout.strip()
+    readme = (repo / "README.md").read_text()
+    start, end = "<!-- benchmarks/scale_projection.py -->\n", "\n<!-- /benchmarks/scale_projection.py -->"
+    assert readme[readme.index(start) + len(start):readme.index(end)] == printed
+    # the projection follows its inputs: more GPUs cost less, the 50-epoch cap more
+    numbers = json.loads(subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True,
+                                        check=True, timeout=60).stdout)
+    totals = [c["total"] for c in numbers["projected"]["configs"]]
+    assert totals[0] > totals[1] > totals[2]
+    assert all(c["total_cap"] > c["total"] for c in numbers["projected"]["configs"])
+    assert numbers["measured"]["train_fa64"] > numbers["measured"]["train_cl64"]  # read from the JSON files
