@@ -85,7 +85,7 @@ TARGETS = {
     "e2e_speedup": 3.0,  # fast path / fp32 contiguous uncached baseline
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
-DEFAULT_VARIANTS = {"cuda": "fp32,bf16,bf16+cl,bf16+cl+compile", "cpu": "fp32,bf16,fp32+cl"}
+DEFAULT_VARIANTS = {"cuda": "fp32,bf16,bf16+cl,bf16+cl+compile", "cpu": "fp32,fp32+cl,bf16,bf16+cl"}
 
 
 # ---------------------------------------------------------------------------------------

@@ -160,9 +160,12 @@ def _single_process_val_metrics(ckpt_path: Path, val_csv: Path, cache_dir: Path)
     ds = ud.WristDataset(ud.read_split_csv(val_csv), "fracture",
                          ud.build_transforms(size, train=False, mean=ckpt["mean"], std=ckpt["std"]), size,
                          cache_dir=cache_dir)
-    cfg = ckpt["config"]
+    cfg, cpu = ckpt["config"], torch.device("cpu")
+    if cfg["channels_last"]:  # the precision and layout the trainer validated with
+        model = model.to(memory_format=torch.channels_last)
     criterion = engine.make_criterion(cfg["loss"], 2, cfg["focal_alpha"], cfg["focal_gamma"])
-    return engine.evaluate(model, engine.make_loader(ds, 8, train=False), criterion, torch.device("cpu")).metrics
+    return engine.evaluate(model, engine.make_loader(ds, 8, train=False), criterion, cpu,
+                           amp=engine.resolve_amp(cfg["amp"], cpu), channels_last=cfg["channels_last"]).metrics
 
 
 def test_readme_documents_the_two_node_commands_this_test_runs():
