@@ -36,13 +36,14 @@ def test_benchmark_smallest_run(tmp_path: Path) -> None:
         "--fast-variant", "best",
         # a one-second cap: the compile variant is skipped with a note (or, from a warm
         # inductor cache, measured) but never fails the run
-        "--compile-timeout", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+        "--compile-timeout", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--threads", "2",
     ])
     result = benchmark.main(args)
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
     assert result["sections"] == ["data", "flops", "train", "e2e"]
     assert result["machine"]["device"] == "cpu"
+    assert result["machine"]["torch_threads"] == 2  # --threads (the suite runs on one thread)
 
     rows = result["data"]["rows"]
     assert {(r["img_size"], r["mode"]) for r in rows} == {(32, "uncached"), (32, "cached")}
@@ -59,7 +60,8 @@ def test_benchmark_smallest_run(tmp_path: Path) -> None:
     assert list(train) == ["fp32", "bf16+cl", "fp32+fa@3", "fp32+compile"]
     for name in ("fp32", "bf16+cl", "fp32+fa@3"):
         r = train[name]
-        for key in ("train_images_per_s", "infer_images_per_s", "peak_mem_mb", "achieved_tflops", "mfu"):
+        for key in ("train_images_per_s", "infer_images_per_s", "peak_mem_mb", "achieved_tflops", "mfu",
+                    "train_images_per_cpu_s", "infer_images_per_cpu_s"):
             assert _positive(r[key]), (name, key)
         assert r["batch_size"] == (3 if name.endswith("@3") else 2)
     compiled = train["fp32+compile"]
