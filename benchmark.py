@@ -99,7 +99,7 @@ TARGETS = {
     "e2e_speedup": 3.0,  # fast path / fp32 contiguous uncached baseline
 }
 PRECISIONS = ("fp32", "bf16", "fp16")
-DEFAULT_VARIANTS = {"cuda": "fp32,bf16,bf16+cl,bf16+cl+compile", "cpu": "fp32,bf16,fp32+cl"}
+DEFAULT_VARIANTS = {"cuda": "fp32,bf16,bf16+cl,bf16+cl+compile", "cpu": "fp32,fp32+cl,bf16,bf16+cl"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def make_phantom(work_dir: Path, n_patients: int, size: int, seed: int) -> pd.Da
     """Phantom images at a realistic full size, loaded through the normal loader path."""
     csv = phantom.generate_phantom(work_dir / "phantom", n_patients=n_patients, img_size=size,
                                    seed=seed, progress=False)
-    df = unified_dataset.load_dataset(csv, Path(csv).parent / "images")
+    df = unified_dataset.load_dataset(csv, Path(csv).parent / columns.IMAGES_DIR)
     if "fracture" not in df.columns or df.empty:
         raise RuntimeError(f"{csv}: phantom gave no usable rows")
     return df.reset_index(drop=True)
@@ -332,8 +332,8 @@ def make_check_files(df: pd.DataFrame, n_files: int, folder: Path) -> tuple[Path
     is read from disk) with one dataset.csv row each; reused when ``folder`` already holds them.
     Each copy differs from the others in two corner pixels: stage 1 refuses one image under two
     patients, pixel-identical copies included, when it decodes."""
-    images = folder / "images"
-    csv = folder / "dataset.csv"
+    images = folder / columns.IMAGES_DIR
+    csv = folder / columns.DATASET_CSV
     marker = folder / "files.json"
     src = [Path(p) for p in df["image_path"]]
     want = {"n_files": n_files, "sources": [p.name for p in src], "bytes": [p.stat().st_size for p in src],
@@ -381,7 +381,7 @@ def bench_stage1check(df: pd.DataFrame, n_files: int, work_dir: Path) -> dict[st
                            "prepare_s": time.perf_counter() - t0, "rows": []}
     for check, extra in (("cheap", []), ("decode", ["--decode-check"])):
         run_dir = folder / f"run_{check}"
-        argv = ["--data-csv", str(csv), "--image-root", str(folder / "images"), "--out-dir", str(run_dir),
+        argv = ["--data-csv", str(csv), "--image-root", str(folder / columns.IMAGES_DIR), "--out-dir", str(run_dir),
                 "--force", *extra]
         cold = _drop_from_page_cache(paths)
         print(f"[benchmark] stage 1, {check} image check on {n_files} files ...", flush=True)
@@ -442,10 +442,13 @@ def _train_step_fn(model: torch.nn.Module, step_model: Callable, device: torch.d
 
 
 def _timed(fn: Callable[[], None], device: torch.device, warmup: int, steps: int,
-           min_time: float) -> tuple[float, int, float]:
-    """(median seconds per call, calls timed, seconds of the first call).
+           min_time: float) -> tuple[float, int, float, float]:
+    """(median seconds per call, calls timed, seconds of the first call, median CPU seconds
+    of this process per call).
 
     Each call is synchronised and timed alone; the median keeps a shared CPU's hiccups out.
+    The CPU seconds (all threads of this process) count what a call costs even where other
+    processes share the cores, but include the threads' spinning while they wait for each other.
     """
     t0 = time.perf_counter()
     fn()
@@ -455,13 +458,15 @@ def _timed(fn: Callable[[], None], device: torch.device, warmup: int, steps: int
         fn()
     _sync(device)
     times: list[float] = []
+    cpu: list[float] = []
     start = time.perf_counter()
     while len(times) < max(steps, 1) or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times)), len(times), first
+        cpu.append(time.process_time() - c0)
+    return float(np.median(times)), len(times), first, float(np.median(cpu))
 
 
 def count_flops(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
@@ -490,7 +495,7 @@ def matmul_peak(device: torch.device, n: int, seconds: float) -> dict[str, float
     dtype = torch.bfloat16
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    per, reps, _ = _timed(lambda: torch.mm(a, b), device, warmup=3, steps=5, min_time=seconds)
+    per, reps, _, _ = _timed(lambda: torch.mm(a, b), device, warmup=3, steps=5, min_time=seconds)
     return {"matmul_n": n, "matmul_dtype": "bf16", "matmul_reps": reps,
             "peak_tflops": 2 * n**3 / per / 1e12}
 
@@ -546,7 +551,7 @@ def _bench_variant_once(args: argparse.Namespace, device: torch.device, spec: di
     x, y = _batch(args, device, batch, cl)
     try:
         with _time_limit(args.compile_timeout if spec["compile"] else 0):
-            per, n, first = _timed(lambda: step(x, y), device, args.warmup, args.steps, args.min_time)
+            per, n, first, cpu = _timed(lambda: step(x, y), device, args.warmup, args.steps, args.min_time)
     except _OOM:
         raise
     except (_Timeout, Exception) as exc:  # a failed compile is a result, not an error
@@ -557,14 +562,18 @@ def _bench_variant_once(args: argparse.Namespace, device: torch.device, spec: di
     mem, mem_kind = _peak_memory_mb(device)
     row.update(train_images_per_s=batch / per, train_step_ms=per * 1000, steps_timed=n,
                first_step_s=first, peak_mem_mb=mem, mem_kind=mem_kind)
+    if device.type == "cpu":
+        row["train_images_per_cpu_s"] = batch / cpu if cpu > 0 else None
     if spec["compile"]:
         row["note"] = f"first step (compile) {first:.1f} s; inference not compiled, not timed"
         return row
     model.eval()
     with torch.inference_mode():
-        per_inf, _, _ = _timed(lambda: _infer(model, x, device, spec["precision"]), device,
-                               args.warmup, args.steps, args.min_time)
+        per_inf, _, _, cpu_inf = _timed(lambda: _infer(model, x, device, spec["precision"]), device,
+                                        args.warmup, args.steps, args.min_time)
     row["infer_images_per_s"] = batch / per_inf
+    if device.type == "cpu":
+        row["infer_images_per_cpu_s"] = batch / cpu_inf if cpu_inf > 0 else None
     return row
 
 
@@ -666,13 +675,17 @@ def format_report(result: dict[str, Any]) -> str:
                    f"(n={fl.get('matmul_n')})")
     train = result.get("train")
     if train:
-        out.append(f"\nTraining (synthetic batch on {m['device']}):")
+        out.append(f"\nTraining (synthetic batch on {m['device']}, {m['torch_threads']} torch threads):")
         rows = [[r["variant"], r["batch_size"], r.get("train_images_per_s"),
                  r.get("infer_images_per_s"), r.get("peak_mem_mb"), r.get("achieved_tflops"),
                  (100 * r["mfu"]) if r.get("mfu") is not None else None,
                  r.get("note") or r.get("error") or ""] for r in train]
-        out.append(_table(["variant", "batch", "train img/s", "infer img/s", "peak MB",
-                           "TFLOP/s", "MFU %", "note"], rows))
+        headers = ["variant", "batch", "train img/s", "infer img/s", "peak MB", "TFLOP/s", "MFU %", "note"]
+        if m["device"] == "cpu":  # images per CPU-second: comparable on a shared machine
+            for row, r in zip(rows, train):
+                row[4:4] = [r.get("train_images_per_cpu_s"), r.get("infer_images_per_cpu_s")]
+            headers[4:4] = ["train img/CPU-s", "infer img/CPU-s"]
+        out.append(_table(headers, rows))
     e2e = result.get("e2e")
     if e2e:
         out.append("\nEnd to end (DataLoader -> training step):")
@@ -755,6 +768,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data-seconds", type=float, default=2.0, help="seconds per data measurement")
     p.add_argument("--compile-timeout", type=float, default=120.0,
                    help="give up a compile variant after this many seconds (0 = no limit)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (torch.set_num_threads) [default: torch's, one per core]")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader workers in e2e (and for warming the cache)")
     p.add_argument("--phantom-patients", type=int, default=12, help="phantom patients (about 3.3 images each)")
@@ -808,6 +823,10 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str], list[di
 def main(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     device, sections, variants = _resolve(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("error: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     else:

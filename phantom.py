@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ from io_utils import atomic_write
 # enough for every age group to train on (the smallest, >= 15 y, gets about 700 images).
 DEFAULT_N_PATIENTS = 1500
 DEFAULT_IMG_SIZE = 128
+MONTAGE_PNG = "montage.png"  # a grid of example images beside dataset.csv
 ASPECT = 0.70  # width / height; real wrist images are portrait (494x727, 573x808)
 # How hard the phantom is. Skeletal maturity: girls run ahead by MATURITY_GIRLS years and
 # children scatter by MATURITY_SD years around their age; SIZE_SD scatters body size and
@@ -835,11 +837,11 @@ def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int,
 
 # ----------------------------------------------------------------------------- outputs
 
-def _write_png(path: Path, image: np.ndarray) -> None:
+def _write_png(path: Path, image: np.ndarray, fsync: bool = True) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
-    atomic_write(path, lambda tmp: tmp.write_bytes(buf.tobytes()))
+    atomic_write(path, lambda tmp: tmp.write_bytes(buf.tobytes()), fsync=fsync)
 
 
 def _write_dataset_csv(df: pd.DataFrame, path: Path) -> None:
@@ -873,27 +875,65 @@ def write_montage(df: pd.DataFrame, image_dir: Path, path: Path, n: int = 4, cel
     return atomic_write(path, lambda tmp: tmp.write_bytes(buf.tobytes()))
 
 
+def _render_and_write(job: tuple[dict[str, Any], dict[str, Any], int, str]) -> None:
+    meta, hidden, img_size, path = job
+    # No fsync per image (as for the image cache): an image can be drawn again from the seed,
+    # and a flush per file costs the demo seconds on a virtual disk. Only a power cut can
+    # lose one, and stage 1's file check then names it; dataset.csv is still flushed.
+    _write_png(Path(path), render_image(meta, hidden, img_size), fsync=False)
+
+
+def _one_cv2_thread() -> None:
+    # Pool workers already use every core; OpenCV's own threads would only compete with them.
+    cv2.setNumThreads(1)
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def generate_phantom(out_dir: str | os.PathLike, n_patients: int = DEFAULT_N_PATIENTS,
-                     img_size: int = DEFAULT_IMG_SIZE, seed: int = 0, progress: bool = True) -> Path:
+                     img_size: int = DEFAULT_IMG_SIZE, seed: int = 0, progress: bool = True,
+                     workers: int | None = None) -> Path:
     """Write a phantom GRAZPEDWRI-DX dataset into ``out_dir``; return the path of dataset.csv.
 
     ``img_size`` is the long (vertical) side of every image in pixels; the width is about
-    0.7 of it. The same ``seed`` gives identical CSV rows and pixels.
+    0.7 of it. The same ``seed`` gives identical CSV rows and pixels, with any number of
+    ``workers`` (processes; default: one per core): every image draws from its own seeds.
     """
     if n_patients < 1:
         raise ValueError(f"n_patients must be >= 1, got {n_patients}")
     if img_size < 32:
         raise ValueError(f"img_size must be >= 32, got {img_size}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = Path(out_dir)
-    image_dir = out_dir / "images"
+    image_dir = out_dir / columns.IMAGES_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
     df, hidden = draw_metadata(n_patients, seed)
-    records = df.to_dict("records")
-    for meta, hid in tqdm(list(zip(records, hidden)), desc="phantom", unit="img", disable=not progress):
-        _write_png(image_dir / f"{meta['filestem']}.png", render_image(meta, hid, img_size))
-    csv_path = out_dir / "dataset.csv"
+    jobs = [(meta, hid, img_size, str(image_dir / f"{meta['filestem']}.png"))
+            for meta, hid in zip(df.to_dict("records"), hidden)]
+    workers = min(default_workers() if workers is None else workers, len(jobs))
+    with tqdm(total=len(jobs), desc="phantom", unit="img", disable=not progress) as bar:
+        if workers > 1:
+            # spawn, not fork: the caller (a stage, a test) may already run OpenCV's or
+            # torch's thread pools, and a forked child can inherit one of their locks held
+            # and wait on it forever. The workers need nothing but this module.
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(workers, initializer=_one_cv2_thread) as pool:
+                for _ in pool.imap_unordered(_render_and_write, jobs, chunksize=16):
+                    bar.update()
+        else:
+            for job in jobs:
+                _render_and_write(job)
+                bar.update()
+    csv_path = out_dir / columns.DATASET_CSV
     _write_dataset_csv(df, csv_path)
-    write_montage(df, image_dir, out_dir / "montage.png")
+    write_montage(df, image_dir, out_dir / MONTAGE_PNG)
     return csv_path
 
 
@@ -905,18 +945,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE, help="long (vertical) image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes that render images (the pixels do not depend on it) [default: one per core]")
     return parser
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
-    csv_path = generate_phantom(args.out_dir, args.n_patients, args.img_size, args.seed, progress=not args.quiet)
+    csv_path = generate_phantom(args.out_dir, args.n_patients, args.img_size, args.seed,
+                                progress=not args.quiet, workers=args.workers)
     seconds = time.perf_counter() - start
     n_images = sum(1 for _ in open(csv_path, encoding="utf-8-sig")) - 1
     print(f"phantom: {n_images} images of {args.n_patients} patients in {seconds:.1f} s "
           f"({n_images / max(seconds, 1e-9):.0f} images/s) -> {csv_path}")
-    return {"dataset_csv": str(csv_path), "image_dir": str(Path(args.out_dir) / "images"),
-            "montage": str(Path(args.out_dir) / "montage.png"), "n_images": n_images, "seconds": seconds}
+    return {"dataset_csv": str(csv_path), "image_dir": str(Path(args.out_dir) / columns.IMAGES_DIR),
+            "montage": str(Path(args.out_dir) / MONTAGE_PNG), "n_images": n_images, "seconds": seconds}
 
 
 if __name__ == "__main__":

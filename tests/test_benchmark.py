@@ -36,13 +36,14 @@ def test_benchmark_smallest_run(tmp_path: Path) -> None:
         "--fast-variant", "best",
         # a one-second cap: the compile variant is skipped with a note (or, from a warm
         # inductor cache, measured) but never fails the run
-        "--compile-timeout", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+        "--compile-timeout", "1", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--threads", "2",
     ])
     result = benchmark.main(args)
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
     assert result["sections"] == ["data", "flops", "train", "e2e"]
     assert result["machine"]["device"] == "cpu"
+    assert result["machine"]["torch_threads"] == 2  # --threads (the suite runs on one thread)
 
     rows = result["data"]["rows"]
     assert {(r["img_size"], r["mode"]) for r in rows} == {(32, "uncached"), (32, "cached")}
@@ -59,7 +60,8 @@ def test_benchmark_smallest_run(tmp_path: Path) -> None:
     assert list(train) == ["fp32", "bf16+cl", "fp32+fa@3", "fp32+compile"]
     for name in ("fp32", "bf16+cl", "fp32+fa@3"):
         r = train[name]
-        for key in ("train_images_per_s", "infer_images_per_s", "peak_mem_mb", "achieved_tflops", "mfu"):
+        for key in ("train_images_per_s", "infer_images_per_s", "peak_mem_mb", "achieved_tflops", "mfu",
+                    "train_images_per_cpu_s", "infer_images_per_cpu_s"):
             assert _positive(r[key]), (name, key)
         assert r["batch_size"] == (3 if name.endswith("@3") else 2)
     compiled = train["fp32+compile"]
@@ -92,3 +94,23 @@ def test_stage1check_section(tmp_path: Path) -> None:
     marker = (folder / "files.json").stat().st_mtime_ns
     benchmark.main(benchmark.get_args_parser().parse_args(argv))  # the files are reused
     assert (folder / "files.json").stat().st_mtime_ns == marker
+
+
+def test_readme_scale_table_is_what_scale_projection_prints() -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "benchmarks" / "scale_projection.py"
+    printed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
+                             timeout=60).stdout.strip()
+    readme = (repo / "README.md").read_text()
+    start, end = "<!-- benchmarks/scale_projection.py -->\n", "\n<!-- /benchmarks/scale_projection.py -->"
+    assert readme[readme.index(start) + len(start):readme.index(end)] == printed
+    # the projection follows its inputs: more GPUs cost less, the 50-epoch cap more
+    numbers = json.loads(subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True,
+                                        check=True, timeout=60).stdout)
+    totals = [c["total"] for c in numbers["projected"]["configs"]]
+    assert totals[0] > totals[1] > totals[2]
+    assert all(c["total_cap"] > c["total"] for c in numbers["projected"]["configs"])
+    assert numbers["measured"]["train_fa64"] > numbers["measured"]["train_cl64"]  # read from the JSON files

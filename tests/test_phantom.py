@@ -51,6 +51,22 @@ def test_same_seed_same_bytes_and_pixels(small: Path, tmp_path: Path) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def test_worker_processes_write_the_same_bytes(small: Path, tmp_path: Path) -> None:
+    # the fixture used the default (one process per core); one process must give the same files
+    csv_path = phantom.generate_phantom(tmp_path / "serial", n_patients=12, img_size=64, seed=3,
+                                        progress=False, workers=1)
+    assert csv_path.read_bytes() == (small / "dataset.csv").read_bytes()
+    stems = _read_csv(csv_path)["filestem"]
+    for stem in stems:
+        assert (tmp_path / "serial" / "images" / f"{stem}.png").read_bytes() == \
+            (small / "images" / f"{stem}.png").read_bytes()
+    several = phantom.generate_phantom(tmp_path / "three", n_patients=12, img_size=64, seed=3,
+                                       progress=False, workers=3)
+    for stem in stems:
+        assert (several.parent / "images" / f"{stem}.png").read_bytes() == \
+            (small / "images" / f"{stem}.png").read_bytes()
+
+
 def test_other_seed_other_data(small: Path, tmp_path: Path) -> None:
     csv_path = phantom.generate_phantom(tmp_path / "c", n_patients=12, img_size=64, seed=4, progress=False)
     assert csv_path.read_bytes() != (small / columns.DATASET_CSV).read_bytes()
