@@ -15,7 +15,8 @@ specialisation with extra training; the same run therefore also trains the equal
 control ``fracture_classifier_pooled_continued``: the pooled model trained further on ALL
 training rows with the group models' settings (epochs, schedule, sampler, loss), so that
 evaluation can compare routing with a pooled system of the same training budget
-(``--no-control`` leaves it out). A group with too few rows, or only one class in its
+(``--no-control`` leaves it out). Both continue for ``--continue-epochs`` epochs (default
+``--epochs``) without warm-up. A group with too few rows, or only one class in its
 training rows, is skipped with a message, not a crash. Each model's images are decoded before its first
 epoch; ``--skip-bad`` leaves those that cannot be decoded out (``rejected_rows.csv``).
 
@@ -151,6 +152,13 @@ def model_files(cfg: argparse.Namespace, role: str) -> engine.RunFiles:
     return engine.RunFiles.from_stem(cfg.models_dir, columns.fracture_model(role))
 
 
+def continuation_config(cfg: argparse.Namespace) -> argparse.Namespace:
+    """The settings of a model that continues the pooled model: ``--continue-epochs`` epochs and
+    no warm-up (its weights are trained already); everything else as given."""
+    epochs = cfg.continue_epochs if cfg.continue_epochs is not None else cfg.epochs
+    return argparse.Namespace(**{**vars(cfg), "epochs": epochs, "warmup_epochs": 0})
+
+
 def train_job(cfg: argparse.Namespace, job: Job, device: Any) -> dict[str, Any]:
     """Train one model (or find it finished); its result, or why it was skipped."""
     reason = skip_reason(job.train, job.val, cfg.min_rows)
@@ -164,6 +172,7 @@ def train_job(cfg: argparse.Namespace, job: Job, device: Any) -> dict[str, Any]:
     if job.role != columns.POOLED_ROLE and cfg.init_from_pooled:
         init, origin = continued_from(model_files(cfg, columns.POOLED_ROLE).best,
                                       {"kind": "fracture", "model_name": cfg.model, "img_size": cfg.img_size})
+        cfg = continuation_config(cfg)
     result = engine.train_classifier(
         cfg, kind="fracture", train_df=job.train, val_df=job.val, target_col=TARGET, class_names=CLASS_NAMES,
         files=files, device=device, age_bounds=AGE_BOUNDS, cache_dir=cfg.cache_dir,

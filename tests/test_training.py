@@ -156,8 +156,9 @@ def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_spl
     import evaluate
     import inference
 
-    base = ["--out-dir", str(fresh_splits), "--img-size", "32", "--epochs", "2", "--batch-size", "4", "--quiet",
-            "--group-column", "age_group", "--init-from-pooled", "--min-rows", "3"]
+    base = ["--out-dir", str(fresh_splits), "--img-size", "32", "--epochs", "2", "--continue-epochs", "1",
+            "--warmup-epochs", "1", "--batch-size", "4", "--quiet", "--group-column", "age_group",
+            "--init-from-pooled", "--min-rows", "3"]
     res = train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(base))
     assert list(res["models"]) == ["pooled", "agegroup0", "agegroup1", "agegroup2", "pooled_continued"]
     models = fresh_splits / columns.MODELS_DIR
@@ -167,7 +168,12 @@ def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_spl
     assert control["init"]["kind"] == "checkpoint" and control["init"]["checkpoint"] == "fracture_classifier_pooled.pt"
     assert control["init"]["images_seen"] == pooled["images_seen"] > 0
     hist = pd.read_csv(models / "fracture_classifier_pooled_continued_metrics.csv")
-    assert control["images_seen"] == hist["train_images"].sum() and control["epochs_max"] == 2
+    assert control["images_seen"] == hist["train_images"].sum()
+    # the pooled model ran --epochs with warm-up; the models continuing it, --continue-epochs without
+    assert pooled["epochs_max"] == 2 and pooled["config"]["warmup_epochs"] == 1
+    for stem in ("fracture_classifier_pooled_continued", "fracture_classifier_agegroup1"):
+        ckpt = load_checkpoint(models / f"{stem}.pt")
+        assert ckpt["epochs_max"] == 1 and ckpt["config"]["warmup_epochs"] == 0, stem
     n_train = len(pd.read_csv(fresh_splits / columns.TRAIN_CSV))
     assert n_train - 4 < hist["train_images"].iloc[0] <= n_train  # one epoch of rows, bar a dropped last batch
 
