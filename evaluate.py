@@ -417,11 +417,15 @@ def budget_differences(routed_budget: Mapping[str, Any], other: Mapping[str, Any
         why.append(f"they start from different weights: the group models from "
                    f"{report.describe_init(routed_budget['init'])}, this one from {report.describe_init(other['init'])}")
     ref = other["models"][0]["schedule"]
+    by_diff: dict[str, list[str]] = {}  # one sentence for the group models that differ alike
     for m in routed_budget["models"]:
         diff = [f"{k} {m['schedule'].get(k)} vs {ref.get(k)}" for k in SCHEDULE_KEYS
                 if m["schedule"].get(k) != ref.get(k)]
         if diff:
-            why.append(f"{m['model']} trained with other settings ({', '.join(diff)})")
+            by_diff.setdefault(", ".join(diff), []).append(m["model"])
+    for diff, names in by_diff.items():
+        who = "the group models" if len(names) == len(routed_budget["models"]) > 1 else " and ".join(names)
+        why.append(f"{who} trained with other settings ({diff})")
     a, b = routed_budget["images_seen"], other["images_seen"]
     if a is None or b is None:
         why.append("a checkpoint does not record the images it saw in training")
