@@ -819,11 +819,18 @@ class ImageCache:
     """
 
     VERSION = 1
+    # Entries also kept in RAM by the process that owns the dataset, up to this many bytes:
+    # from the second epoch on, an image then costs neither a path hash nor a file read
+    # (a tenth of a training step for the demo's small model on the CPU). 84 MB hold the
+    # demo's 4,600 images at 96 px; a real dataset at 384 px mostly stays on disk.
+    MEMORY_BYTES = 1 << 30
 
     def __init__(self, cache_dir: str | os.PathLike, img_size: int) -> None:
         self.cache_dir = Path(cache_dir)
         self.img_size = int(img_size)
         self.root = self.cache_dir / f"{self.img_size}px"
+        self._memory: dict[str, np.ndarray] = {}
+        self._memory_left = self.MEMORY_BYTES
 
     def entry_path(self, path: str | os.PathLike) -> Path:
         p = Path(path).resolve()
@@ -845,9 +852,27 @@ class ImageCache:
         return arr
 
     def get(self, path: str | os.PathLike) -> np.ndarray:
-        """uint16 ``img_size`` x ``img_size`` image, from the cache or decoded and stored."""
-        arr, _ = self._get(path)
+        """uint16 ``img_size`` x ``img_size`` image (read-only), from memory, the cache or
+        decoded and stored. Within one process each image is read from disk once."""
+        key = os.fspath(path)
+        arr = self._memory.get(key)
+        if arr is None:
+            arr, _ = self._get(path)
+            self._remember(key, arr)
         return arr
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A DataLoader worker receives the cache without the images held in RAM.
+        return {**self.__dict__, "_memory": {}, "_memory_left": self.MEMORY_BYTES}
+
+    def _remember(self, key: str, arr: np.ndarray) -> None:
+        # Not in DataLoader workers: each holds its own copy of the dataset, so memory would
+        # multiply by their number, and workers that are not persistent end with the epoch.
+        if arr.nbytes > self._memory_left or torch.utils.data.get_worker_info() is not None:
+            return
+        arr.setflags(write=False)
+        self._memory[key] = arr
+        self._memory_left -= arr.nbytes
 
     def _get(self, path: str | os.PathLike) -> tuple[np.ndarray, bool]:
         entry = self.entry_path(path)

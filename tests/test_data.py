@@ -237,6 +237,26 @@ def test_image_cache(tiny_phantom: Path, tmp_path: Path) -> None:
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
+def test_image_cache_reads_each_image_from_disk_once_per_process(tiny_phantom: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    paths = sorted((tiny_phantom / "images").glob("*.png"))[:3]
+    cache = unified_dataset.ImageCache(tmp_path / "cache", 32)
+    first = [cache.get(p) for p in paths]
+    shutil.rmtree(tmp_path / "cache")  # what is in memory no longer needs the disk
+    again = [cache.get(p) for p in paths]
+    assert all(a is b and not a.flags.writeable for a, b in zip(first, again))
+    assert not (tmp_path / "cache").exists()
+    # a DataLoader worker gets the cache without the images in memory: it reads (and writes) the disk
+    worker_copy = pickle.loads(pickle.dumps(cache))
+    assert np.array_equal(worker_copy.get(paths[0]), first[0]) and cache.entry_path(paths[0]).is_file()
+    # the budget bounds it: with room for one image, the next ones are read from disk each time
+    monkeypatch.setattr(unified_dataset.ImageCache, "MEMORY_BYTES", first[0].nbytes)
+    small = unified_dataset.ImageCache(tmp_path / "cache", 32)
+    assert [small.get(p) is small.get(p) for p in paths] == [True, False, False]
+
+
 # --------------------------------------------------------------------------- transforms + Dataset
 
 def test_transforms() -> None:
