@@ -101,8 +101,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         counts = {}
         for split, path in csvs.items():
             probs = inference.model_probs(age_model, frames[split], info.device, amp=amp,
-                                          channels_last=cfg.channels_last, batch_size=cfg.batch_size,
-                                          workers=cfg.workers, cache_dir=cfg.cache_dir)
+                                          batch_size=cfg.batch_size, workers=cfg.workers,
+                                          cache_dir=cfg.cache_dir)
             if info.is_main:
                 write_predictions(path, probs, frames[split].index, len(read[split]))
             counts[split] = np.bincount(probs.argmax(1), minlength=len(AGE_GROUP_NAMES)).tolist()

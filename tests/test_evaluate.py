@@ -233,6 +233,22 @@ def test_model_probs_under_bf16_autocast_stay_close(run_dir):
             np.testing.assert_allclose(inference.model_probs(lm, df, device, tta, amp="bf16"), full, atol=0.01)
 
 
+def test_a_model_trained_channels_last_runs_channels_last_with_the_same_probabilities(run_dir, tmp_path):
+    device = torch.device("cpu")
+    src = run_dir / columns.MODELS_DIR / "fracture_classifier_pooled.pt"
+    ckpt = models.load_checkpoint(src)
+    ckpt["config"] = {**ckpt["config"], "channels_last": True}
+    cl_path = models.save_checkpoint(tmp_path / "cl.pt", ckpt)
+    plain, cl = (inference.load_model(p, "pooled", device, "fracture") for p in (src, cl_path))
+    assert not plain.channels_last and cl.channels_last
+    convs = [m.weight for m in cl.model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs)  # (a 1-channel or 1x1 kernel is both)
+    df = unified_dataset.read_split_csv(run_dir / columns.TEST_CSV).head(8)
+    np.testing.assert_allclose(inference.model_probs(cl, df, device), inference.model_probs(plain, df, device),
+                               rtol=0, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- Grad-CAM
 @pytest.mark.parametrize("arch", ["cnn_demo", "swin_demo"])
 def test_gradcam_has_input_shape_and_is_finite(arch):
