@@ -220,8 +220,9 @@ def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bo
     The one way a checkpoint is run over a table (stage 3's predictions, evaluation, predict.py).
 
     ``amp``: off, bf16 or fp16 autocast (``engine.resolve_amp`` turns auto into one); the
-    memory format is the checkpoint's (:func:`load_model`); ``loader_kw``: :func:`loader_for`'s batch size, workers and cache. Under torchrun every
-    rank must call this with the same ``df``: the ranks share the work.
+    memory format is the checkpoint's (:func:`load_model`); ``loader_kw``: :func:`loader_for`'s
+    batch size, workers and cache. Under torchrun every rank must call this with the same
+    ``df``: the ranks share the work.
     """
     if len(df) == 0:
         return np.zeros((0, lm.num_classes)) if lm.num_classes > 2 else np.zeros(0)

@@ -258,7 +258,7 @@ _OPTIONS: tuple[tuple[str, str, Any, tuple | None, str], ...] = (
      "stage 4: start each age-group model from the pooled model's weights (trained first if missing)"),
     ("--continue-epochs", "continue_epochs", positive_int, None,
      "stage 4 with --init-from-pooled: epochs of the models that start from the pooled model's weights "
-     "(the group models and the control), without warm-up, as the weights are trained [None: --epochs]"),
+     "(the group models and the control), without warm-up, as the weights are trained; unset: --epochs"),
 )
 TRAIN_KEYS: tuple[str, ...] = tuple(o[1] for o in _OPTIONS)
 # Options whose value is a path or a switch of the run, not a training hyper-parameter.

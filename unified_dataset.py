@@ -821,7 +821,7 @@ class ImageCache:
     VERSION = 1
     # Entries also kept in RAM by the process that owns the dataset, up to this many bytes:
     # from the second epoch on, an image then costs neither a path hash nor a file read
-    # (a tenth of a training step for the demo's small model on the CPU). 84 MB hold the
+    # (15-20% of a training step for the demo's small model on the CPU). 84 MB hold the
     # demo's 4,600 images at 96 px; a real dataset at 384 px mostly stays on disk.
     MEMORY_BYTES = 1 << 30
 
