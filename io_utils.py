@@ -38,6 +38,15 @@ from errors import FULL_ERRNOS, DiskFullError, LockError, os_error_in_chain
 ORPHAN_PATTERNS = (re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$"), re.compile(r"^\.stage\d+_result\.[a-z0-9_]{8}\.json$"))
 
 
+def default_workers() -> int:
+    """The cores this process may run on: threads or processes for image work (OpenCV and
+    zlib release the GIL, so threads scale too)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def disk_full_cause(exc: BaseException | None) -> OSError | None:
     """The ENOSPC/EDQUOT ``OSError`` behind ``exc``, if any."""
     return os_error_in_chain(exc, FULL_ERRNOS)

@@ -51,7 +51,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import columns
-from io_utils import atomic_write
+from io_utils import atomic_write, default_workers
 
 # The demo's default: about 5,000 images at 128 px generate in under 20 s on 2 CPU cores,
 # enough for every age group to train on (the smallest, >= 15 y, gets about 700 images).
@@ -886,14 +886,6 @@ def _render_and_write(job: tuple[dict[str, Any], dict[str, Any], int, str]) -> N
 def _one_cv2_thread() -> None:
     # Pool workers already use every core; OpenCV's own threads would only compete with them.
     cv2.setNumThreads(1)
-
-
-def default_workers() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def generate_phantom(out_dir: str | os.PathLike, n_patients: int = DEFAULT_N_PATIENTS,

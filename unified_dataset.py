@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 import columns
 from errors import DataError
-from io_utils import atomic_write, write_csv
+from io_utils import atomic_write, default_workers, write_csv
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Where every stage sets bad rows aside with --skip-bad (in its --out-dir).
@@ -83,14 +83,6 @@ def bad_rows_error(source: Any, problems: Mapping[Any, str], order: Iterable[Any
 
 
 # --------------------------------------------------------------------------- threads
-
-def default_workers() -> int:
-    """Threads for image work: the cores this process may run on (OpenCV and zlib release the GIL)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
 
 def run_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
                  on_result: Callable[[int, Any], None], chunksize: int = 1) -> None:
