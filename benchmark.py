@@ -85,6 +85,7 @@ import torch
 import columns
 import config
 import engine
+import io_utils
 import models
 import phantom
 import presets
@@ -356,7 +357,7 @@ def make_check_files(df: pd.DataFrame, n_files: int, folder: Path) -> tuple[Path
             raise OSError(f"{paths[i]}: PNG encoding failed")
         paths[i].write_bytes(buf.tobytes())
 
-    unified_dataset.run_threaded(write, range(n_files), unified_dataset.default_workers(), lambda i, result: None,
+    unified_dataset.run_threaded(write, range(n_files), io_utils.default_workers(), lambda i, result: None,
                                  chunksize=16)
     rows = []
     for i, path in enumerate(paths):

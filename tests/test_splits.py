@@ -13,6 +13,7 @@ import pytest
 import age_split_testset
 import columns
 import generate_age_trainval_split
+import io_utils
 import splits
 import unified_dataset
 from unified_dataset import DataError
@@ -464,7 +465,7 @@ def test_stage1_says_how_long_its_image_check_took(tiny_phantom: Path, tmp_path:
     n = len(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV))
     check = json.loads((tmp_path / columns.TEST_MANIFEST).read_text())["image_check"]
     mode = "decode" if decode else "cheap"
-    threads = unified_dataset.default_workers() if decode else 1  # the cheap check: one thread per 256 files
+    threads = io_utils.default_workers() if decode else 1  # the cheap check: one thread per 256 files
     assert check["mode"] == mode and check["files"] == n and check["threads"] == threads
     assert isinstance(check["seconds"], float) and check["seconds"] >= 0
     assert (f"image check ({mode}, {threads} thread(s)): {n} files in {check['seconds']:.1f} s"
