@@ -1,10 +1,9 @@
 # Two entry points (see README "Quick start"):
 #   make train        create .venv if needed, install the lock, run the phantom demo end to end
-#   make test         same install, run the test suite (slow tests skipped)
+#   make test         same install, run the test suite
 # Others:
 #   make lock         regenerate requirements.lock from requirements.txt
 #   make test-latest  the suite in a throwaway venv with the newest versions requirements.txt allows
-#   make test-slow    only the tests marked slow (the paper preset on the CPU)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -15,7 +14,7 @@ LOCK   := requirements.lock
 LOCK_PINS := torch==2.14.1 torchvision==0.29.1
 LOCK_TOOL := uv==0.13.9
 
-.PHONY: install train test test-latest test-slow lock clean
+.PHONY: install train test test-latest lock clean
 
 # The stamp depends on the lock and records its hash, so a changed lock refreshes an
 # old venv (environment.lock_hash compares the two at run time).
@@ -31,9 +30,6 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
-
-test-slow: install
-	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
 # A throwaway venv, so the locked one is untouched; pip resolves requirements.txt afresh.
 test-latest:

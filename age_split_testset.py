@@ -39,6 +39,7 @@ from typing import Any
 import pandas as pd
 
 import columns
+import environment
 import errors
 import io_utils
 import phantom
@@ -233,6 +234,7 @@ def write_splits(args: argparse.Namespace, run: columns.RunDir, test: pd.DataFra
             "exclusions": source["exclusions"], "rejected_rows": source["rejected_rows"],
             "image_check": source["image_check"], "removed_stale": [str(p) for p in stale], "counts": counts,
             "outputs": {columns.TEST_CSV: file_sha256(written_test), columns.POOL_CSV: file_sha256(tmp[run.pool_csv])},
+            "environment": environment.describe(),
         }
         write_json(manifest, tmp[run.test_manifest])
 

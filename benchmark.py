@@ -84,6 +84,7 @@ import torch
 
 import columns
 import config
+import environment
 import engine
 import io_utils
 import models
@@ -232,7 +233,7 @@ def _machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": str(device),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": environment.cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
@@ -242,14 +243,6 @@ def _machine(device: torch.device) -> dict[str, Any]:
                     cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
                     tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
     return info
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 # ---------------------------------------------------------------------------------------
@@ -838,7 +831,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = config.to_dict(args)
     config.print_config(cfg, "benchmark")
     result: dict[str, Any] = {"machine": _machine(device), "config": cfg,
-                              "versions": config.versions(), "sections": sections}
+                              "versions": environment.versions(), "lock": environment.lock_state(), "sections": sections}
 
     def save(stage: str) -> None:
         result["wall_s"] = time.perf_counter() - t_start

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+import environment
 from io_utils import write_json
 
 
@@ -30,19 +30,6 @@ def print_config(cfg: Mapping[str, Any], title: str) -> None:
     sys.stdout.flush()
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python and the libraries whose behaviour the outputs depend on."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "timm", "albumentations", "numpy", "pandas", "scikit-learn"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def save_config(cfg: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Save the configuration (plus library versions) as JSON, atomically."""
-    return write_json({"config": to_dict(cfg), "versions": versions()}, path)
+    """Save the configuration, with the environment it ran in, as JSON, atomically."""
+    return write_json({"config": to_dict(cfg), "environment": environment.describe()}, path)

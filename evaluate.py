@@ -72,6 +72,7 @@ import torch
 import columns
 import distributed
 import engine
+import environment
 import errors
 import inference
 import metrics
@@ -79,7 +80,7 @@ import presets
 import report
 import splits
 import unified_dataset
-from config import print_config, save_config, to_dict, versions
+from config import print_config, save_config, to_dict
 from io_utils import to_jsonable, write_csv, write_json
 from presets import AMP_MODES
 
@@ -716,7 +717,8 @@ def describe_run(args: argparse.Namespace, paths: Mapping[str, Path], routed: in
                  test: Split, device: torch.device, world_size: int) -> dict[str, Any]:
     """What was evaluated, how, and with which models (the head of ``metrics.json``)."""
     return {
-        "inputs": {k: str(v) for k, v in paths.items()}, "config": to_dict(args), "versions": versions(),
+        "inputs": {k: str(v) for k, v in paths.items()}, "config": to_dict(args),
+        "environment": environment.describe(),
         "device": str(device), "world_size": world_size,
         "n_test_images": int(len(test.df)), "n_test_patients": int(pd.unique(test.patients).size),
         "test_prevalence": float(test.y.mean()), "n_val_images": int(len(val.df)),

@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 import columns
+import environment
 import errors
 import presets
 import splits
@@ -157,6 +158,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "age_bounds": list(bounds), "age_group_names": list(columns.age_group_names(bounds)),
             "rejected_rows": int(pool.attrs.get("n_rejected", 0)), "counts": counts,
             "outputs": {columns.TRAIN_CSV: file_sha256(run.train_csv), columns.VAL_CSV: file_sha256(run.val_csv)},
+            "environment": environment.describe(),
         }
         wrote["manifest"] = write_json(manifest, run.trainval_manifest)
         wrote["trainval_kept"] = kept

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 import columns
 import engine
+import environment
 import errors
 import models
 import unified_dataset
@@ -172,6 +173,10 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
             notes.append(f"age group {g} ({names[g]}) has no model of its own "
                          f"({group_ckpt_name(g)} missing, e.g. skipped as too small): "
                          "its images go to the pooled model")
+    loaded = [age, *groups.values(), pooled, control]
+    note = environment.version_note({lm.path.name: lm.meta.get("versions") for lm in loaded if lm is not None})
+    if note:
+        notes.append(note)
     return RoutedModels(age=age, groups=groups, pooled=pooled, age_bounds=bounds, notes=notes,
                         pooled_continued=control)
 

@@ -66,6 +66,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from torch import nn
 
+import environment
 from errors import CheckpointError, PretrainedWeightsError
 from io_utils import atomic_path, to_jsonable
 
@@ -504,8 +505,6 @@ def make_checkpoint(
 
     ``extra`` adds further keys, e.g. optimizer/scheduler/RNG state in a resumable ``last`` file.
     """
-    from config import versions  # imported here so that importing models.py stays light
-
     ckpt = {
         "model": model if isinstance(model, Mapping) else model_state_dict(model),
         "model_name": resolve_model_name(model_name),
@@ -519,7 +518,8 @@ def make_checkpoint(
         "config": {} if config is None else config,
         "metrics": dict(metrics or {}),
         "epoch": int(epoch),
-        "versions": versions(),
+        "versions": environment.versions(),
+        "environment": {"lock": environment.lock_state(), "machine": environment.machine()},
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "kind": kind,
     }
@@ -540,9 +540,7 @@ def save_checkpoint(path: PathLike, ckpt: Mapping[str, Any]) -> Path:
     ckpt = dict(ckpt)
     ckpt.setdefault("format_version", CHECKPOINT_FORMAT_VERSION)
     if "versions" not in ckpt:
-        from config import versions
-
-        ckpt["versions"] = versions()
+        ckpt["versions"] = environment.versions()
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks keys {', '.join(missing)}")
@@ -551,7 +549,7 @@ def save_checkpoint(path: PathLike, ckpt: Mapping[str, Any]) -> Path:
     if isinstance(ckpt["model"], nn.Module):
         ckpt["model"] = model_state_dict(ckpt["model"])
     for key in ("config", "metrics", "class_names", "img_size", "mean", "std", "age_bounds", "versions",
-                _MODEL_KWARGS_KEY):
+                "environment", _MODEL_KWARGS_KEY):
         if key in ckpt:
             ckpt[key] = to_jsonable(ckpt[key])
     ckpt["num_classes"] = int(ckpt["num_classes"])

@@ -630,8 +630,8 @@ def _draw_metacarpals(canvas: _Canvas, bone: np.ndarray, wrist: WristGeometry,
 
 def _shear_for_oblique(bone: np.ndarray, wrist: WristGeometry) -> np.ndarray:
     # An oblique view spreads the bones apart; a sheared copy is a cheap stand-in.
-    shear = np.float32([[1, 0.18, -0.09 * wrist.height], [0, 1, 0]])
-    return cv2.warpAffine(bone, shear, (wrist.width, wrist.height), flags=cv2.INTER_LINEAR)
+    shear = np.float64([[1, 0.18, -0.09 * wrist.height], [0, 1, 0]])
+    return _warp(bone, shear, wrist.width, wrist.height)
 
 
 def _draw_growth_arrest_line(canvas: _Canvas, bone: np.ndarray, wrist: WristGeometry, rng: np.random.Generator) -> None:
@@ -764,11 +764,38 @@ def _add_side_marker(image: np.ndarray, laterality: str, rng: np.random.Generato
     top = int(rng.uniform(0.08, 0.85) * height)
     left, top = min(max(left, 0), width - size), min(max(top, 0), height - int(1.3 * size))
     image[top:top + int(1.3 * size), left:left + size] = 0.45 + 0.1 * rng.random()
-    letter = np.zeros((height, width), np.uint8)  # OpenCV draws text on 8-bit images only
-    cv2.putText(letter, laterality, (left + int(0.12 * size), top + int(1.1 * size)),
-                cv2.FONT_HERSHEY_SIMPLEX, size / 26.0, 255, max(size // 8, 1), cv2.LINE_AA)
-    alpha = letter.astype(np.float32) / 255.0
+    alpha = np.zeros((height, width), np.float32)
+    glyph = _glyph(laterality, size)
+    g_top, g_left = top + int(0.15 * size), left + int(0.12 * size)
+    g_h, g_w = min(glyph.shape[0], height - g_top), min(glyph.shape[1], width - g_left)
+    alpha[g_top:g_top + g_h, g_left:g_left + g_w] = glyph[:g_h, :g_w]
     return image * (1.0 - alpha) + 0.98 * alpha
+
+
+# The side marker's letters as 5x7 bitmaps, drawn by numpy rather than by a font renderer:
+# OpenCV's text and float32 warps change from one release to the next (4.12 -> 5.1 moved
+# the letter's pixels by up to 30,000 of 65,535 and warped pixels by up to 1,100), and the
+# demo's images, hence its results, must not depend on the installed OpenCV.
+_GLYPHS = {
+    "L": ("10000", "10000", "10000", "10000", "10000", "10000", "11111"),
+    "R": ("11110", "10001", "10001", "11110", "10100", "10010", "10001"),
+}
+
+
+def _glyph(letter: str, size: int) -> np.ndarray:
+    """``letter`` as a float mask about 0.75 * ``size`` wide, box-averaged from its bitmap."""
+    bitmap = np.array([[c == "1" for c in row] for row in _GLYPHS[letter]], np.float64)
+    scale = max(int(round(0.15 * size)), 1)
+    big = np.kron(bitmap, np.ones((scale, scale)))
+    return big.astype(np.float32)
+
+
+def _warp(image: np.ndarray, matrix: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear affine warp with black outside, in float64: OpenCV's float32 path rounds
+    differently between releases, its float64 path agrees to about 1e-7."""
+    out = cv2.warpAffine(np.ascontiguousarray(image, dtype=np.float64), np.float64(matrix), (width, height),
+                         flags=cv2.INTER_LINEAR, borderValue=0.0)
+    return out.astype(np.float32)
 
 
 def _rotate(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -776,8 +803,7 @@ def _rotate(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     height, width = image.shape
     angle = float(np.clip(rng.normal(0, 5), -12, 12))
     rotation = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
-    return cv2.warpAffine(np.ascontiguousarray(image), rotation, (width, height), flags=cv2.INTER_LINEAR,
-                          borderValue=0.0)
+    return _warp(image, rotation, width, height)
 
 
 def render_image(meta: dict[str, Any], hidden: dict[str, Any], img_size: int,

@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 import columns
+import environment
 import phantom
 
 # --------------------------------------------------------------------------- argument types
@@ -120,18 +121,6 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX).
-
-    Elsewhere oneDNN emulates bf16 convolutions, more slowly than fp32, so the demo then
-    keeps ``auto`` (fp32 on the CPU, bf16 on a GPU that has it).
-    """
-    import torch  # every script imports torch anyway; here only to ask the CPU
-
-    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return any(bool(probe()) for probe in probes if probe is not None)
-
-
 # Grayscale normalisation. ImageNet's RGB statistics averaged over channels, so that
 # pretrained weights see inputs in the range they were trained on (models.py sums the
 # RGB stem over channels for in_chans=1).
@@ -178,7 +167,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "drop_path": 0.0,
         "workers": 0,
         "channels_last": DEMO_RECIPE["channels_last"],
-        "amp": "bf16" if cpu_has_native_bf16() else "auto",
+        "amp": "bf16" if environment.cpu_has_native_bf16() else "auto",
         # The phantom's >=15 y group (~460 training images) is too small to learn from
         # scratch in the CPU budget (val AUROC 0.64-0.70); starting from the pooled model
         # gets it to ~0.94. The paper preset starts every model from ImageNet-22k instead.

@@ -664,7 +664,23 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
     for key, path in figures.items():
         lines += [f"### {CAPTIONS.get(key, key)}", "", figure_link(path, report_dir, key), ""]
     lines += ["## Models", "", markdown_table(model_rows(result["models"]))]
+    lines += environment_lines(result.get("environment"))
     return write_text("\n".join(lines), report_dir / columns.REPORT_MD)
+
+
+def environment_lines(env: Mapping[str, Any] | None) -> list[str]:
+    """The run environment section: machine, threads, lock and package versions."""
+    if not env:
+        return []
+    mach, lock = env["machine"], env["lock"]
+    lock_text = ("not found" if lock["sha256"] is None else
+                 f"`{lock['sha256'][:12]}`, " + ("installed from it" if lock["matches"] else
+                                                  "the running environment was NOT installed from it"))
+    return ["## Run environment", "",
+            f"{mach['cpu']} ({mach['cpu_count']} CPUs, native bf16: {'yes' if mach['cpu_native_bf16'] else 'no'}), "
+            f"GPU: {', '.join(mach['gpus']) or 'none'}; torch threads {mach['torch_threads']} "
+            f"(inter-op {mach['torch_interop_threads']}); {mach['platform']}. Lock (requirements.lock): {lock_text}.",
+            "", markdown_table([{"package": k, "version": v} for k, v in env["versions"].items()]), ""]
 
 
 def print_summary(result: Mapping[str, Any]) -> None:
