@@ -61,10 +61,11 @@ class Progress:
     """
 
     def __init__(self, iterable: Iterable, desc: str, *, enabled: bool = True, bar: bool | None = None,
-                 every_s: float = PROGRESS_EVERY_S, every_steps: int | None = None) -> None:
+                 every_s: float | None = None, every_steps: int | None = None) -> None:
         self.iterable, self.desc, self.enabled = iterable, desc, enabled
         self.bar = on_terminal() if bar is None else bar
-        self.every_s, self.every_steps = every_s, every_steps
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.every_steps = every_steps
         self.stream: TextIO | None = None  # None: sys.stdout at the time of printing
         self.total = len(iterable) if hasattr(iterable, "__len__") else None
         self.steps = self.images = 0
