@@ -40,6 +40,7 @@ WEIGHTS = "model.safetensors"
 ONNX_FILE = "model.onnx"
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
+ONNX_OPSET = 17
 BACKENDS = ("torch", "onnxruntime")
 # The preprocessing every input gets before any model sees it (unified_dataset.read_image,
 # letterbox, build_transforms); timm's own transforms do not reproduce the first three steps.
@@ -94,7 +95,7 @@ def save_timm_folder(lm: inference.LoadedModel, folder: Path) -> Path:
     return folder
 
 
-def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = 17) -> Path:
+def export_onnx(model: nn.Module, path: Path, img_size: int, opset: int = ONNX_OPSET) -> Path:
     """``model`` as ONNX (TorchScript exporter): input ``image`` (N, 1, S, S), output ``logits``,
     the batch dimension dynamic. Written atomically."""
     from io_utils import atomic_path

@@ -59,7 +59,7 @@ from config import print_config, to_dict, versions
 from io_utils import write_json, write_text
 
 HERE = Path(__file__).resolve().parent
-OPSET = 17
+OPSET = bundle.ONNX_OPSET
 SCRIPT = "export"
 LICENCE = ("GRAZPEDWRI-DX is published under CC BY 4.0 (Nagy et al., 2022, Scientific Data 9:222, "
            "doi:10.1038/s41597-022-01328-z); cite it with any model trained on it.")
@@ -89,6 +89,19 @@ def parity_batch(lm: inference.LoadedModel, df: pd.DataFrame) -> torch.Tensor:
     """``df``'s images prepared as ``lm`` prescribes (size, normalisation), one batch."""
     loader = inference.loader_for(lm, df, batch_size=max(len(df), 1), shard=False)
     return next(iter(loader))[0].contiguous()
+
+
+def parity_rows(df: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The first ``n`` rows whose image decodes (stage 5 may have left some out, --skip-bad)."""
+    keep = []
+    for idx, path in df["image_path"].astype(str).items():
+        if unified_dataset.check_image_file(Path(path), decode=True) is None:
+            keep.append(idx)
+            if len(keep) == n:
+                break
+    if not keep:
+        raise errors.DataError(f"{df.attrs.get('source', 'the parity CSV')}: no decodable image for the parity checks")
+    return df.loc[keep]
 
 
 def rebuild_difference(lm: inference.LoadedModel, folder: Path, x: torch.Tensor) -> float:
@@ -382,7 +395,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     parity_csv = Path(args.parity_csv or run.test_csv)
     if not parity_csv.is_file():
         raise errors.DataError(f"{parity_csv}: not found; the parity checks need real images (--parity-csv)")
-    df = unified_dataset.read_split_csv(parity_csv).head(args.parity_images)
+    df = parity_rows(unified_dataset.read_split_csv(parity_csv), args.parity_images)
     metrics = json.loads(run.metrics_json.read_text(encoding="utf-8")) if run.metrics_json.is_file() else None
     entries: dict[str, Any] = {}
     for key, lm in bundle.model_keys(routed).items():

@@ -199,3 +199,15 @@ def test_model_card_has_the_hugging_face_sections(exported):
     metrics = json.loads((exported / columns.METRICS_JSON).read_text())
     auroc = metrics["systems"]["hard"]["overall"]["auroc"]
     assert f"| hard | {auroc:.3f}" in card
+
+
+def test_benchmark_onnx_section_times_both_backends(tmp_path):
+    import benchmark
+
+    result = benchmark.main(benchmark.get_args_parser().parse_args(
+        ["--device", "cpu", "--sections", "onnx", "--quick", "--batch-size", "4", "--img-size", "32",
+         "--out", str(tmp_path / "b.json")]))
+    rows = result["onnx"]["rows"]
+    assert {(r["backend"], r["batch_size"]) for r in rows} == {(b, n) for b in ("pytorch", "onnxruntime")
+                                                               for n in (1, 4)}
+    assert all(r["images_per_s"] > 0 for r in rows) and result["onnx"]["max_abs_prob_diff"] < 1e-5
