@@ -224,6 +224,3 @@ def folder_name(key: str) -> str:
     return key if key == columns.AGE_MODEL else columns.fracture_model(key)
 
 
-def describe_checkpoint_mismatch(stale: list[str], where: Mapping[str, Any]) -> str:
-    return (f"calibration in {where.get('file')} was fitted for other weights: {'; '.join(stale)}; "
-            "re-run evaluate.py")
