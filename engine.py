@@ -227,10 +227,10 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: Callable, device: 
 
 
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: str = "off",
-            channels_last: bool = False, progress: bool = False) -> np.ndarray:
+            channels_last: bool = False, progress: bool = False, desc: str = "predict") -> np.ndarray:
     """``[N, C]`` probabilities for every row of the loader's dataset, in dataset order."""
     _, logits, _ = forward_all(model, loader, device, amp=amp, channels_last=channels_last,
-                               progress=progress, desc="predict")
+                               progress=progress, desc=desc)
     logits_t = torch.from_numpy(logits)
     return to_probs(logits_t.reshape(-1) if logits_t.shape[1] == 1 else logits_t).numpy()
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import columns
+import distributed
 import engine
 import errors
 import models
@@ -227,8 +228,10 @@ def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bo
     if len(df) == 0:
         return np.zeros((0, lm.num_classes)) if lm.num_classes > 2 else np.zeros(0)
     model = HFlipTTA(lm.model) if tta else lm.model
+    # rank 0 shows progress: a bar on a terminal, a line every 30 s in a log (logs.Progress)
     probs = np.asarray(engine.predict(model, loader_for(lm, df, device=device, **loader_kw), device, amp=amp,
-                                      channels_last=lm.channels_last), float)
+                                      channels_last=lm.channels_last, progress=distributed.is_main(),
+                                      desc=f"{lm.name} on {len(df)} images"), float)
     if lm.num_classes > 2:
         return probs.reshape(len(df), lm.num_classes)
     return fracture_prob(probs)
