@@ -12,10 +12,11 @@ refused when one fails:
 * onnxruntime gives PyTorch's probabilities (max abs difference at most ``--tolerance``),
   at batch N and batch 1, and for Swin with fused attention on and off.
 
-The TorchScript exporter (``dynamo=False``) is used: it traces the eager model as it runs,
-while the dynamo exporter needs onnxscript's translation of every op and re-exports timm's
-Swin window partitioning with data-dependent shape checks; the traced graph is what the
-parity check measures either way.
+The TorchScript exporter (``dynamo=False``) is used. The dynamo exporter (torch 2.14,
+opset 18) exports the demo CNN, but fails on timm's Swin with a dynamic batch: its
+decomposition step cannot ``view`` the window attention's output (shape ``[4*batch, 64, 2,
+16]`` with permuted strides) as ``[4*batch, 64, 32]``. The TorchScript exporter traces the
+eager model, and the parity check measures what it produced.
 
 Inputs (derived from --out-dir unless given)
   <out>/saved_agegroup_models/{age_classifier, fracture_classifier_*}.pt, thresholds.json,
