@@ -27,6 +27,10 @@ Sections (``--sections``; default all, ``e2e`` only on CUDA):
   e2e    end to end, ``engine.make_loader`` with ``--workers`` workers feeding the training
          step: the baseline (fp32, contiguous, uncached images) against the fast path
          (``--fast-variant`` fed from the cache); the target is >= 3x.
+  onnx   inference images/s on the CPU, PyTorch (fp32, fused attention as the trainers run it)
+         against onnxruntime on the ONNX export of the same weights (``bundle.export_onnx``, as
+         export.py writes it), with the same number of threads, at batch 1 and ``--batch-size``;
+         plus the largest probability difference between the two. In ``auto`` on the CPU.
   stage1check  stage 1's image check on ``--check-files`` full-size 16-bit PNGs (the phantom's
          images at ``--phantom-size``, copied to that many files with their own rows in a
          GRAZPEDWRI-DX-style dataset.csv under ``<work-dir>/stage1check``, kept for the next
@@ -82,6 +86,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import bundle
 import columns
 import config
 import environment
@@ -576,6 +581,26 @@ def _infer(model: torch.nn.Module, x: torch.Tensor, device: torch.device, precis
         model(x)
 
 
+def bench_onnx(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+    """Inference images/s on the CPU: the PyTorch model and its ONNX export in onnxruntime."""
+    cpu = torch.device("cpu")
+    model = _build_model(args, cpu, channels_last=False, fused_attn=True).eval()
+    path = bundle.export_onnx(model, work_dir / "bench.onnx", args.img_size)
+    ort = bundle.OnnxModel(path)
+    rows, diffs = [], []
+    for batch in sorted({1, args.batch_size}):
+        x, _ = _batch(args, cpu, batch, channels_last=False)
+        diffs.append(float(np.abs(bundle.probabilities(model, x) - bundle.probabilities(ort, x)).max()))
+        for name, m in (("pytorch", model), ("onnxruntime", ort)):
+            print(f"[benchmark] onnx: {name} at batch {batch} ...", flush=True)
+            with torch.no_grad():
+                per, _, _, cpu_s = _timed(lambda m=m: m(x), cpu, args.warmup, args.steps, args.min_time)
+            rows.append({"backend": name, "batch_size": batch, "images_per_s": batch / per,
+                         "images_per_cpu_s": batch / cpu_s if cpu_s > 0 else None})
+    return {"rows": rows, "threads": torch.get_num_threads(), "opset": bundle.ONNX_OPSET,
+            "onnx_mb": path.stat().st_size / 2**20, "max_abs_prob_diff": max(diffs)}
+
+
 # ---------------------------------------------------------------------------------------
 # end to end: DataLoader -> device -> training step
 
@@ -687,6 +712,14 @@ def format_report(result: dict[str, Any]) -> str:
                  (100 * r["mfu"]) if r.get("mfu") is not None else None] for r in e2e["rows"]]
         out.append(_table(["variant", "loader", "workers", "batch", "img/s", "MFU %"], rows))
         out.append(f"speed-up fast / baseline: {e2e['speedup']:.2f}x")
+    ox = result.get("onnx")
+    if ox:
+        out.append(f"\nInference on the CPU, PyTorch vs onnxruntime ({ox['threads']} threads, ONNX opset "
+                   f"{ox['opset']}, {ox['onnx_mb']:.1f} MB; max |probability difference| "
+                   f"{ox['max_abs_prob_diff']:.2g}):")
+        out.append(_table(["backend", "batch", "img/s", "img/CPU-s"],
+                          [[r["backend"], r["batch_size"], r["images_per_s"], r["images_per_cpu_s"]]
+                           for r in ox["rows"]]))
     s1 = result.get("stage1check")
     if s1:
         out.append(f"\nStage 1 image check, {s1['files']} files of {'x'.join(map(str, s1['image'][:2]))} px "
@@ -795,9 +828,9 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, list[str], list[di
         args.phantom_size = min(args.phantom_size, 512)
     if not args.matmul_n:
         args.matmul_n = 8192 if device.type == "cuda" else (256 if args.quick else 1024)
-    known = ("data", "flops", "train", "e2e", "stage1check")
+    known = ("data", "flops", "train", "e2e", "onnx", "stage1check")
     if args.sections == "auto":
-        sections = ["data", "flops", "train"] + (["e2e"] if device.type == "cuda" else [])
+        sections = ["data", "flops", "train"] + (["e2e"] if device.type == "cuda" else ["onnx"])
     else:
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
         bad = [s for s in sections if s not in known]
@@ -874,6 +907,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if "e2e" in sections:
             result["e2e"] = _run_e2e(args, device, df, work_dir, result)
             save("e2e")
+        if "onnx" in sections:
+            result["onnx"] = bench_onnx(args, work_dir)
+            save("onnx")
         if "stage1check" in sections:
             result["stage1check"] = bench_stage1check(df, args.check_files, work_dir)
             save("stage1check")

@@ -142,6 +142,13 @@ FRACTURE_MODEL = "fracture_classifier"
 POOLED_ROLE = "pooled"
 CONTROL_ROLE = "pooled_continued"
 THRESHOLDS_JSON = "thresholds.json"
+CALIBRATION_JSON = "calibration.json"
+# Written by export.py: the self-describing copy of a run's models.
+EXPORT_DIR = "export"
+SYSTEM_JSON = "system.json"
+MODEL_CARD_MD = "MODEL_CARD.md"
+# One TensorBoard log folder per model (by checkpoint stem) under this folder.
+TENSORBOARD_DIR = "tensorboard"
 CHECKPOINT_SUFFIX = ".pt"
 LAST_SUFFIX = "_last.pt"
 HISTORY_SUFFIX = "_metrics.csv"
@@ -187,6 +194,8 @@ class RunDir:
     cache_dir = property(lambda self: self.root / CACHE_DIR)
     models_dir = property(lambda self: self.root / MODELS_DIR)
     phantom_dir = property(lambda self: self.root / PHANTOM_DIR)
+    export_dir = property(lambda self: self.root / EXPORT_DIR)
+    tensorboard_dir = property(lambda self: self.root / TENSORBOARD_DIR)
     split_csvs = property(lambda self: (self.train_csv, self.val_csv, self.test_csv))
 
     def config(self, script: str) -> Path:
@@ -197,7 +206,7 @@ class RunDir:
 # The folders of a run directory the pipeline writes into (besides the directory itself);
 # only these are searched for orphaned temporary files, so a run in "." never walks
 # unrelated trees.
-RUN_SUBDIRS: tuple[str, ...] = (MODELS_DIR, REPORT_DIR, CACHE_DIR, PHANTOM_DIR)
+RUN_SUBDIRS: tuple[str, ...] = (MODELS_DIR, REPORT_DIR, CACHE_DIR, PHANTOM_DIR, EXPORT_DIR)
 
 # Which CSV holds which columns; "+ ..." means "and whatever the previous stage had".
 CSV_FILES: dict[str, tuple[str, str]] = {

@@ -45,10 +45,10 @@ from sklearn.metrics import classification_report
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
 from torchsampler import ImbalancedDatasetSampler
-from tqdm.auto import tqdm
 
 import columns
 import distributed
+import logs
 import metrics
 import unified_dataset
 from config import save_config, to_dict
@@ -155,8 +155,9 @@ def _predicted_labels(logits: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- one pass over data
-def _progress(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=not enabled)
+def _progress(iterable: Iterable, enabled: bool, desc: str) -> logs.Progress:
+    """A bar on a terminal, progress lines without one (logs.Progress)."""
+    return logs.Progress(iterable, desc, enabled=enabled)
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device,
@@ -226,10 +227,10 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: Callable, device: 
 
 
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: str = "off",
-            channels_last: bool = False, progress: bool = False) -> np.ndarray:
+            channels_last: bool = False, progress: bool = False, desc: str = "predict") -> np.ndarray:
     """``[N, C]`` probabilities for every row of the loader's dataset, in dataset order."""
     _, logits, _ = forward_all(model, loader, device, amp=amp, channels_last=channels_last,
-                               progress=progress, desc="predict")
+                               progress=progress, desc=desc)
     logits_t = torch.from_numpy(logits)
     return to_probs(logits_t.reshape(-1) if logits_t.shape[1] == 1 else logits_t).numpy()
 
@@ -261,8 +262,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable,
                     optimizer: torch.optim.Optimizer, device: torch.device, *,
                     scaler: torch.amp.GradScaler | None = None, amp: str = "off", accum_steps: int = 1,
                     channels_last: bool = False, grad_clip: float | None = None,
-                    progress: bool = False, desc: str = "train") -> dict[str, float]:
-    """One pass over ``loader``; returns loss, acc, f1, n, seconds, images_per_s (all ranks)."""
+                    progress: bool = False, desc: str = "train",
+                    scalars: logs.ScalarLog | None = None) -> dict[str, float]:
+    """One pass over ``loader``; returns loss, acc, f1, n, seconds, images_per_s (all ranks).
+    ``scalars`` receives each step's loss (TensorBoard)."""
     model.train()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     n_batches = len(loader)
@@ -281,8 +284,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable,
         preds.append(_predicted_labels(logits))
         labels.append(y)
         num_classes = 2 if _is_binary(logits) else logits.shape[1]
-        if progress and i % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_loss(loss)
+        if scalars is not None:
+            scalars.step_loss(loss)
     preds_np = torch.cat(preds).cpu().numpy() if preds else np.zeros(0, np.int64)
     labels_np = torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int64)
     total_loss, n = distributed.all_reduce_sum([float(loss_sum), float(len(labels_np))])
@@ -410,6 +414,7 @@ class FitOptions:
     force: bool = False
     quiet: bool = False
     seed: int = 0
+    tensorboard_dir: Path | None = None  # this model's TensorBoard folder (rank 0 writes it)
 
 
 def settings_mismatch(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -438,6 +443,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_metrics: dict[str, Any] = field(default_factory=dict)
     start_epoch: int = 1
+    scalars: logs.ScalarLog = field(default_factory=lambda: logs.ScalarLog(None))
 
 
 def _settings_error(path: Path, diffs: Sequence[str]) -> ResumeError:
@@ -518,7 +524,7 @@ def _run_epoch(epoch: int, model: nn.Module, train_loader: DataLoader, val_loade
     lr = optimizer.param_groups[0]["lr"]
     tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler=state.scaler, amp=opts.amp,
                          accum_steps=opts.accum_steps, channels_last=opts.channels_last, grad_clip=opts.grad_clip,
-                         progress=progress, desc=f"epoch {epoch} train")
+                         progress=progress, desc=f"epoch {epoch} train", scalars=state.scalars)
     ev = evaluate(model, val_loader, criterion, device, amp=opts.amp, channels_last=opts.channels_last,
                   progress=progress, desc=f"epoch {epoch} val")
     vm = ev.metrics
@@ -596,7 +602,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
         raise ValueError(f"unknown metric {opts.monitor!r} (known: {', '.join(MONITORS)})")
     monitor_col, mode = MONITORS[opts.monitor]
     settings = dict(settings)
-    progress = not opts.quiet and sys.stderr.isatty() and distributed.is_main()
+    progress = not opts.quiet and distributed.is_main()  # a bar on a terminal, else lines
     state = TrainState(EarlyStopping(opts.patience, mode=mode, min_delta=opts.min_delta),
                        torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16"))
     raw = model.to(device)
@@ -609,6 +615,9 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
     if not redo:
         _restore_last(files, settings, opts, raw, optimizer, scheduler, state, monitor_col)
     train_model = _wrap(raw, device, opts)
+    if distributed.is_main() and opts.tensorboard_dir is not None:
+        state.scalars = logs.ScalarLog(opts.tensorboard_dir)
+        state.scalars.step = (state.start_epoch - 1) * len(train_loader)
 
     def checkpoint(epoch: int, scores: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
         return make_checkpoint(raw, **meta, metrics=scores, epoch=epoch, settings=settings,
@@ -633,6 +642,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
             if distributed.is_main():  # saved before the epoch is reported: a Ctrl-C after its Val line keeps it
                 _save_epoch(files, checkpoint, epoch, is_best, ev.metrics, optimizer, scheduler, state)
             saved_epoch = epoch
+            state.scalars.epoch(epoch, scalar_values(row))
             _log_epoch(epoch, row, ev, is_best, state.stopper, class_names)
             if stop:
                 stopped_early = True
@@ -645,9 +655,19 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
             if saved_epoch >= 1
             else f"\nInterrupted during epoch {epoch}, before any epoch completed; nothing to resume.")
         raise
+    finally:
+        state.scalars.close()
     _finish(files, epoch, stopped_early, state.history, opts)
     log(f"Best epoch {state.stopper.best_epoch}: {monitor_col} {_fmt(state.stopper.best)} -> {files.best}")
     return _result(files, state.stopper.best_epoch, state.best_metrics, epoch, stopped_early, state.history)
+
+
+def scalar_values(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An epoch's history row as TensorBoard tags (train/..., val/..., lr, ...)."""
+    tags = {"train_loss": "train/loss", "train_acc": "train/acc", "train_f1": "train/f1",
+            "images_per_s": "train/images_per_s", "val_loss": "val/loss", "val_acc": "val/acc",
+            "val_f1": "val/f1", "val_auroc": "val/auroc", "lr": "lr", "seconds": "epoch_seconds"}
+    return {tag: row.get(key) for key, tag in tags.items()}
 
 
 def images_seen(history: Sequence[Mapping[str, Any]]) -> int | None:
@@ -821,7 +841,8 @@ def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.
     opts = FitOptions(epochs=cfg.epochs, monitor=cfg.metric, patience=cfg.patience, min_delta=cfg.min_delta,
                       amp=amp, accum_steps=cfg.accum_steps, channels_last=cfg.channels_last,
                       compile=cfg.compile, grad_clip=cfg.grad_clip, resume=cfg.resume, force=cfg.force,
-                      quiet=cfg.quiet, seed=cfg.seed)
+                      quiet=cfg.quiet, seed=cfg.seed,
+                      tensorboard_dir=columns.RunDir(cfg.out_dir).tensorboard_dir / files.best.stem)
     return fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device=device, files=files,
                meta=meta, settings=settings, opts=opts, class_names=class_names)
 

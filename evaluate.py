@@ -41,6 +41,8 @@ Outputs
                                fracture probability (and calibrated), label and threshold
   <out>/metrics.json           every number, for machines (NaN written as null)
   <models-dir>/thresholds.json the validation thresholds (single and per group), read by predict.py
+  <models-dir>/calibration.json each model's calibration (calibration.py's form) and the checkpoint
+                               it was fitted for, applied by predict.py
   <out>/report/report.md       the Answer, tables and figures (ROC, confusion matrices, training
                                curves, calibration before/after, Grad-CAM) as PNG beside it
 
@@ -69,6 +71,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import calibration
 import columns
 import distributed
 import engine
@@ -350,13 +353,9 @@ def calibrate(inf_val: Mapping[str, Any], inf_test: Mapping[str, Any], y_val: np
     for key in ("pooled", "pooled_continued"):
         if inf_test.get(key) is not None:
             temps[key] = metrics.fit_temperature(y_val, inf_val[key])
-    scaled = {
-        "age_probs": metrics.apply_temperature(inf_test["age_probs"], temps["age_classifier"]),
-        "group_probs": np.stack([metrics.apply_temperature(inf_test["group_probs"][:, g], temps[f"agegroup{g}"])
-                                 for g in range(routed.n_groups)], 1),
-        **{key: metrics.apply_temperature(inf_test[key], temps[key])
-           for key in ("pooled", "pooled_continued") if inf_test.get(key) is not None},
-    }
+    method = "temperature scaling (one temperature per model, fitted on validation by NLL)"
+    params = calibration.from_temperatures(temps, method)
+    scaled = calibrated_outputs(params, inf_test, routed.n_groups)
     before, after = system_probs(inf_test, true_test), system_probs(scaled, true_test)
     ece = {s: {"ece_before": metrics.expected_calibration_error(y_test, before.prob[s], CALIBRATION_BINS),
                "ece_after": metrics.expected_calibration_error(y_test, after.prob[s], CALIBRATION_BINS),
@@ -365,9 +364,32 @@ def calibrate(inf_val: Mapping[str, Any], inf_test: Mapping[str, Any], y_val: np
            for s in before.prob}
     age = {"ece_before": metrics.top_label_calibration_error(true_test, inf_test["age_probs"], CALIBRATION_BINS),
            "ece_after": metrics.top_label_calibration_error(true_test, scaled["age_probs"], CALIBRATION_BINS)}
-    result = {"method": "temperature scaling (one temperature per model, fitted on validation by NLL)",
-              "n_bins": CALIBRATION_BINS, "temperatures": temps, "systems": ece, "age_classifier": age}
+    result = {"method": method, "n_bins": CALIBRATION_BINS, "temperatures": temps, "params": params,
+              "systems": ece, "age_classifier": age}
     return result, after
+
+
+def calibrated_outputs(params: Mapping[str, Any], inf: Mapping[str, Any], n_groups: int) -> dict[str, Any]:
+    """:func:`infer`'s outputs with each model's calibration applied (calibration.apply_calibration,
+    the function predict.py uses too)."""
+    return {
+        "age_probs": calibration.apply_calibration(params, calibration.AGE_KEY, inf["age_probs"]),
+        "group_probs": np.stack([calibration.apply_calibration(params, f"agegroup{g}", inf["group_probs"][:, g])
+                                 for g in range(n_groups)], 1),
+        **{key: calibration.apply_calibration(params, key, inf[key])
+           for key in ("pooled", "pooled_continued") if inf.get(key) is not None},
+    }
+
+
+def calibration_file(params: Mapping[str, Any], routed: inference.RoutedModels) -> dict[str, Any]:
+    """calibration.json: the parameters and the checkpoint each model key was fitted for."""
+    serving = {calibration.AGE_KEY: routed.age, **{f"agegroup{g}": routed.model_for_group(g)
+                                                   for g in range(routed.n_groups)},
+               "pooled": routed.pooled, "pooled_continued": routed.pooled_continued}
+    checkpoints = {k: calibration.file_digest(lm.path) for k, lm in serving.items()
+                   if lm is not None and lm.path is not None and k in params["models"]}
+    return {**params, "checkpoints": checkpoints,
+            "note": "fitted on validation by evaluate.py; applied by predict.py (calibration.apply_calibration)"}
 
 
 # --------------------------------------------------------------------------- training budgets
@@ -755,7 +777,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result["conclusion"] = report.answer(result, ", ".join(sorted(map(str, group_cols))) or None)
         written = write_outputs(args, paths, result, test, extra, routed, info.device, t0)
     report.print_summary(result)
-    for k in ("test_predictions", "metrics", "thresholds", "report"):
+    for k in ("test_predictions", "metrics", "thresholds", "calibration", "report"):
         print(f"wrote {written[k]}")
     print(f"wrote {len(written['figures'])} figures to {paths['report_dir']}")
     return written
@@ -797,6 +819,8 @@ def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: d
         "thresholds": result["thresholds"], "method": result["threshold_method"], "val_csv": str(paths["val_csv"]),
         "note": "chosen on validation by evaluate.py; read by predict.py"},
         paths["models_dir"] / columns.THRESHOLDS_JSON)
+    written["calibration"] = write_json(calibration_file(result["calibration"]["params"], routed),
+                                        paths["models_dir"] / columns.CALIBRATION_JSON)
     report_dir = paths["report_dir"]
     figures = make_figures(report_dir, test.y, test.out, extra["calibrated"], thr, extra["masks"],
                            result["age_classifier"], routed, args.history_pattern)

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import columns
+import distributed
 import engine
 import environment
 import errors
@@ -232,8 +233,10 @@ def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bo
     if len(df) == 0:
         return np.zeros((0, lm.num_classes)) if lm.num_classes > 2 else np.zeros(0)
     model = HFlipTTA(lm.model) if tta else lm.model
+    # rank 0 shows progress: a bar on a terminal, a line every 30 s in a log (logs.Progress)
     probs = np.asarray(engine.predict(model, loader_for(lm, df, device=device, **loader_kw), device, amp=amp,
-                                      channels_last=lm.channels_last), float)
+                                      channels_last=lm.channels_last, progress=distributed.is_main(),
+                                      desc=f"{lm.name} on {len(df)} images"), float)
     if lm.num_classes > 2:
         return probs.reshape(len(df), lm.num_classes)
     return fracture_prob(probs)
@@ -284,7 +287,8 @@ def route(routed: RoutedModels, df: pd.DataFrame, device: torch.device, mode: st
     hard: the age classifier picks a group and only that group's model sees the image;
     soft: every group model sees every image and their probabilities are mixed.
     Returns a frame aligned with ``df``: age_group_label, age_group_prob_0..G-1,
-    fracture_prob, fracture_model (which model decided; the argmax group's for soft).
+    fracture_prob, fracture_model (which model decided; the argmax group's for soft) and, for
+    soft, group_fracture_prob_0..G-1 (each group's model).
     ``loader_kw`` go on to :func:`model_probs` (``amp``, the loader's batch size, workers, cache).
     """
     age_probs = model_probs(routed.age, df, device, tta, **loader_kw)
@@ -297,8 +301,8 @@ def route(routed: RoutedModels, df: pd.DataFrame, device: torch.device, mode: st
             prob[idx] = model_probs(routed.model_for_group(gs[0]), df.iloc[idx], device, tta,
                                     **loader_kw)
     elif mode == "soft":
-        prob, _ = combine_routes(age_probs, all_group_probs(routed, df, device, tta, **loader_kw),
-                                 "soft")
+        group_probs = all_group_probs(routed, df, device, tta, **loader_kw)
+        prob, _ = combine_routes(age_probs, group_probs, "soft")
     else:
         raise ValueError(f"unknown routing {mode!r} (hard|soft)")
     out = pd.DataFrame({"age_group_label": pred.astype(int)}, index=df.index)
@@ -306,6 +310,9 @@ def route(routed: RoutedModels, df: pd.DataFrame, device: torch.device, mode: st
         out[f"age_group_prob_{g}"] = age_probs[:, g] if len(df) else []
     out["fracture_prob"] = prob
     out["fracture_model"] = [routed.model_for_group(int(g)).name for g in pred]
+    if mode == "soft":  # what was mixed, so that a calibration can be applied per model
+        for g in range(routed.n_groups):
+            out[f"group_fracture_prob_{g}"] = group_probs[:, g] if len(df) else []
     return out
 
 

@@ -11,6 +11,7 @@ training and evaluation stages with ``--nproc-per-node N``):
                                         --init-from-pooled the equal-budget control
                                         fracture_classifier_pooled_continued.pt unless --no-control)
   5  evaluate.py                     routed test evaluation, metrics.json, report (if present)
+  6  export.py                       export/: timm folders + ONNX per model, system.json, MODEL_CARD.md
 
 Without arguments: a phantom data set is generated and the ``demo`` preset (small model,
 CPU, a few minutes) is used. With ``--data-csv``/``--image-root``: the real data and the
@@ -65,7 +66,7 @@ from presets import add_split_args, add_training_args, chosen_preset, explicit_t
 
 HERE = Path(__file__).resolve().parent
 NAMES = {1: "split test set", 2: "split train/val", 3: "age classifier", 4: "fracture classifiers",
-         5: "evaluation"}
+         5: "evaluation", 6: "export"}
 
 
 class StageFailed(RuntimeError):
@@ -84,7 +85,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--from-stage", type=int, choices=sorted(NAMES), default=None,
                    help="redo this stage and all later ones from scratch; earlier stages' files are used "
                         "as they are where they exist")
-    g.add_argument("--to-stage", type=int, choices=sorted(NAMES), default=5, help="stop after this stage")
+    g.add_argument("--to-stage", type=int, choices=sorted(NAMES), default=max(NAMES), help="stop after this stage")
     g.add_argument("--no-pooled", action="store_true", help="do not train the pooled baseline model")
     g.add_argument("--no-control", action="store_true",
                    help="stage 4: do not train the equal-budget control (fracture_classifier_pooled_continued.pt) "
@@ -182,15 +183,16 @@ def _stage_argvs(args: argparse.Namespace, out: Path, preset: str) -> dict[int, 
         s4 += ["--min-rows", str(args.min_rows)]
     if args.no_control:
         s4 += ["--no-control"]
-    return {1: s1, 2: s2, 3: train, 4: s4, 5: s5}
+    return {1: s1, 2: s2, 3: train, 4: s4, 5: s5, 6: ["--out-dir", str(out)]}
 
 
 def stage_files(stage: int, out: Path) -> list[Path]:
-    """What stages 1, 2, 3 and 5 leave behind (stage 4's files depend on its models)."""
+    """What stages 1, 2, 3, 5 and 6 leave behind (stage 4's files depend on its models)."""
     run = columns.RunDir(out)
     return {1: [run.test_csv, run.pool_csv], 2: [run.train_csv, run.val_csv],
             3: [run.models_dir / columns.model_files(columns.AGE_MODEL)["best"], *run.split_csvs],
-            5: [run.metrics_json, run.predictions_csv]}.get(stage, [])
+            5: [run.metrics_json, run.predictions_csv],
+            6: [run.export_dir / columns.SYSTEM_JSON, run.export_dir / columns.MODEL_CARD_MD]}.get(stage, [])
 
 
 def _has_outputs(stage: int, out: Path) -> bool:
@@ -242,6 +244,8 @@ def _run_stage(stage: int, argv: list[str], args: argparse.Namespace, out: Path,
         return _call_main("generate_age_trainval_split", argv + force), stage_files(stage, out)
     if stage == 5:
         return _launch("evaluate", argv, args, out, stage), stage_files(stage, out)
+    if stage == 6:  # one process: exporting and its parity checks are quick on the CPU
+        return _call_main("export", argv), stage_files(stage, out)
 
     extra = ["--resume"] if resume else []
 
@@ -288,7 +292,8 @@ def summary_table(state: RunState, out: Path) -> str:
             lines.append(f"  {p}  ({n} rows)")
     if rows:
         lines.append(pd.DataFrame(rows).fillna("").to_string(index=False))
-    for p in (run.metrics_json, run.predictions_csv, run.report_dir / columns.REPORT_MD):
+    for p in (run.metrics_json, run.predictions_csv, run.report_dir / columns.REPORT_MD,
+              run.export_dir / columns.SYSTEM_JSON):
         if p.is_file():
             lines.append(f"  {p}")
     secs = {k: v.get("seconds") for k, v in state.stages.items() if v.get("seconds") is not None}
