@@ -24,6 +24,8 @@ import scipy.optimize
 import scipy.special
 import sklearn.model_selection
 
+import metrics
+
 METHODS = ("temperature", "prior", "platt")
 # The class-balanced sampler draws each class equally often: the prevalence the models train at.
 BALANCED_PREVALENCE = 0.5
@@ -73,8 +75,8 @@ def fit(method: str, y: Iterable[int], prob: Iterable[float],
     if _one_class(yy):
         return {"a": 1.0, "b": 0.0}
     if method == "temperature":
-        a, _ = _fit_logistic(yy, z, fit_slope=True, fit_intercept=False)
-        return {"a": a, "b": 0.0}
+        # bounded to T in [0.05, 20]: a temperature never reverses the ranking
+        return {"a": 1.0 / metrics.fit_temperature(yy.astype(int), prob), "b": 0.0}
     if method == "prior":
         return {"a": 1.0, "b": float(scipy.special.logit(yy.mean()) - scipy.special.logit(trained_prevalence))}
     if method == "platt":

@@ -22,6 +22,7 @@ from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 import columns  # noqa: E402
+import evidence  # noqa: E402
 import metrics  # noqa: E402
 from io_utils import atomic_write, write_text  # noqa: E402
 
@@ -435,10 +436,35 @@ def _routed_budget_sentence(result: Mapping[str, Any], reference: str) -> str:
             f"{SHORT_NAMES[reference]} ran {_epochs(r['models'])} epochs and saw {_count(r['images_seen'])}.")
 
 
+VERDICT_SENTENCES = {
+    evidence.HELPED: "Routing helped: the interval excludes 0 and every training seed agrees.",
+    evidence.HURT: "Routing hurt: the interval excludes 0 and every training seed agrees.",
+    evidence.NO_EVIDENCE: ("No evidence of a difference: every seed has the same sign, but the interval includes 0; "
+                           "the smallest AUROC difference this test set and these seeds could detect is about "
+                           "{mdd:.3f} (80% power, two-sided {level}% level, test sample and seed spread)."),
+    evidence.INCONSISTENT: ("Inconsistent across training seeds: the seeds disagree in sign, so the run draws no "
+                            "conclusion (the smallest detectable AUROC difference, test sample and seed spread, "
+                            "is about {mdd:.3f})."),
+    evidence.ONE_SEED: ("One training seed: the interval covers the test sample, not training, so the run draws "
+                        "no conclusion (train with --seeds 3 or more)."),
+}
+
+
+def seed_sentence(seeds: Mapping[str, Any], level: int = 95) -> str:
+    """Each seed's difference, their mean and the interval over test sample and seeds."""
+    per = ", ".join(f"{pm(s['diff'])} (seed {s['seed']})" for s in seeds["per_seed"])
+    if len(seeds["per_seed"]) < 2:
+        return f"Hard-routed minus control AUROC on one training seed: {per}."
+    return (f"Over {len(seeds['per_seed'])} training seeds the differences are {per}; mean {pm(seeds['mean'])} "
+            f"({level}% CI {pm(seeds['lo'])} to {pm(seeds['hi'])}, covering the test sample and the training seeds: "
+            f"patient-bootstrap SE {seeds['se_test']:.3f}, seed SD {seeds['seed_sd']:.3f}).")
+
+
 def answer(result: Mapping[str, Any], group_column: str | None = None) -> str:
     """The report's first paragraph: routing against one pooled model, stated as strongly as
     the comparison allows. "Helped"/"hurt" only for an equal-budget comparison whose interval
-    excludes 0; otherwise the numbers, and why they cannot settle the question."""
+    over test sample and training seeds excludes 0 with every seed agreeing in sign
+    (:func:`evidence.verdict`); otherwise the numbers, and why they cannot settle the question."""
     systems, comps = result["systems"], result["comparisons"]
     level = int(round(100 * (1 - result["alpha"])))
     reference = result["equal_budget"]["reference"]
@@ -449,18 +475,14 @@ def answer(result: Mapping[str, Any], group_column: str | None = None) -> str:
     if reference:
         r = systems[reference]["overall"]
         d = comps[f"hard_minus_{reference}"]["auroc"]
+        seeds = result["seeds"]
+        first = seeds["per_seed"][0]["seed"]
         parts.append(f"Routing by predicted age group vs one pooled model at an equal training budget: hard-routed "
                      f"AUROC {fmt_ci(a['auroc'], a['ci'].get('auroc'))} vs {SYSTEM_NAMES[reference]} "
-                     f"{fmt_ci(r['auroc'], r['ci'].get('auroc'))}; difference {fmt_diff(d, level)}, {boot}.")
-        if d["lo"] > 0:
-            parts.append("Routing helped.")
-        elif d["hi"] < 0:
-            parts.append("Routing hurt.")
-        else:
-            mdd = metrics.min_detectable_difference(d["se"], result["alpha"])
-            parts.append(f"No evidence of a difference at this test size: the smallest AUROC difference this test "
-                         f"set could detect is about {mdd:.3f} (80% power, two-sided {100 - level}% level, from the "
-                         f"bootstrap spread).")
+                     f"{fmt_ci(r['auroc'], r['ci'].get('auroc'))} (training seed {first}); difference "
+                     f"{fmt_diff(d, level)}, {boot}.")
+        parts.append(seed_sentence(seeds, level))
+        parts.append(VERDICT_SENTENCES[seeds["verdict"]].format(mdd=seeds["min_detectable"], level=100 - level))
         parts.append(_routed_budget_sentence(result, reference))
         study = result["study_level"]["aggregations"]["max"]
         sd = study["comparisons"].get(f"hard_minus_{reference}")

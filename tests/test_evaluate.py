@@ -564,8 +564,12 @@ def test_evaluate_under_torchrun_matches_one_process(run_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------- the Answer
-def _answer_inputs(diff: float, lo: float, hi: float, reference: str | None) -> dict:
-    """The slice of metrics.json that report.answer reads, with a chosen hard-minus-pooled result."""
+def _answer_inputs(diff: float, lo: float, hi: float, reference: str | None,
+                   seed_diffs: tuple[float, ...] | None = None) -> dict:
+    """The slice of metrics.json that report.answer reads, with a chosen hard-minus-pooled result
+    (and per training seed ``seed_diffs``, by default three seeds of the same difference)."""
+    import evidence
+
     def overall(auroc: float) -> dict:
         return {"overall": {"auroc": auroc, "ci": {"auroc": [auroc - 0.02, auroc + 0.02]}}}
 
@@ -585,7 +589,11 @@ def _answer_inputs(diff: float, lo: float, hi: float, reference: str | None) -> 
         comparisons["hard_minus_pooled_continued"] = comp(diff, lo, hi)
         why["pooled_continued"] = []
     study = {"n_studies": 10, "comparisons": {}, "systems": {}}
-    return {"systems": systems, "comparisons": comparisons, "alpha": 0.05, "n_boot": 100,
+    diffs = seed_diffs if seed_diffs is not None else (diff, diff, diff)
+    seeds = {"per_seed": [{"seed": 42 + k, "diff": d} for k, d in enumerate(diffs)], "mean": sum(diffs) / len(diffs),
+             "lo": lo, "hi": hi, "se_test": 0.01, "seed_sd": 0.01, "min_detectable": 0.05,
+             "verdict": evidence.verdict(diffs, lo, hi)}
+    return {"systems": systems, "comparisons": comparisons, "alpha": 0.05, "n_boot": 100, "seeds": seeds,
             "equal_budget": {"reference": reference, "differences": why},
             "budgets": {"routed": budget, "pooled": budget, "pooled_continued": budget},
             "study_level": {"aggregations": {"max": study}},
@@ -601,13 +609,19 @@ def test_answer_says_helped_only_for_an_equal_budget_comparison(reference):
         assert "helped" not in clear_win and "hurt" not in clear_win
         assert "NOT an equal-budget comparison" in clear_win and "2,000 vs 1,000" in clear_win
     else:
-        assert "Routing helped." in clear_win and "equal training budget" in clear_win
+        assert "Routing helped:" in clear_win and "equal training budget" in clear_win
+        assert "+0.080 (seed 42), +0.080 (seed 43), +0.080 (seed 44)" in clear_win
         assert "Equal training budget: both start from random weights (seed 42)" in clear_win
     clear_loss = report.answer(_answer_inputs(-0.08, -0.11, -0.05, reference))
-    assert ("Routing hurt." in clear_loss) == (reference is not None)
+    assert ("Routing hurt:" in clear_loss) == (reference is not None)
     unsure = report.answer(_answer_inputs(0.01, -0.02, 0.04, reference))
     assert "helped" not in unsure and "hurt" not in unsure
     if reference is not None:
-        se = 0.06 / 3.92
-        assert "No evidence of a difference at this test size" in unsure
-        assert f"could detect is about {2.8016 * se:.3f}" in unsure
+        assert "No evidence of a difference" in unsure
+        assert "could detect is about 0.050" in unsure
+    # a clear difference on the first seed that other seeds do not share is no finding
+    mixed = report.answer(_answer_inputs(-0.08, -0.11, -0.05, reference, (-0.08, 0.01, -0.03)))
+    assert "hurt" not in mixed
+    assert ("Inconsistent across training seeds" in mixed) == (reference is not None)
+    one = report.answer(_answer_inputs(-0.08, -0.11, -0.05, reference, (-0.08,)))
+    assert "hurt" not in one
