@@ -69,6 +69,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import cohort
 import columns
 import distributed
 import engine
@@ -104,7 +105,7 @@ PER_GROUP = "_per_group"
 GROUP_BY = {"hard": "predicted age group", "soft": "predicted age group (the largest weight)",
             "oracle": "true age group"}
 # Subgroups scored by AUROC where the CSV has the column; smaller subsets are only listed.
-SUBGROUP_COLUMNS = ("device_manufacturer", "projection")
+SUBGROUP_COLUMNS = ("device_manufacturer", "projection", "gender", "initial_exam")
 MIN_SUBSET_IMAGES = 30
 # The training settings that must agree for two systems to have the same training budget.
 SCHEDULE_KEYS = ("model", "img_size", "epochs", "lr", "scheduler", "warmup_epochs", "batch_size",
@@ -362,9 +363,9 @@ def score_subgroups(df: pd.DataFrame, y: np.ndarray, out: SplitOutputs, patients
     subsets of fewer than MIN_SUBSET_IMAGES images or with one class are listed, not scored."""
     found: dict[str, Any] = {}
     for col in SUBGROUP_COLUMNS:
-        if col not in df.columns:
+        values = cohort.subgroup_values(df, col)
+        if values is None:
             continue
-        values = df[col].astype(str).str.strip().replace("", "(missing)").to_numpy()
         found[col] = {}
         for value in sorted(set(values)):
             mask = values == value
@@ -420,7 +421,8 @@ def calibration_summary(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
             "brier": float(np.mean((prob - y) ** 2)), **recalibration.slope_intercept(y, prob)}
 
 
-def calibrate(val: "Split", test: "Split", routed: inference.RoutedModels) -> tuple[dict[str, Any], SplitOutputs]:
+def calibrate(val: "Split", test: "Split",
+              routed: inference.RoutedModels) -> tuple[dict[str, Any], SplitOutputs, dict[str, SplitOutputs]]:
     """Recalibration per model, fitted on validation, applied to test.
 
     Per fracture model three maps of the logit (recalibration.METHODS: temperature, prior-shift
@@ -430,7 +432,7 @@ def calibrate(val: "Split", test: "Split", routed: inference.RoutedModels) -> tu
     ``chosen`` (method per model) and ``params`` ({"a", "b"} per model: calibrated =
     sigmoid(a * logit(p) + b)), every method's parameters, and per system the test ECE, Brier
     score, calibration slope and intercept before and after each method and the chosen one;
-    and the test probabilities of the chosen recalibration.
+    the test probabilities of the chosen recalibration, and those of each method.
     """
     age_t = metrics.fit_temperature(val.true_group, val.inf["age_probs"])
     patients = val.patients
@@ -463,7 +465,7 @@ def calibrate(val: "Split", test: "Split", routed: inference.RoutedModels) -> tu
               "temperatures": {"age_classifier": age_t,
                                **{k: 1.0 / c.candidates["temperature"]["a"] for k, c in choices.items()}},
               "systems": systems, "age_classifier": age}
-    return result, after
+    return result, after, outputs
 
 
 # --------------------------------------------------------------------------- training budgets
@@ -607,6 +609,43 @@ def make_figures(report_dir: Path, y: np.ndarray, test: SplitOutputs, calibrated
     if histories:
         figs["training"] = report.plot_training_curves(histories, report_dir / "training_curves.png")
     return figs
+
+
+def checklist_figures(report_dir: Path, result: Mapping[str, Any], test: Split,
+                      extra: Mapping[str, Any]) -> dict[str, Path]:
+    """The patient flow, the decision curve and one reliability diagram per system (raw,
+    each recalibration and the chosen one per model)."""
+    figs = {"flow": report.plot_flow(result["flow"], report_dir / "patient_flow.png"),
+            "decision_curve": report.plot_decision_curve(result["net_benefit"]["curve"], report_dir / "decision_curve.png")}
+    by_method = extra["by_method"]
+    panels = {s: {"raw": (test.y, test.out.prob[s]),
+                  **{CALIBRATION_NAMES[m]: (test.y, by_method[m].prob[s]) for m in recalibration.METHODS},
+                  "chosen per model": (test.y, extra["calibrated"].prob[s])}
+              for s in UTILITY_SYSTEMS if s in test.out.prob}
+    figs["reliability"] = report.plot_reliability_per_system(panels, report_dir / "reliability_per_system.png",
+                                                             CALIBRATION_BINS)
+    return figs
+
+
+def error_cam_figure(report_dir: Path, test: Split, confident: Sequence[Mapping[str, Any]],
+                     routed: inference.RoutedModels, device: torch.device) -> Path | None:
+    """Grad-CAM of the hard-routed system's most confident errors, each by the model that
+    decided it (the predicted group's)."""
+    if not confident:
+        return None
+    pred_group = test.inf["age_probs"].argmax(1)
+    items = []
+    for e in confident:
+        i = e["row"]
+        lm = routed.model_for_group(int(pred_group[i]))
+        (img, cam), = inference.cam_examples(lm, test.df.iloc[[i]], device)
+        items.append({"image": img, "cam": cam,
+                      "caption": f"{e['kind']}: patient {e['patient_id']}, study {e['study']}\n"
+                                 f"{Path(e['image']).name[:28]}",
+                      "overlay": f"p {e['probability']:.2f}\npredicted group {e['predicted_group']}\n"
+                                 f"true group {e['true_group']}"})
+    return report.plot_cam_grid(items, report_dir / "gradcam_confident_errors.png",
+                                "Grad-CAM, the hard-routed system's most confident errors (test)")
 
 
 def cam_figure(report_dir: Path, df: pd.DataFrame, y: np.ndarray, prob: np.ndarray,
@@ -782,6 +821,39 @@ def load_and_infer(args: argparse.Namespace, paths: Mapping[str, Path], device: 
     return routed, found[0], test, left_out, notes
 
 
+# The systems of the decision curve and the reliability diagrams: routed, its control, plain pooled.
+UTILITY_SYSTEMS = ("hard", "pooled_continued", "pooled")
+N_CONFIDENT_ERRORS = 10
+
+
+def checklist_items(paths: Mapping[str, Path], val: Split, test: Split, extra: Mapping[str, Any],
+                    left_out: Mapping[str, int], names: Sequence[str]) -> dict[str, Any]:
+    """The reporting-checklist sections of metrics.json: patient flow, Table 1 per partition,
+    net benefit (decision curve, on the calibrated probabilities) and the error analysis of
+    the hard-routed system at its validation threshold. ``extra``: :func:`score`'s second value."""
+    run = columns.RunDir(paths["out"])
+    calibrated, thresholds = extra["calibrated"], extra["thresholds"]
+    frames = {"test": test.df.assign(age_group=test.true_group), "val": val.df.assign(age_group=val.true_group)}
+    if run.train_csv.is_file():
+        frames["train"] = unified_dataset.read_split_csv(run.train_csv, validate=False)
+    shown = [s for s in UTILITY_SYSTEMS if s in calibrated.prob]
+    pred = (test.out.prob["hard"] >= thresholds["hard"]).astype(int)
+    errors_ = cohort.most_confident_errors(test.df, test.y, test.out.prob["hard"], pred, N_CONFIDENT_ERRORS)
+    pred_group = test.inf["age_probs"].argmax(1)
+    for e in errors_:
+        e["predicted_group"] = names[int(pred_group[e["row"]])]
+        e["true_group"] = names[int(test.true_group[e["row"]])]
+    return {
+        "flow": cohort.patient_flow(run, frames, left_out),
+        "table_one": cohort.table_one(frames, names),
+        "net_benefit": {"probabilities": "calibrated (the chosen recalibration)",
+                        "curve": evidence.decision_curve(test.y, {s: calibrated.prob[s] for s in shown})},
+        "error_analysis": {"system": "hard", "threshold": "the validation threshold",
+                           "by": cohort.error_breakdown(frames["test"], test.y, pred, names),
+                           "most_confident": errors_},
+    }
+
+
 def score(args: argparse.Namespace, routed: inference.RoutedModels, val: Split, test: Split,
           notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every number of the evaluation (the ``metrics.json`` sections), and what the output
@@ -798,7 +870,7 @@ def score(args: argparse.Namespace, routed: inference.RoutedModels, val: Split, 
     print(f"metrics with {args.n_boot} patient-bootstrap resamples ...")
     pairs = comparison_pairs(reference)
     study_col = study_column(test.df, args.study_col, notes)
-    calibration, calibrated = calibrate(val, test, routed)
+    calibration, calibrated, by_method = calibrate(val, test, routed)
     age, misrouted = summarise_routing(test.df, test.y, test.inf, test.true_group, test.out, chosen, names, boot, notes)
     result = {
         "threshold_method": method if method == "youden" else f"sensitivity >= {target}",
@@ -821,7 +893,7 @@ def score(args: argparse.Namespace, routed: inference.RoutedModels, val: Split, 
                                      test.out.prob[reference])]
         runs += [evidence.SeedSystems(seed, out.prob["hard"], out.prob[reference]) for seed, out in test.seeds]
         result["seeds"] = {"reference": reference, **evidence.across_seeds(test.y, test.patients, runs, boot)}
-    return result, {"thresholds": thr, "masks": masks, "calibrated": calibrated}
+    return result, {"thresholds": thr, "masks": masks, "calibrated": calibrated, "by_method": by_method}
 
 
 def describe_run(args: argparse.Namespace, paths: Mapping[str, Path], routed: inference.RoutedModels, val: Split,
@@ -861,6 +933,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         scores, extra = score(args, routed, val, test, notes)
         result = {**describe_run(args, paths, routed, val, test, info.device, info.world_size),
                   "undecodable_left_out": left_out, **scores, "notes": notes}
+        result.update(checklist_items(paths, val, test, extra, left_out, columns.age_group_names(routed.age_bounds)))
         group_cols = {lm.meta.get("group_column") for lm in routed.groups.values()} - {None}
         result["conclusion"] = report.answer(result, ", ".join(sorted(map(str, group_cols))) or None)
         written = write_outputs(args, paths, result, test, extra, routed, info.device, t0)
@@ -917,6 +990,13 @@ def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: d
             figures["gradcam"] = cam
     except Exception as exc:  # a failed explanation must not cost the evaluation
         result["notes"].append(f"Grad-CAM figure skipped: {type(exc).__name__}: {exc}")
+    figures.update(checklist_figures(report_dir, result, test, extra))
+    try:
+        cam = error_cam_figure(report_dir, test, result["error_analysis"]["most_confident"], routed, device)
+        if cam is not None:
+            figures["gradcam_errors"] = cam
+    except Exception as exc:  # a failed explanation must not cost the evaluation
+        result["notes"].append(f"Grad-CAM of the most confident errors skipped: {type(exc).__name__}: {exc}")
     result["wall_time_s"] = time.perf_counter() - t0
     written["report"] = report.write_report(report_dir, result, figures)
     written["figures"] = list(figures.values())

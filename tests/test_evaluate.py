@@ -452,13 +452,29 @@ def test_evaluate_end_to_end(run_dir):
         assert agg["n_studies"] == n_studies and set(agg["systems"]) == set(res["systems"])
     cal = res["calibration"]
     assert set(cal["systems"]) == {"hard", "soft", "oracle", "pooled"} and cal["temperatures"]["pooled"] > 0
+    # the calibration contract: per model the chosen method and {a, b}; the CSV's calibrated
+    # probabilities are sigmoid(a * logit(p) + b) of the chosen method
+    assert set(cal["chosen"]) == {"age_classifier", "agegroup0", "agegroup1", "agegroup2", "pooled"}
+    assert set(cal["chosen"].values()) <= {"temperature", "prior", "platt"}
+    a, b = cal["params"]["pooled"]["a"], cal["params"]["pooled"]["b"]
+    z = np.log(np.clip(pred.prob_pooled, 1e-7, 1 - 1e-7) / np.clip(1 - pred.prob_pooled, 1e-7, 1))
+    np.testing.assert_allclose(pred.prob_pooled_calibrated, 1 / (1 + np.exp(-(a * z + b))), rtol=1e-6)
+    for key in ("before", "temperature", "prior", "platt", "chosen"):
+        assert {"ece", "brier", "slope", "intercept"} <= set(cal["systems"]["hard"][key])
+    # the checklist sections
+    assert {"flow", "table_one", "net_benefit", "error_analysis"} <= set(res)
+    assert res["table_one"]["test"]["images"] == len(test)
+    assert {"hard", "pooled", "treat_all", "treat_none"} <= set(res["net_benefit"]["curve"])
+    assert len(res["error_analysis"]["most_confident"]) <= 10
 
     report = Path(written["report"]).read_text()
     for fig in written["figures"]:
         assert Path(fig).exists() and Path(fig).name in report
     names = {Path(f).name for f in written["figures"]}
     assert {"roc_by_age_group.png", "training_curves.png", "calibration.png",
-            "gradcam_examples.png"} <= names
+            "gradcam_examples.png", "decision_curve.png", "reliability_per_system.png", "patient_flow.png",
+            "gradcam_confident_errors.png"} <= names
+    assert report.index("## Summary") < report.index("## The Answer in detail")
 
 
 PROBE_LOGITS = (-2.0, 0.0, 2.0)  # fracture model of group g outputs sigmoid(PROBE_LOGITS[g])
