@@ -5,6 +5,7 @@ rendering here (report.py draws and writes them).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -45,8 +46,10 @@ def patient_flow(run: columns.RunDir, frames: Mapping[str, pd.DataFrame],
     parts = {name: _count(frames.get(name)) for name in PARTITIONS}
     explained = (rejected + int(excl.get("rows_excluded", 0)) + rejected_pool
                  + sum(p["images"] for p in parts.values()))
+    csv = m1.get("source", {}).get("csv")
+    phantom = csv is not None and run.phantom_dir.resolve() in Path(csv).resolve().parents
     return {
-        "source_csv": m1.get("source", {}).get("csv"), "source_rows": source_rows,
+        "source_csv": csv, "phantom": phantom, "source_rows": source_rows,
         "set_aside_unreadable": rejected,
         "excluded_by_flag": dict(excl.get("excluded", {})), "excluded": int(excl.get("rows_excluded", 0)),
         "after_exclusions": int(excl.get("rows_out", source_rows - rejected)),

@@ -99,7 +99,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=presets.positive_int, default=None,
                    help="stages 4-5: train the compared models (group models and their equal-budget control) "
                         "with N training seeds (--seed, --seed+1, ...) and give the Answer across them "
-                        f"[default: {DEMO_SEEDS} with the demo preset, else 1]")
+                        f"[default: {DEMO_SEEDS} for the phantom demo (no --data-csv), else 1]")
     g.add_argument("--n-boot", type=presets.non_negative_int, default=None,
                    help="evaluation bootstrap resamples (evaluate.py's default)")
     g.add_argument("--nproc-per-node", type=presets.positive_int, default=1,
@@ -170,11 +170,13 @@ class RunState:
 
 # --------------------------------------------------------------------------- stages
 def n_seeds(args: argparse.Namespace, preset: str) -> int:
-    """Training seeds: --seeds, else DEMO_SEEDS for the demo preset and 1 for the others
-    (each seed retrains the group models and the control, on a GPU budget for the paper)."""
+    """Training seeds: --seeds, else DEMO_SEEDS for the phantom demo (no data given, demo
+    preset) and 1 otherwise: each seed retrains the group models and the control, which on
+    real data is a GPU budget to choose deliberately."""
     if args.seeds is not None:
         return args.seeds
-    return DEMO_SEEDS if preset == "demo" else 1
+    real = args.data_csv is not None or args.image_root is not None
+    return DEMO_SEEDS if preset == "demo" and not real else 1
 
 
 def _stage_argvs(args: argparse.Namespace, out: Path, preset: str) -> dict[int, list[str]]:
