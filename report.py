@@ -234,7 +234,7 @@ def plot_calibration(
     ``curves``: system -> ``(y_true, prob)``. ``after``: the same after calibration (e.g.
     temperature scaling), drawn as a second column so before and after sit side by side.
     """
-    columns = [("before calibration" if after else "", curves)] + ([("after temperature scaling", after)]
+    columns = [("before calibration" if after else "", curves)] + ([("after recalibration", after)]
                                                                    if after else [])
     fig, axes = plt.subplots(2, len(columns), figsize=(5.6 * len(columns), 6.6), sharex=True, squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1]})
@@ -448,9 +448,13 @@ CAPTIONS = {
     "roc_cast": "ROC curves with and without a cast",
     "confusion": "Fracture confusion matrices at the validation thresholds",
     "age_confusion": "Age-group classifier confusion matrix",
-    "calibration": "Calibration (reliability) of the fracture probabilities, before and after temperature scaling",
+    "calibration": "Calibration (reliability) of the fracture probabilities, before and after the chosen recalibration",
     "training": "Training curves from each model's per-epoch metrics CSV",
     "gradcam": "Grad-CAM of the hard-routed fracture model on test images",
+    "flow": "Patient flow",
+    "decision_curve": "Decision curve: net benefit of routed, control and plain pooled (calibrated probabilities)",
+    "reliability": "Reliability diagram per system: raw, each recalibration, and the one chosen per model",
+    "gradcam_errors": "Grad-CAM of the hard-routed system's most confident errors",
 }
 
 
@@ -1054,7 +1058,7 @@ def print_summary(result: Mapping[str, Any]) -> None:
     subs = [k for k in result["subsets"] if k != "overall"]
     print(text_table([{"system": s, **{k: fmt_ci(r[k]["auroc"], r[k]["ci"].get("auroc")) for k in subs}}
                       for s, r in sysres.items() if not s.endswith("_per_group")]))
-    print("\n== Calibration (test ECE before -> after temperature scaling) ==")
+    print("\n== Calibration (test ECE before -> after the recalibration chosen on validation) ==")
     print(text_table(calibration_rows(result["calibration"])))
     age = result["age_classifier"]
     print(f"\nage classifier (test): accuracy {age['accuracy']:.3f}, macro-F1 "
@@ -1062,4 +1066,5 @@ def print_summary(result: Mapping[str, Any]) -> None:
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"\n{result['conclusion']}")
+    print(f"\nSummary: {summary_answer(result)}")
     print(f"evaluation wall time: {result['wall_time_s']:.1f} s")
