@@ -165,7 +165,7 @@ def further_seed_jobs(cfg: argparse.Namespace, first: list[Job], seed: int) -> l
     it the pooled model is the comparison and is retrained too."""
     compared = {columns.CONTROL_ROLE} if cfg.init_from_pooled else {columns.POOLED_ROLE}
     suffix = columns.seed_suffix(seed)
-    return [job._replace(seed_suffix=suffix) for job in first
+    return [job._replace(seed_suffix=suffix, label=f"{job.label}, training seed {seed}") for job in first
             if job.group is not None or job.role in compared]
 
 
@@ -213,7 +213,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         models = {job.role: train_job(cfg, job, info.device) for job in first}
         seeds = [cfg.seed + k for k in range(cfg.seeds)]
         for seed in seeds[1:]:
-            engine.log(f"== training seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) ==")
             cfg_seed = argparse.Namespace(**{**vars(cfg), "seed": seed})
             for job in further_seed_jobs(cfg, first, seed):
                 models[job.role + job.seed_suffix] = train_job(cfg_seed, job, info.device)
