@@ -642,7 +642,8 @@ def error_cam_figure(report_dir: Path, test: Split, confident: Sequence[Mapping[
         items.append({"image": img, "cam": cam,
                       "caption": f"{e['kind']}: patient {e['patient_id']}, study {e['study']}\n"
                                  f"{Path(e['image']).name[:28]}",
-                      "overlay": f"p {e['probability']:.2f}\npredicted group {e['predicted_group']}\n"
+                      "overlay": f"p {e['probability']:.2f} (raw {e['raw_probability']:.2f})\n"
+                                 f"predicted group {e['predicted_group']}\n"
                                  f"true group {e['true_group']}"})
     return report.plot_cam_grid(items, report_dir / "gradcam_confident_errors.png",
                                 "Grad-CAM, the hard-routed system's most confident errors (test)")
@@ -838,9 +839,12 @@ def checklist_items(paths: Mapping[str, Path], val: Split, test: Split, extra: M
         frames["train"] = unified_dataset.read_split_csv(run.train_csv, validate=False)
     shown = [s for s in UTILITY_SYSTEMS if s in calibrated.prob]
     pred = (test.out.prob["hard"] >= thresholds["hard"]).astype(int)
-    errors_ = cohort.most_confident_errors(test.df, test.y, test.out.prob["hard"], pred, N_CONFIDENT_ERRORS)
+    # ranked by the calibrated probability: the group models' raw scales differ, so raw
+    # probabilities of two models are not equally confident
+    errors_ = cohort.most_confident_errors(test.df, test.y, calibrated.prob["hard"], pred, N_CONFIDENT_ERRORS)
     pred_group = test.inf["age_probs"].argmax(1)
     for e in errors_:
+        e["raw_probability"] = float(test.out.prob["hard"][e["row"]])
         e["predicted_group"] = names[int(pred_group[e["row"]])]
         e["true_group"] = names[int(test.true_group[e["row"]])]
     return {
@@ -848,7 +852,8 @@ def checklist_items(paths: Mapping[str, Path], val: Split, test: Split, extra: M
         "table_one": cohort.table_one(frames, names),
         "net_benefit": {"probabilities": "calibrated (the chosen recalibration)",
                         "curve": evidence.decision_curve(test.y, {s: calibrated.prob[s] for s in shown})},
-        "error_analysis": {"system": "hard", "threshold": "the validation threshold",
+        "error_analysis": {"system": "hard", "threshold": "the validation threshold (raw probabilities)",
+                           "ranked_by": "calibrated probability",
                            "by": cohort.error_breakdown(frames["test"], test.y, pred, names),
                            "most_confident": errors_},
     }

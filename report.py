@@ -706,6 +706,23 @@ def calibration_detail_rows(calibration: Mapping[str, Any]) -> list[dict[str, st
 ECE_TARGET = 0.05
 
 
+def calibration_shape(calibration: Mapping[str, Any]) -> list[str]:
+    """What the raw calibration slopes say: above 1 the probabilities are under-confident (a
+    focal loss pulls them toward 0.5), which a prior shift alone cannot fix either."""
+    slopes = {s: v["before"]["slope"] for s, v in calibration["systems"].items() if np.isfinite(v["before"]["slope"])}
+    if not slopes:
+        return []
+    lo, hi = min(slopes.values()), max(slopes.values())
+    if lo > 1.2:
+        return [f"The raw probabilities are under-confident (calibration slope {lo:.1f}-{hi:.1f} > 1; the focal "
+                "loss pulls them toward 0.5) as well as shifted by the sampler's prior, so a map with both a slope "
+                "and an offset (Platt) is needed; temperature scaling alone and the prior correction alone each fix "
+                "one of the two.", ""]
+    if hi < 0.8:
+        return [f"The raw probabilities are over-confident (calibration slope {lo:.1f}-{hi:.1f} < 1).", ""]
+    return []
+
+
 def calibration_gaps(calibration: Mapping[str, Any]) -> list[str]:
     """A sentence for every system whose test ECE after the chosen recalibration stays above
     ECE_TARGET: what remains is not the prior shift (which the correction removes) but
@@ -850,7 +867,8 @@ def error_rows(by: Mapping[str, Any]) -> list[dict[str, str]]:
 
 def confident_rows(errors_: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     return [{"rank": i + 1, "kind": e["kind"], "image": Path(e["image"]).name, "patient": e["patient_id"],
-             "study": e["study"], "probability": f"{e['probability']:.3f}", "predicted group": e["predicted_group"],
+             "study": e["study"], "probability (calibrated)": f"{e['probability']:.3f}",
+             "raw": f"{e.get('raw_probability', float('nan')):.3f}", "predicted group": e["predicted_group"],
              "true group": e["true_group"]} for i, e in enumerate(errors_)]
 
 
@@ -933,7 +951,8 @@ def checklist_lines(result: Mapping[str, Any], figures: Mapping[str, Path], repo
     lines += ["## Error analysis (hard-routed system at its validation threshold)", "",
               "False negatives among positives and false positives among negatives, by the first AO/OTA code of "
               "`ao_classification`, projection, cast and true age group.", "", markdown_table(error_rows(ea["by"])),
-              f"The {len(ea['most_confident'])} most confident errors (farthest from their label):", "",
+              f"The {len(ea['most_confident'])} most confident errors (calibrated probability farthest from the "
+              "label; errors at the validation threshold of the raw probabilities):", "",
               markdown_table(confident_rows(ea["most_confident"])) if ea["most_confident"] else "none", "",
               *fig("gradcam_errors"),
               "## Clinical utility: decision curve", "",
@@ -1012,6 +1031,7 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
               f"{cal['n_bins']} equal-width bins), Brier score, calibration slope (1 ideal) and intercept "
               "(calibration-in-the-large, 0 ideal) on the test set. Age classifier (top-label, temperature) ECE "
               f"{cal['age_classifier']['ece_before']:.3f} -> {cal['age_classifier']['ece_after']:.3f}.", "",
+              *calibration_shape(cal),
               "Chosen per model (on validation):", "", markdown_table(calibration_choice_rows(cal)),
               markdown_table(calibration_detail_rows(cal)), *calibration_gaps(cal),
               *([figure_link(figures["reliability"], report_dir, "reliability"), ""] if "reliability" in figures else []),
