@@ -15,6 +15,8 @@ SE^2 = V_test + s^2 / N. The interval is mean +/- t * SE with Welch-Satterthwait
 of freedom (only the seed part is estimated from N values), which widens it properly when
 there are few seeds; resampling 3 seeds with replacement would understate their spread.
 With one seed the interval is the test bootstrap alone and covers no training variation.
+A start that every seed shares (the pooled model the group models and the control continue)
+is not resampled: its training randomness is outside the interval.
 """
 from __future__ import annotations
 

@@ -987,7 +987,9 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
         lines += ["## Training seeds", "",
                   f"Each training seed retrains the group models and their control from the same start and splits; "
                   f"each seed's routed system is compared with its own control on the same test images (the age classifier "
-                  f"is trained once: it only routes, and both systems of a seed are scored on the same routing). Interval "
+                  f"is trained once: it only routes, and both systems of a seed are scored on the same routing). When the "
+                  f"group models and the control continue one pooled model, that shared start is not retrained, so "
+                  f"its own training randomness is not in the seed spread. Interval "
                   f"for the mean: {sd['interval_method']} (SE {sd['se']:.4f}, df {sd['dof']:.1f}). Verdict: "
                   f"{sd['verdict']}.", "", markdown_table(seed_rows(sd))]
     lines += checklist_lines(result, figures, report_dir)
