@@ -733,9 +733,10 @@ def calibration_gaps(calibration: Mapping[str, Any]) -> list[str]:
     listed = ", ".join(f"{s} {e:.3f} (intercept {calibration['systems'][s]['chosen']['intercept']:+.2f})"
                        for s, e in high.items())
     return [f"Test ECE after recalibration stays above {ECE_TARGET} for: {listed}. The recalibration is fitted on "
-            "validation images and applied unchanged to test; what remains is mostly calibration-in-the-large (a "
-            "positive intercept: the test images' fracture rate is under-predicted, a validation-test difference "
-            "that a map fitted on validation cannot see), plus the bins' sampling noise on a small test set.", ""]
+            "validation images and applied unchanged to test; what remains is largely calibration-in-the-large (the "
+            "intercept in brackets: above 0 the test images' fracture rate is under-predicted, below 0 over-predicted, "
+            "a validation-test difference that a map fitted on validation cannot see), plus the bins' sampling noise "
+            "on a small test set.", ""]
 
 
 def calibration_choice_rows(calibration: Mapping[str, Any]) -> list[dict[str, str]]:
