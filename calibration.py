@@ -51,15 +51,26 @@ def calibration_params(result_calibration: Mapping[str, Any]) -> dict[str, Any]:
     ``params`` when it states them, else its per-model ``temperatures``."""
     if "params" in result_calibration:
         params = result_calibration["params"]
-        return {"method": str(params["method"]),
-                "models": {k: {"a": float(v["a"]), "b": float(v.get("b", 0.0))}
-                           for k, v in params["models"].items()}}
+        models = params["models"] if "models" in params else params  # nested, or stage 5's {key: {a, b}}
+        method = params.get("method", result_calibration.get("method", "")) if "models" in params \
+            else result_calibration.get("method", "")
+        out = {"method": str(method),
+               "models": {k: {"a": float(v["a"]), "b": float(v.get("b", 0.0))} for k, v in models.items()}}
+        if "chosen" in result_calibration:
+            out["chosen"] = dict(result_calibration["chosen"])
+        return out
     return from_temperatures(result_calibration["temperatures"], str(result_calibration.get("method", "")))
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, _EPS, 1 - _EPS)
+def logit(prob: Any) -> np.ndarray:
+    """``log(p / (1 - p))``, with p clipped away from 0 and 1."""
+    p = np.clip(np.asarray(prob, float), _EPS, 1 - _EPS)
     return np.log(p) - np.log1p(-p)
+
+
+def apply_binary(prob: Any, ab: Mapping[str, float]) -> np.ndarray:
+    """``sigmoid(a * logit(p) + b)``: one binary model's calibration map."""
+    return 1.0 / (1.0 + np.exp(-(float(ab["a"]) * logit(prob) + float(ab.get("b", 0.0)))))
 
 
 def apply_calibration(params: Mapping[str, Any], key: str, prob: Any) -> np.ndarray:
@@ -69,13 +80,12 @@ def apply_calibration(params: Mapping[str, Any], key: str, prob: Any) -> np.ndar
     ab = params.get("models", {}).get(key)
     if ab is None:
         return p
-    a, b = float(ab["a"]), float(ab.get("b", 0.0))
     if p.ndim == 2:
-        z = a * np.log(np.clip(p, 1e-12, 1.0))
+        z = float(ab["a"]) * np.log(np.clip(p, 1e-12, 1.0))
         z -= z.max(1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(1, keepdims=True)
-    return 1.0 / (1.0 + np.exp(-(a * _logit(p) + b)))
+    return apply_binary(p, ab)
 
 
 # --------------------------------------------------------------------------- which weights

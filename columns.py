@@ -165,6 +165,12 @@ def fracture_model(role: str) -> str:
     return f"{FRACTURE_MODEL}_{role}"
 
 
+def seed_suffix(seed: int) -> str:
+    """What a further training seed's model files add to the stem (the first seed's files keep
+    the plain names, which predict.py and the user-facing docs use)."""
+    return f"_seed{seed}"
+
+
 def model_files(stem: str) -> dict[str, str]:
     """The names of one model's files: best checkpoint, resumable state, per-epoch metrics, config."""
     return {"best": stem + CHECKPOINT_SUFFIX, "last": stem + LAST_SUFFIX, "history": stem + HISTORY_SUFFIX,

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -72,14 +72,17 @@ import pandas as pd
 import torch
 
 import calibration
+import cohort
 import columns
 import distributed
 import engine
 import environment
 import errors
+import evidence
 import inference
 import metrics
 import presets
+import recalibration
 import report
 import splits
 import unified_dataset
@@ -106,7 +109,7 @@ PER_GROUP = "_per_group"
 GROUP_BY = {"hard": "predicted age group", "soft": "predicted age group (the largest weight)",
             "oracle": "true age group"}
 # Subgroups scored by AUROC where the CSV has the column; smaller subsets are only listed.
-SUBGROUP_COLUMNS = ("device_manufacturer", "projection")
+SUBGROUP_COLUMNS = ("device_manufacturer", "projection", "gender", "initial_exam")
 MIN_SUBSET_IMAGES = 30
 # The training settings that must agree for two systems to have the same training budget.
 SCHEDULE_KEYS = ("model", "img_size", "epochs", "lr", "scheduler", "warmup_epochs", "batch_size",
@@ -154,6 +157,57 @@ def infer(routed: inference.RoutedModels, df: pd.DataFrame, device: torch.device
     if routed.pooled_continued is not None:
         control = inference.model_probs(routed.pooled_continued, df, device, tta, **loader_kw)
     return {"age_probs": age_probs, "group_probs": group, "pooled": pooled, "pooled_continued": control}
+
+
+def training_seed(routed: inference.RoutedModels) -> int | None:
+    """The training seed of the first seed's group models (from their checkpoints)."""
+    for lm in routed.groups.values():
+        seed = (lm.meta.get("config") or {}).get("seed")
+        if seed is not None:
+            return int(seed)
+    return None
+
+
+def further_seeds(routed: inference.RoutedModels, models_dir: Path, n_seeds: int, device: torch.device,
+                  notes: list[str]) -> list[tuple[int, inference.RoutedModels]]:
+    """The routed models of training seeds 2..N: each seed's group models and its own control
+    (``<stem>_seedS``), with the same age classifier; a model the seed lacks (the shared pooled
+    start) is the first seed's."""
+    first = training_seed(routed)
+    if n_seeds <= 1:
+        return []
+    if first is None:
+        notes.append("the group models' checkpoints record no training seed: the Answer uses one seed")
+        return []
+    found = []
+    for seed in range(first + 1, first + n_seeds):
+        suffix = columns.seed_suffix(seed)
+
+        def load(role: str, fallback: inference.LoadedModel | None) -> inference.LoadedModel | None:
+            path = models_dir / inference.checkpoint_name(columns.fracture_model(role) + suffix)
+            return inference.load_model(path, role, device, "fracture", (1, 2)) if path.is_file() else fallback
+
+        groups = {g: load(columns.group_role(g), None) for g in routed.groups}
+        missing = [g for g, lm in groups.items() if lm is None]
+        if missing:
+            notes.append(f"training seed {seed}: no model for age group(s) {missing} (run stage 4 with --seeds "
+                         f"{n_seeds}); this seed is left out of the Answer")
+            continue
+        found.append((seed, replace(routed, groups=groups, pooled=load(columns.POOLED_ROLE, routed.pooled),
+                                    pooled_continued=load(columns.CONTROL_ROLE, routed.pooled_continued))))
+    return found
+
+
+def infer_seed(routed: inference.RoutedModels, first: inference.RoutedModels, df: pd.DataFrame,
+               device: torch.device, tta: bool, **loader_kw: Any) -> dict[str, np.ndarray]:
+    """A further seed's fracture probabilities: its group models, and its pooled models where
+    they are its own (the age classifier and a shared pooled start are the first seed's)."""
+    out = {"group_probs": inference.all_group_probs(routed, df, device, tta, **loader_kw)}
+    for key in ("pooled", "pooled_continued"):
+        lm = getattr(routed, key)
+        if lm is not None and lm is not getattr(first, key):
+            out[key] = inference.model_probs(lm, df, device, tta, **loader_kw)
+    return out
 
 
 @dataclass
@@ -313,9 +367,9 @@ def score_subgroups(df: pd.DataFrame, y: np.ndarray, out: SplitOutputs, patients
     subsets of fewer than MIN_SUBSET_IMAGES images or with one class are listed, not scored."""
     found: dict[str, Any] = {}
     for col in SUBGROUP_COLUMNS:
-        if col not in df.columns:
+        values = cohort.subgroup_values(df, col)
+        if values is None:
             continue
-        values = df[col].astype(str).str.strip().replace("", "(missing)").to_numpy()
         found[col] = {}
         for value in sorted(set(values)):
             mask = values == value
@@ -334,51 +388,89 @@ def score_subgroups(df: pd.DataFrame, y: np.ndarray, out: SplitOutputs, patients
 
 
 # --------------------------------------------------------------------------- calibration
-def calibrate(inf_val: Mapping[str, Any], inf_test: Mapping[str, Any], y_val: np.ndarray, y_test: np.ndarray,
-              true_val: np.ndarray, true_test: np.ndarray,
-              routed: inference.RoutedModels) -> tuple[dict[str, Any], SplitOutputs]:
-    """Temperature scaling: one temperature per model, fitted on validation, applied to test.
-
-    A group's model is fitted on the validation images routed to that group (the images it
-    decides in hard routing); the pooled models on all validation images; the age classifier
-    on the true groups (its argmax, so hard routing, is unchanged by it). Returns the
-    temperatures with each system's test ECE and Brier score before and after, and the
-    calibrated test probabilities.
-    """
-    pred_val = inf_val["age_probs"].argmax(1)
-    temps = {"age_classifier": metrics.fit_temperature(true_val, inf_val["age_probs"])}
-    for g in range(routed.n_groups):
-        mask = pred_val == g
-        temps[f"agegroup{g}"] = metrics.fit_temperature(y_val[mask], inf_val["group_probs"][mask, g])
-    for key in ("pooled", "pooled_continued"):
-        if inf_test.get(key) is not None:
-            temps[key] = metrics.fit_temperature(y_val, inf_val[key])
-    method = "temperature scaling (one temperature per model, fitted on validation by NLL)"
-    params = calibration.from_temperatures(temps, method)
-    scaled = calibrated_outputs(params, inf_test, routed.n_groups)
-    before, after = system_probs(inf_test, true_test), system_probs(scaled, true_test)
-    ece = {s: {"ece_before": metrics.expected_calibration_error(y_test, before.prob[s], CALIBRATION_BINS),
-               "ece_after": metrics.expected_calibration_error(y_test, after.prob[s], CALIBRATION_BINS),
-               "brier_before": float(np.mean((before.prob[s] - y_test) ** 2)),
-               "brier_after": float(np.mean((after.prob[s] - y_test) ** 2))}
-           for s in before.prob}
-    age = {"ece_before": metrics.top_label_calibration_error(true_test, inf_test["age_probs"], CALIBRATION_BINS),
-           "ece_after": metrics.top_label_calibration_error(true_test, scaled["age_probs"], CALIBRATION_BINS)}
-    result = {"method": method, "n_bins": CALIBRATION_BINS, "temperatures": temps, "params": params,
-              "systems": ece, "age_classifier": age}
-    return result, after
+CALIBRATION_NAMES = {"temperature": "temperature scaling", "prior": "prior-shift correction",
+                     "platt": "Platt (logistic) recalibration"}
 
 
-def calibrated_outputs(params: Mapping[str, Any], inf: Mapping[str, Any], n_groups: int) -> dict[str, Any]:
-    """:func:`infer`'s outputs with each model's calibration applied (calibration.apply_calibration,
-    the function predict.py uses too)."""
+def _recalibrated(inf: Mapping[str, Any], params: Mapping[str, Mapping[str, float]], n_groups: int,
+                  age_temperature: float) -> dict[str, Any]:
+    """:func:`infer`'s output with each model's probabilities mapped by its ``{"a", "b"}``."""
     return {
-        "age_probs": calibration.apply_calibration(params, calibration.AGE_KEY, inf["age_probs"]),
-        "group_probs": np.stack([calibration.apply_calibration(params, f"agegroup{g}", inf["group_probs"][:, g])
+        "age_probs": calibration.apply_calibration({"models": {calibration.AGE_KEY: {"a": 1.0 / age_temperature}}},
+                                                   calibration.AGE_KEY, inf["age_probs"]),
+        "group_probs": np.stack([calibration.apply_binary(inf["group_probs"][:, g], params[f"agegroup{g}"])
                                  for g in range(n_groups)], 1),
-        **{key: calibration.apply_calibration(params, key, inf[key])
+        **{key: calibration.apply_binary(inf[key], params[key])
            for key in ("pooled", "pooled_continued") if inf.get(key) is not None},
     }
+
+
+def _model_rows(val: "Split", n_groups: int) -> dict[str, np.ndarray]:
+    """Each fracture model's validation rows: a group's model those routed to it (the images
+    it decides in hard routing), the pooled models all."""
+    pred = val.inf["age_probs"].argmax(1)
+    rows = {f"agegroup{g}": pred == g for g in range(n_groups)}
+    for key in ("pooled", "pooled_continued"):
+        if val.inf.get(key) is not None:
+            rows[key] = np.ones(len(val.y), bool)
+    return rows
+
+
+def _model_probs(inf: Mapping[str, Any], key: str) -> np.ndarray:
+    return inf["group_probs"][:, int(key.removeprefix("agegroup"))] if key.startswith("agegroup") else inf[key]
+
+
+def calibration_summary(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    """ECE, Brier, calibration slope and intercept of one set of probabilities."""
+    return {"ece": metrics.expected_calibration_error(y, prob, CALIBRATION_BINS),
+            "brier": float(np.mean((prob - y) ** 2)), **recalibration.slope_intercept(y, prob)}
+
+
+def calibrate(val: "Split", test: "Split",
+              routed: inference.RoutedModels) -> tuple[dict[str, Any], SplitOutputs, dict[str, SplitOutputs]]:
+    """Recalibration per model, fitted on validation, applied to test.
+
+    Per fracture model three maps of the logit (recalibration.METHODS: temperature, prior-shift
+    correction, Platt) are fitted on its validation rows (:func:`_model_rows`) and the one with
+    the lowest cross-validated log loss over patient folds is chosen; the age classifier gets a
+    temperature on the true groups (its argmax, so hard routing, is unchanged by it). Returns
+    ``chosen`` (method per model) and ``params`` ({"a", "b"} per model: calibrated =
+    sigmoid(a * logit(p) + b)), every method's parameters, and per system the test ECE, Brier
+    score, calibration slope and intercept before and after each method and the chosen one;
+    the test probabilities of the chosen recalibration, and those of each method.
+    """
+    age_t = metrics.fit_temperature(val.true_group, val.inf["age_probs"])
+    patients = val.patients
+    choices = {}
+    for key, rows in _model_rows(val, routed.n_groups).items():
+        choices[key] = recalibration.choose_method(val.y[rows], _model_probs(val.inf, key)[rows], patients[rows])
+    chosen = {"age_classifier": "temperature", **{k: c.method for k, c in choices.items()}}
+    params = {"age_classifier": {"a": 1.0 / age_t, "b": 0.0}, **{k: c.params for k, c in choices.items()}}
+    outputs = {m: system_probs(_recalibrated(test.inf, {k: c.candidates[m] for k, c in choices.items()},
+                                             routed.n_groups, age_t), test.true_group)
+               for m in recalibration.METHODS}
+    after = system_probs(_recalibrated(test.inf, params, routed.n_groups, age_t), test.true_group)
+    systems = {}
+    for s, prob in test.out.prob.items():
+        systems[s] = {"before": calibration_summary(test.y, prob),
+                      **{m: calibration_summary(test.y, outputs[m].prob[s]) for m in recalibration.METHODS},
+                      "chosen": calibration_summary(test.y, after.prob[s])}
+        # the keys the report and older readers use
+        systems[s].update(ece_before=systems[s]["before"]["ece"], ece_after=systems[s]["chosen"]["ece"],
+                          brier_before=systems[s]["before"]["brier"], brier_after=systems[s]["chosen"]["brier"])
+    age = {"ece_before": metrics.top_label_calibration_error(test.true_group, test.inf["age_probs"], CALIBRATION_BINS),
+           "ece_after": metrics.top_label_calibration_error(
+               test.true_group, metrics.apply_temperature(test.inf["age_probs"], age_t), CALIBRATION_BINS)}
+    result = {"method": "per model the best of temperature scaling, prior-shift correction and Platt recalibration "
+                        "(lowest cross-validated log loss over patient folds of validation), fitted on validation",
+              "form": "calibrated = sigmoid(a * logit(p_raw) + b)", "n_bins": CALIBRATION_BINS,
+              "chosen": chosen, "params": params,
+              "candidates": {k: c.candidates for k, c in choices.items()},
+              "cv_log_loss": {k: c.cv_log_loss for k, c in choices.items()},
+              "temperatures": {"age_classifier": age_t,
+                               **{k: 1.0 / c.candidates["temperature"]["a"] for k, c in choices.items()}},
+              "systems": systems, "age_classifier": age}
+    return result, after, outputs
 
 
 def calibration_file(params: Mapping[str, Any], routed: inference.RoutedModels) -> dict[str, Any]:
@@ -535,6 +627,44 @@ def make_figures(report_dir: Path, y: np.ndarray, test: SplitOutputs, calibrated
     return figs
 
 
+def checklist_figures(report_dir: Path, result: Mapping[str, Any], test: Split,
+                      extra: Mapping[str, Any]) -> dict[str, Path]:
+    """The patient flow, the decision curve and one reliability diagram per system (raw,
+    each recalibration and the chosen one per model)."""
+    figs = {"flow": report.plot_flow(result["flow"], report_dir / "patient_flow.png"),
+            "decision_curve": report.plot_decision_curve(result["net_benefit"]["curve"], report_dir / "decision_curve.png")}
+    by_method = extra["by_method"]
+    panels = {s: {"raw": (test.y, test.out.prob[s]),
+                  **{CALIBRATION_NAMES[m]: (test.y, by_method[m].prob[s]) for m in recalibration.METHODS},
+                  "chosen per model": (test.y, extra["calibrated"].prob[s])}
+              for s in UTILITY_SYSTEMS if s in test.out.prob}
+    figs["reliability"] = report.plot_reliability_per_system(panels, report_dir / "reliability_per_system.png",
+                                                             CALIBRATION_BINS)
+    return figs
+
+
+def error_cam_figure(report_dir: Path, test: Split, confident: Sequence[Mapping[str, Any]],
+                     routed: inference.RoutedModels, device: torch.device) -> Path | None:
+    """Grad-CAM of the hard-routed system's most confident errors, each by the model that
+    decided it (the predicted group's)."""
+    if not confident:
+        return None
+    pred_group = test.inf["age_probs"].argmax(1)
+    items = []
+    for e in confident:
+        i = e["row"]
+        lm = routed.model_for_group(int(pred_group[i]))
+        (img, cam), = inference.cam_examples(lm, test.df.iloc[[i]], device)
+        items.append({"image": img, "cam": cam,
+                      "caption": f"{e['kind']}: patient {e['patient_id']}, study {e['study']}\n"
+                                 f"{Path(e['image']).name[:28]}",
+                      "overlay": f"p {e['probability']:.2f} (raw {e['raw_probability']:.2f})\n"
+                                 f"predicted group {e['predicted_group']}\n"
+                                 f"true group {e['true_group']}"})
+    return report.plot_cam_grid(items, report_dir / "gradcam_confident_errors.png",
+                                "Grad-CAM, the hard-routed system's most confident errors (test)")
+
+
 def cam_figure(report_dir: Path, df: pd.DataFrame, y: np.ndarray, prob: np.ndarray,
                thr: float, pred_group: np.ndarray, true_group: np.ndarray,
                routed: inference.RoutedModels, device: torch.device, n: int) -> Path | None:
@@ -587,6 +717,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="column that, with patient_id, identifies a study (the images read together); "
                         "without it in the CSV, each patient is one study")
     p.add_argument("--n-boot", type=presets.non_negative_int, default=1000, help="patient bootstrap resamples")
+    p.add_argument("--seeds", type=presets.positive_int, default=1,
+                   help="training seeds stage 4 trained (train_fracture_per_agegroup.py --seeds): the Answer "
+                        "compares each seed's routed system with its own control (<stem>_seedS files)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--alpha", type=presets.probability, default=0.05, help="1 - confidence level")
     p.add_argument("--tta", action="store_true", help="horizontal-flip test-time augmentation")
@@ -666,6 +799,7 @@ class Split:
     true_group: np.ndarray
     inf: dict[str, Any]
     out: SplitOutputs
+    seeds: list[tuple[int, SplitOutputs]] = field(default_factory=list)
 
     @property
     def patients(self) -> np.ndarray:
@@ -696,7 +830,49 @@ def load_and_infer(args: argparse.Namespace, paths: Mapping[str, Path], device: 
                     amp=amp)
         true = true_groups(df, routed.age_bounds, name, notes)
         found.append(Split(df, df["fracture"].to_numpy(int), true, inf, system_probs(inf, true)))
-    return routed, found[0], found[1], left_out, notes
+    test = found[1]
+    for seed, seed_models in further_seeds(routed, paths["models_dir"], args.seeds, device, notes):
+        loader_kw = {"batch_size": args.batch_size, "workers": args.workers, "cache_dir": cache, "amp": amp}
+        inf = {**test.inf, **infer_seed(seed_models, routed, test.df, device, args.tta, **loader_kw)}
+        test.seeds.append((seed, system_probs(inf, test.true_group)))
+    return routed, found[0], test, left_out, notes
+
+
+# The systems of the decision curve and the reliability diagrams: routed, its control, plain pooled.
+UTILITY_SYSTEMS = ("hard", "pooled_continued", "pooled")
+N_CONFIDENT_ERRORS = 10
+
+
+def checklist_items(paths: Mapping[str, Path], val: Split, test: Split, extra: Mapping[str, Any],
+                    left_out: Mapping[str, int], names: Sequence[str]) -> dict[str, Any]:
+    """The reporting-checklist sections of metrics.json: patient flow, Table 1 per partition,
+    net benefit (decision curve, on the calibrated probabilities) and the error analysis of
+    the hard-routed system at its validation threshold. ``extra``: :func:`score`'s second value."""
+    run = columns.RunDir(paths["out"])
+    calibrated, thresholds = extra["calibrated"], extra["thresholds"]
+    frames = {"test": test.df.assign(age_group=test.true_group), "val": val.df.assign(age_group=val.true_group)}
+    if run.train_csv.is_file():
+        frames["train"] = unified_dataset.read_split_csv(run.train_csv, validate=False)
+    shown = [s for s in UTILITY_SYSTEMS if s in calibrated.prob]
+    pred = (test.out.prob["hard"] >= thresholds["hard"]).astype(int)
+    # ranked by the calibrated probability: the group models' raw scales differ, so raw
+    # probabilities of two models are not equally confident
+    errors_ = cohort.most_confident_errors(test.df, test.y, calibrated.prob["hard"], pred, N_CONFIDENT_ERRORS)
+    pred_group = test.inf["age_probs"].argmax(1)
+    for e in errors_:
+        e["raw_probability"] = float(test.out.prob["hard"][e["row"]])
+        e["predicted_group"] = names[int(pred_group[e["row"]])]
+        e["true_group"] = names[int(test.true_group[e["row"]])]
+    return {
+        "flow": cohort.patient_flow(run, frames, left_out),
+        "table_one": cohort.table_one(frames, names),
+        "net_benefit": {"probabilities": "calibrated (the chosen recalibration)",
+                        "curve": evidence.decision_curve(test.y, {s: calibrated.prob[s] for s in shown})},
+        "error_analysis": {"system": "hard", "threshold": "the validation threshold (raw probabilities)",
+                           "ranked_by": "calibrated probability",
+                           "by": cohort.error_breakdown(frames["test"], test.y, pred, names),
+                           "most_confident": errors_},
+    }
 
 
 def score(args: argparse.Namespace, routed: inference.RoutedModels, val: Split, test: Split,
@@ -715,7 +891,7 @@ def score(args: argparse.Namespace, routed: inference.RoutedModels, val: Split, 
     print(f"metrics with {args.n_boot} patient-bootstrap resamples ...")
     pairs = comparison_pairs(reference)
     study_col = study_column(test.df, args.study_col, notes)
-    calibration, calibrated = calibrate(val.inf, test.inf, val.y, test.y, val.true_group, test.true_group, routed)
+    calib, calibrated, by_method = calibrate(val, test, routed)
     age, misrouted = summarise_routing(test.df, test.y, test.inf, test.true_group, test.out, chosen, names, boot, notes)
     result = {
         "threshold_method": method if method == "youden" else f"sensitivity >= {target}",
@@ -730,9 +906,15 @@ def score(args: argparse.Namespace, routed: inference.RoutedModels, val: Split, 
         "study_level": score_studies((val.df, val.y, val.out), (test.df, test.y, test.out), study_col,
                                      routed.n_groups, method, target, reference, boot, notes),
         "subgroups": score_subgroups(test.df, test.y, test.out, test.patients, boot),
-        "calibration": calibration, "age_classifier": age, "misrouted": misrouted,
+        "calibration": calib, "age_classifier": age, "misrouted": misrouted,
     }
-    return result, {"thresholds": thr, "masks": masks, "calibrated": calibrated}
+    if reference:
+        first = training_seed(routed)
+        runs = [evidence.SeedSystems(first if first is not None else 0, test.out.prob["hard"],
+                                     test.out.prob[reference])]
+        runs += [evidence.SeedSystems(seed, out.prob["hard"], out.prob[reference]) for seed, out in test.seeds]
+        result["seeds"] = {"reference": reference, **evidence.across_seeds(test.y, test.patients, runs, boot)}
+    return result, {"thresholds": thr, "masks": masks, "calibrated": calibrated, "by_method": by_method}
 
 
 def describe_run(args: argparse.Namespace, paths: Mapping[str, Path], routed: inference.RoutedModels, val: Split,
@@ -773,6 +955,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         scores, extra = score(args, routed, val, test, notes)
         result = {**describe_run(args, paths, routed, val, test, info.device, info.world_size),
                   "undecodable_left_out": left_out, **scores, "notes": notes}
+        result.update(checklist_items(paths, val, test, extra, left_out, columns.age_group_names(routed.age_bounds)))
         group_cols = {lm.meta.get("group_column") for lm in routed.groups.values()} - {None}
         result["conclusion"] = report.answer(result, ", ".join(sorted(map(str, group_cols))) or None)
         written = write_outputs(args, paths, result, test, extra, routed, info.device, t0)
@@ -819,7 +1002,7 @@ def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: d
         "thresholds": result["thresholds"], "method": result["threshold_method"], "val_csv": str(paths["val_csv"]),
         "note": "chosen on validation by evaluate.py; read by predict.py"},
         paths["models_dir"] / columns.THRESHOLDS_JSON)
-    written["calibration"] = write_json(calibration_file(result["calibration"]["params"], routed),
+    written["calibration"] = write_json(calibration_file(calibration.calibration_params(result["calibration"]), routed),
                                         paths["models_dir"] / columns.CALIBRATION_JSON)
     report_dir = paths["report_dir"]
     figures = make_figures(report_dir, test.y, test.out, extra["calibrated"], thr, extra["masks"],
@@ -831,6 +1014,13 @@ def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: d
             figures["gradcam"] = cam
     except Exception as exc:  # a failed explanation must not cost the evaluation
         result["notes"].append(f"Grad-CAM figure skipped: {type(exc).__name__}: {exc}")
+    figures.update(checklist_figures(report_dir, result, test, extra))
+    try:
+        cam = error_cam_figure(report_dir, test, result["error_analysis"]["most_confident"], routed, device)
+        if cam is not None:
+            figures["gradcam_errors"] = cam
+    except Exception as exc:  # a failed explanation must not cost the evaluation
+        result["notes"].append(f"Grad-CAM of the most confident errors skipped: {type(exc).__name__}: {exc}")
     result["wall_time_s"] = time.perf_counter() - t0
     written["report"] = report.write_report(report_dir, result, figures)
     written["figures"] = list(figures.values())

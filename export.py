@@ -37,9 +37,7 @@ Example
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,12 +49,13 @@ import torch
 import bundle
 import calibration
 import columns
+import environment
 import errors
 import inference
 import models
 import presets
 import unified_dataset
-from config import print_config, to_dict, versions
+from config import print_config, to_dict
 from io_utils import write_json, write_text
 
 HERE = Path(__file__).resolve().parent
@@ -169,17 +168,6 @@ def export_model(lm: inference.LoadedModel, folder: Path, x: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- the system
-def lock_hash() -> dict[str, Any]:
-    """sha256 of requirements.lock beside this script, and of the lock the running venv was
-    installed from (its ``.installed`` stamp), when they exist."""
-    lock = HERE / "requirements.lock"
-    stamp = Path(sys.prefix) / ".installed"
-    found: dict[str, Any] = {"requirements.lock": hashlib.sha256(lock.read_bytes()).hexdigest()
-                             if lock.is_file() else None}
-    found["venv_installed_from"] = stamp.read_text().strip() if stamp.is_file() else None
-    return found
-
-
 def _thresholds(models_dir: Path) -> dict[str, Any]:
     path = models_dir / columns.THRESHOLDS_JSON
     if not path.is_file():
@@ -237,7 +225,7 @@ def system_json(routed: inference.RoutedModels, entries: Mapping[str, Any], mode
         "preprocessing": {"steps": list(bundle.PREPROCESSING),
                           "per_model": {k: {"img_size": e["img_size"], "mean": e["mean"], "std": e["std"]}
                                         for k, e in entries.items()}},
-        "versions": versions(), "lock": lock_hash(),
+        "versions": environment.versions(), "lock": environment.lock_state(),
         "test_results": test_summary(metrics),
     }
 
@@ -297,7 +285,7 @@ def model_card(system: Mapping[str, Any], metrics: Mapping[str, Any] | None, out
         f"- System: an age classifier ({', '.join(system['age_group_names'])}; bounds {system['age_bounds']} years) "
         f"routes each image to the fracture model of its predicted age group: {served}.",
         f"- Trained with this repository's pipeline; versions {json.dumps(system['versions'])}; "
-        f"requirements.lock sha256 {str(system['lock'].get('requirements.lock'))[:16]}.",
+        f"requirements.lock sha256 {str(system['lock'].get('sha256'))[:16]}.",
         "- Files: one folder per model (timm `config.json` + `model.safetensors`, `model.onnx`), "
         "`system.json` with thresholds, calibration and preprocessing.", "",
         "## Intended use", "",

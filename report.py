@@ -22,6 +22,7 @@ from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 import columns  # noqa: E402
+import evidence  # noqa: E402
 import metrics  # noqa: E402
 from io_utils import atomic_write, write_text  # noqa: E402
 
@@ -233,7 +234,7 @@ def plot_calibration(
     ``curves``: system -> ``(y_true, prob)``. ``after``: the same after calibration (e.g.
     temperature scaling), drawn as a second column so before and after sit side by side.
     """
-    columns = [("before calibration" if after else "", curves)] + ([("after temperature scaling", after)]
+    columns = [("before calibration" if after else "", curves)] + ([("after recalibration", after)]
                                                                    if after else [])
     fig, axes = plt.subplots(2, len(columns), figsize=(5.6 * len(columns), 6.6), sharex=True, squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1]})
@@ -261,6 +262,94 @@ def plot_calibration(
         axh.set_ylabel("images")
         axh.grid(alpha=0.3)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_reliability_per_system(panels: Mapping[str, Mapping[str, tuple]], path: str | os.PathLike,
+                                n_bins: int = 10, title: str = "Reliability per system (test set)") -> Path:
+    """One reliability diagram per system (``panels``: system -> curve label -> ``(y, prob)``,
+    e.g. raw and each recalibration), quantile bins; the legend gives each curve's ECE."""
+    rows, cols = _grid(max(len(panels), 1), 3)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.4 * rows), squeeze=False)
+    for ax, (system, curves) in zip(axes.flat, panels.items()):
+        ax.plot([0, 1], [0, 1], ls=":", color="0.5", lw=1)
+        for i, (label, (y, p)) in enumerate(curves.items()):
+            y, p = np.asarray(y).astype(int), np.asarray(p, float)
+            if not 0 < y.sum() < y.size:
+                continue
+            frac_pos, mean_pred = calibration_curve(y, p, n_bins=max(2, min(n_bins, y.size // 10)),
+                                                    strategy="quantile")
+            ece = metrics.expected_calibration_error(y, p, n_bins)
+            ax.plot(mean_pred, frac_pos, marker="o", ms=3, color=f"C{i}", label=f"{label} (ECE {ece:.3f})")
+        ax.set_title(system, fontsize=10)
+        ax.set_xlabel("predicted fracture probability")
+        ax.set_ylabel("observed fracture rate")
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- decision curve, flow
+def plot_decision_curve(curve: Mapping[str, Sequence[float]], path: str | os.PathLike,
+                        title: str = "Decision curve (test set, calibrated probabilities)") -> Path:
+    """Net benefit over threshold probabilities per system, with treat-all and treat-none."""
+    t = np.asarray(curve["threshold"], float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    systems = [k for k in curve if k not in ("threshold", "treat_all", "treat_none")]
+    for i, name in enumerate(systems):
+        ax.plot(t, curve[name], color=_color(name, i), lw=1.8, label=name)
+    ax.plot(t, curve["treat_all"], color="0.3", ls="--", lw=1.2, label="treat all")
+    ax.plot(t, curve["treat_none"], color="0.6", ls=":", lw=1.2, label="treat none")
+    top = max(max(curve[n]) for n in systems + ["treat_all"]) if systems else 1.0
+    ax.set_ylim(-0.05, max(top, 0.05) * 1.1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("threshold probability")
+    ax.set_ylabel("net benefit (per image)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_flow(flow: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """A STARD-style flow diagram: source rows, exclusions, then the test set and the pool's
+    train and validation partitions, with what each step set aside beside it."""
+    flags = ", ".join(f"{k} {v}" for k, v in flow["excluded_by_flag"].items()) or "no flag"
+    part = {k: flow[k] for k in ("train", "val", "test")}
+    pool = part["train"]["images"] + part["val"]["images"] + flow["set_aside_unreadable_pool"]
+    boxes = [  # (x, y, text)
+        (0.5, 0.92, f"Source CSV\n{flow['source_rows']:,} images"),
+        (0.5, 0.66, f"Eligible\n{flow['after_exclusions']:,} images"),
+        (0.22, 0.40, f"Test set (fixed)\n{part['test']['images']:,} images\n{part['test']['patients']:,} patients"),
+        (0.72, 0.40, f"Pool\n{pool:,} images"),
+        (0.56, 0.10, f"Train\n{part['train']['images']:,} images\n{part['train']['patients']:,} patients"),
+        (0.88, 0.10, f"Validation\n{part['val']['images']:,} images\n{part['val']['patients']:,} patients"),
+    ]
+    edges = [(0, 1), (1, 2), (1, 3), (3, 4), (3, 5)]
+    notes = [(0.62, 0.79, f"set aside, unreadable: {flow['set_aside_unreadable']}\n"
+                          f"excluded: {flow['excluded']} ({flags})"),
+             (0.80, 0.40, f"set aside in the\npool split: {flow['set_aside_unreadable_pool']}"),
+             (0.02, 0.02, f"not accounted for: {flow['not_accounted']}")]
+    fig, ax = plt.subplots(figsize=(8.5, 6.0))
+    ax.axis("off")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    for a, b in edges:
+        ax.annotate("", xy=(boxes[b][0], boxes[b][1] + 0.07), xytext=(boxes[a][0], boxes[a][1] - 0.07),
+                    arrowprops={"arrowstyle": "->", "color": "0.4"})
+    for x, y, text in boxes:
+        ax.text(x, y, text, ha="center", va="center", fontsize=9,
+                bbox={"boxstyle": "round", "facecolor": "#e8f0fa", "edgecolor": "0.4"})
+    for x, y, text in notes:
+        ax.text(x, y, text, ha="left", va="center", fontsize=8, color="0.25")
+    ax.set_title("Patient flow", fontsize=11)
     return save_figure(fig, path)
 
 
@@ -359,9 +448,13 @@ CAPTIONS = {
     "roc_cast": "ROC curves with and without a cast",
     "confusion": "Fracture confusion matrices at the validation thresholds",
     "age_confusion": "Age-group classifier confusion matrix",
-    "calibration": "Calibration (reliability) of the fracture probabilities, before and after temperature scaling",
+    "calibration": "Calibration (reliability) of the fracture probabilities, before and after the chosen recalibration",
     "training": "Training curves from each model's per-epoch metrics CSV",
     "gradcam": "Grad-CAM of the hard-routed fracture model on test images",
+    "flow": "Patient flow",
+    "decision_curve": "Decision curve: net benefit of routed, control and plain pooled (calibrated probabilities)",
+    "reliability": "Reliability diagram per system: raw, each recalibration, and the one chosen per model",
+    "gradcam_errors": "Grad-CAM of the hard-routed system's most confident errors",
 }
 
 
@@ -435,10 +528,35 @@ def _routed_budget_sentence(result: Mapping[str, Any], reference: str) -> str:
             f"{SHORT_NAMES[reference]} ran {_epochs(r['models'])} epochs and saw {_count(r['images_seen'])}.")
 
 
+VERDICT_SENTENCES = {
+    evidence.HELPED: "Routing helped: the interval excludes 0 and every training seed agrees.",
+    evidence.HURT: "Routing hurt: the interval excludes 0 and every training seed agrees.",
+    evidence.NO_EVIDENCE: ("No evidence of a difference: every seed has the same sign, but the interval includes 0; "
+                           "the smallest AUROC difference this test set and these seeds could detect is about "
+                           "{mdd:.3f} (80% power, two-sided {level}% level, test sample and seed spread)."),
+    evidence.INCONSISTENT: ("Inconsistent across training seeds: the seeds disagree in sign, so the run draws no "
+                            "conclusion (the smallest detectable AUROC difference, test sample and seed spread, "
+                            "is about {mdd:.3f})."),
+    evidence.ONE_SEED: ("One training seed: the interval covers the test sample, not training, so the run draws "
+                        "no conclusion (train with --seeds 3 or more)."),
+}
+
+
+def seed_sentence(seeds: Mapping[str, Any], level: int = 95) -> str:
+    """Each seed's difference, their mean and the interval over test sample and seeds."""
+    per = ", ".join(f"{pm(s['diff'])} (seed {s['seed']})" for s in seeds["per_seed"])
+    if len(seeds["per_seed"]) < 2:
+        return f"Hard-routed minus control AUROC on one training seed: {per}."
+    return (f"Over {len(seeds['per_seed'])} training seeds the differences are {per}; mean {pm(seeds['mean'])} "
+            f"({level}% CI {pm(seeds['lo'])} to {pm(seeds['hi'])}, covering the test sample and the training seeds: "
+            f"patient-bootstrap SE {seeds['se_test']:.3f}, seed SD {seeds['seed_sd']:.3f}).")
+
+
 def answer(result: Mapping[str, Any], group_column: str | None = None) -> str:
     """The report's first paragraph: routing against one pooled model, stated as strongly as
     the comparison allows. "Helped"/"hurt" only for an equal-budget comparison whose interval
-    excludes 0; otherwise the numbers, and why they cannot settle the question."""
+    over test sample and training seeds excludes 0 with every seed agreeing in sign
+    (:func:`evidence.verdict`); otherwise the numbers, and why they cannot settle the question."""
     systems, comps = result["systems"], result["comparisons"]
     level = int(round(100 * (1 - result["alpha"])))
     reference = result["equal_budget"]["reference"]
@@ -449,18 +567,14 @@ def answer(result: Mapping[str, Any], group_column: str | None = None) -> str:
     if reference:
         r = systems[reference]["overall"]
         d = comps[f"hard_minus_{reference}"]["auroc"]
+        seeds = result["seeds"]
+        first = seeds["per_seed"][0]["seed"]
         parts.append(f"Routing by predicted age group vs one pooled model at an equal training budget: hard-routed "
                      f"AUROC {fmt_ci(a['auroc'], a['ci'].get('auroc'))} vs {SYSTEM_NAMES[reference]} "
-                     f"{fmt_ci(r['auroc'], r['ci'].get('auroc'))}; difference {fmt_diff(d, level)}, {boot}.")
-        if d["lo"] > 0:
-            parts.append("Routing helped.")
-        elif d["hi"] < 0:
-            parts.append("Routing hurt.")
-        else:
-            mdd = metrics.min_detectable_difference(d["se"], result["alpha"])
-            parts.append(f"No evidence of a difference at this test size: the smallest AUROC difference this test "
-                         f"set could detect is about {mdd:.3f} (80% power, two-sided {100 - level}% level, from the "
-                         f"bootstrap spread).")
+                     f"{fmt_ci(r['auroc'], r['ci'].get('auroc'))} (training seed {first}); difference "
+                     f"{fmt_diff(d, level)}, {boot}.")
+        parts.append(seed_sentence(seeds, level))
+        parts.append(VERDICT_SENTENCES[seeds["verdict"]].format(mdd=seeds["min_detectable"], level=100 - level))
         parts.append(_routed_budget_sentence(result, reference))
         study = result["study_level"]["aggregations"]["max"]
         sd = study["comparisons"].get(f"hard_minus_{reference}")
@@ -574,6 +688,69 @@ def calibration_rows(calibration: Mapping[str, Any]) -> list[dict[str, str]]:
             for s, v in calibration["systems"].items()]
 
 
+CALIBRATION_STAGES = (("before", "raw"), ("temperature", "temperature"), ("prior", "prior shift"),
+                      ("platt", "Platt"), ("chosen", "chosen"))
+
+
+def calibration_detail_rows(calibration: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Per system and recalibration: test ECE, Brier, calibration slope and intercept."""
+    rows = []
+    for s, v in calibration["systems"].items():
+        for key, label in CALIBRATION_STAGES:
+            m = v[key]
+            rows.append({"system": s, "probabilities": label, "ECE": f"{m['ece']:.3f}", "Brier": f"{m['brier']:.3f}",
+                         "slope": f"{m['slope']:.2f}", "intercept": f"{m['intercept']:+.2f}"})
+    return rows
+
+
+ECE_TARGET = 0.05
+
+
+def calibration_shape(calibration: Mapping[str, Any]) -> list[str]:
+    """What the raw calibration slopes say: above 1 the probabilities are under-confident (a
+    focal loss pulls them toward 0.5), which a prior shift alone cannot fix either."""
+    slopes = {s: v["before"]["slope"] for s, v in calibration["systems"].items() if np.isfinite(v["before"]["slope"])}
+    if not slopes:
+        return []
+    lo, hi = min(slopes.values()), max(slopes.values())
+    if lo > 1.2:
+        return [f"The raw probabilities are under-confident (calibration slope {lo:.1f}-{hi:.1f} > 1; the focal "
+                "loss pulls them toward 0.5) as well as shifted by the sampler's prior, so a map with both a slope "
+                "and an offset (Platt) is needed; temperature scaling alone and the prior correction alone each fix "
+                "one of the two.", ""]
+    if hi < 0.8:
+        return [f"The raw probabilities are over-confident (calibration slope {lo:.1f}-{hi:.1f} < 1).", ""]
+    return []
+
+
+def calibration_gaps(calibration: Mapping[str, Any]) -> list[str]:
+    """A sentence for every system whose test ECE after the chosen recalibration stays above
+    ECE_TARGET: what remains is not the prior shift (which the correction removes) but
+    miscalibration that varies with the probability, or a validation-test difference."""
+    high = {s: v["chosen"]["ece"] for s, v in calibration["systems"].items() if v["chosen"]["ece"] > ECE_TARGET}
+    if not high:
+        return [f"Every system's test ECE after recalibration is at most {ECE_TARGET}.", ""]
+    listed = ", ".join(f"{s} {e:.3f} (intercept {calibration['systems'][s]['chosen']['intercept']:+.2f})"
+                       for s, e in high.items())
+    return [f"Test ECE after recalibration stays above {ECE_TARGET} for: {listed}. The recalibration is fitted on "
+            "validation images and applied unchanged to test; what remains is largely calibration-in-the-large (the "
+            "intercept in brackets: above 0 the test images' fracture rate is under-predicted, below 0 over-predicted, "
+            "a validation-test difference that a map fitted on validation cannot see), plus the bins' sampling noise "
+            "on a small test set.", ""]
+
+
+def calibration_choice_rows(calibration: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Per model: the chosen method, its {a, b}, and each method's cross-validated log loss."""
+    rows = []
+    for key, method in calibration["chosen"].items():
+        par = calibration["params"][key]
+        cv = calibration.get("cv_log_loss", {}).get(key, {})
+        rows.append({"model": key, "chosen": method, "a": f"{par['a']:.3f}", "b": f"{par['b']:+.3f}",
+                     **{f"CV log loss, {m}": (f"{v:.4f}" if v is not None and np.isfinite(v) else "n/a")
+                        for m, v in cv.items()}})
+    return rows
+
+
 def model_rows(models: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for role, info in models.items():
@@ -585,6 +762,211 @@ def model_rows(models: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# --------------------------------------------------------------------------- summary and checklist sections
+SUMMARY_SYSTEMS = (("hard", "routed (hard)"), ("pooled_continued", "equal-budget control"),
+                   ("pooled", "plain pooled"), ("oracle", "oracle routing"))
+SHORT_VERDICTS = {
+    evidence.HELPED: "Routing helped.",
+    evidence.HURT: "Routing hurt.",
+    evidence.NO_EVIDENCE: "No evidence of a difference (smallest detectable difference about {mdd:.3f}).",
+    evidence.INCONSISTENT: "Inconsistent across training seeds: no conclusion.",
+    evidence.ONE_SEED: "One training seed only: no conclusion about routing.",
+}
+
+
+def scope_sentence(result: Mapping[str, Any]) -> str:
+    if result.get("flow", {}).get("phantom"):
+        return "Synthetic phantom data: this run shows the method, not clinical performance."
+    return "Internal validation on one centre's data, with no external test set."
+
+
+def summary_answer(result: Mapping[str, Any]) -> str:
+    """The Answer in at most three sentences."""
+    seeds = result.get("seeds")
+    if not seeds:
+        comp = result["comparisons"].get("hard_minus_pooled", {}).get("auroc")
+        diff = f" (hard-routed minus plain pooled AUROC {pm(comp['diff'])})" if comp else ""
+        return (f"This run has no pooled system of the routed system's training budget, so it cannot say whether "
+                f"routing by age group beats one pooled model{diff}. {scope_sentence(result)}")
+    level = int(round(100 * (1 - result["alpha"])))
+    per = ", ".join(pm(x["diff"]) for x in seeds["per_seed"])
+    first = (f"Hard routing by predicted age group minus the equal-budget pooled control, test AUROC over "
+             f"{len(seeds['per_seed'])} training seed(s): {per}; mean {pm(seeds['mean'])} ({level}% CI "
+             f"{pm(seeds['lo'])} to {pm(seeds['hi'])}, test sample and training seeds).")
+    return f"{first} {SHORT_VERDICTS[seeds['verdict']].format(mdd=seeds['min_detectable'])} {scope_sentence(result)}"
+
+
+def summary_rows(result: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Routed, control, plain pooled and oracle per image and per study (max)."""
+    study = result["study_level"]["aggregations"]["max"]["systems"]
+    rows = []
+    for key, label in SUMMARY_SYSTEMS:
+        if key not in result["systems"]:
+            continue
+        im, st = result["systems"][key]["overall"], study[key]
+        rows.append({"system": label, "image AUROC": fmt_ci(im["auroc"], im["ci"].get("auroc")),
+                     "image sens. / spec.": f"{im['sensitivity']:.3f} / {im['specificity']:.3f}",
+                     "study AUROC": fmt_ci(st["auroc"], st["ci"].get("auroc")),
+                     "study sens. / spec.": f"{st['sensitivity']:.3f} / {st['specificity']:.3f}"})
+    return rows
+
+
+def seed_rows(seeds: Mapping[str, Any]) -> list[dict[str, str]]:
+    return [{"training seed": x["seed"], "routed AUROC": f"{x['routed_auroc']:.3f}",
+             "control AUROC": f"{x['control_auroc']:.3f}", "difference": pm(x["diff"]),
+             "95% CI (test sample)": f"{pm(x['lo'])} to {pm(x['hi'])}"} for x in seeds["per_seed"]]
+
+
+def flow_rows(flow: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = [{"step": "rows in the source CSV", "images": flow["source_rows"], "patients": ""},
+            {"step": "set aside: image missing or unreadable (stage 1)", "images": flow["set_aside_unreadable"],
+             "patients": ""}]
+    rows += [{"step": f"excluded: {k} flag", "images": v, "patients": ""} for k, v in flow["excluded_by_flag"].items()]
+    rows += [{"step": "excluded in all (any flag)", "images": flow["excluded"], "patients": ""},
+             {"step": "set aside: unreadable (stage 2)", "images": flow["set_aside_unreadable_pool"], "patients": ""}]
+    rows += [{"step": name, "images": flow[key]["images"], "patients": flow[key]["patients"]}
+             for key, name in (("test", "test set"), ("train", "training set"), ("val", "validation set"))]
+    rows.append({"step": "not accounted for", "images": flow["not_accounted"], "patients": ""})
+    rows += [{"step": f"left out at evaluation ({k}, undecodable)", "images": v, "patients": ""}
+             for k, v in flow.get("left_out_at_evaluation", {}).items() if v]
+    return rows
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.1f}%" if x is not None and np.isfinite(x) else "n/a"
+
+
+def _dist(counts: Mapping[str, int], labels: Mapping[str, str] | None = None) -> str:
+    total = max(sum(counts.values()), 1)
+    return ", ".join(f"{(labels or {}).get(k, k)} {v} ({100 * v / total:.0f}%)" for k, v in counts.items())
+
+
+def table_one_rows(table: Mapping[str, Any]) -> pd.DataFrame:
+    """Table 1: one column per partition."""
+    spec = [("patients", lambda r: str(r["patients"])), ("images", lambda r: str(r["images"])),
+            ("age, median (IQR), per image", lambda r: f"{r['age_median']:.1f} ({r['age_q1']:.1f}-{r['age_q3']:.1f})"),
+            ("sex (patients)", lambda r: _dist(r.get("sex_patients", {}))),
+            ("age group (images)", lambda r: _dist(r["age_group_images"])),
+            ("fracture rate", lambda r: _pct(r["fracture_rate"])),
+            ("cast", lambda r: _pct(r.get("cast_share", float("nan")))),
+            ("initial exam (vs follow-up)", lambda r: _pct(r.get("initial_exam_share", float("nan")))),
+            ("projection", lambda r: _dist(r.get("projection", {}), PROJECTIONS)),
+            ("device", lambda r: _dist(r.get("device_manufacturer", {})))]
+    frame = pd.DataFrame({"characteristic": [name for name, _ in spec]})
+    for part, r in table.items():
+        frame[part] = [fn(r) for _, fn in spec]
+    return frame
+
+
+def error_rows(by: Mapping[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for col, values in by.items():
+        for value, e in values.items():
+            rows.append({"by": col, "value": PROJECTIONS.get(value, value) if col == "projection" else value,
+                         "images": e["images"], "FN / positives": f"{e['fn']} / {e['positives']} ({_pct(e['fn_rate'])})",
+                         "FP / negatives": f"{e['fp']} / {e['negatives']} ({_pct(e['fp_rate'])})"})
+    return rows
+
+
+def confident_rows(errors_: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    return [{"rank": i + 1, "kind": e["kind"], "image": Path(e["image"]).name, "patient": e["patient_id"],
+             "study": e["study"], "probability (calibrated)": f"{e['probability']:.3f}",
+             "raw": f"{e.get('raw_probability', float('nan')):.3f}", "predicted group": e["predicted_group"],
+             "true group": e["true_group"]} for i, e in enumerate(errors_)]
+
+
+NET_BENEFIT_AT = (0.1, 0.2, 0.3, 0.5, 0.7)
+
+
+def net_benefit_rows(curve: Mapping[str, Sequence[float]]) -> list[dict[str, str]]:
+    ts = [round(t, 2) for t in curve["threshold"]]
+    keys = [k for k in curve if k != "threshold"]
+    return [{"threshold probability": f"{t:.2f}",
+             **{k: f"{curve[k][ts.index(t)]:.3f}" for k in keys}} for t in NET_BENEFIT_AT if t in ts]
+
+
+def scope_lines(result: Mapping[str, Any]) -> list[str]:
+    return [
+        "- **Reference standard:** the fracture label is the dataset's radiologist annotation "
+        "(GRAZPEDWRI-DX: `fracture_visible`, annotated by radiologists at one hospital); no second reading or "
+        "follow-up imaging was used to confirm it, and the annotators are not blinded to anything the model sees.",
+        "- **Validation:** internal validation on one centre's data (a fixed, patient-level test set drawn from the "
+        "same source as training); there is no external test set, so transport to other hospitals, devices or "
+        "populations is untested.",
+        "- **Phantom:** " + ("this run uses the synthetic phantom: the numbers show that the method runs end to end, "
+                             "not clinical performance." if result.get("flow", {}).get("phantom")
+                             else "this run uses real data, not the phantom."),
+        "- **Intended use:** a research comparison of age-routed and pooled fracture detection on wrist radiographs "
+        "of children and adolescents; not a cleared device.",
+    ]
+
+
+# (checklist item, where the report answers it, or "not addressed: why")
+CHECKLIST = (
+    ("CLAIM: data sources, eligibility, exclusions and patient flow", "Patient flow"),
+    ("CLAIM / TRIPOD+AI: characteristics of each partition", "Table 1"),
+    ("CLAIM: partitions disjoint at patient level", "Patient flow (patient-level splits; checked in every stage)"),
+    ("CLAIM / STARD: reference standard and its rationale", "Scope and reference standard"),
+    ("CLAIM: performance metrics with confidence intervals", "Fracture detection per image / per study"),
+    ("CLAIM: comparison with a baseline, statistical test of the difference",
+     "The Answer in detail; Paired differences; Training budgets"),
+    ("CLAIM: robustness to training randomness", "Training seeds"),
+    ("CLAIM / TRIPOD+AI: subgroup performance (age, sex, device, projection, cast, initial vs follow-up)",
+     "By true age group and by cast; Subgroups"),
+    ("CLAIM: failure analysis", "Error analysis"),
+    ("CLAIM: explainability (saliency maps)", "Error analysis; Figures (Grad-CAM)"),
+    ("TRIPOD+AI: calibration (plot, slope, intercept) and recalibration", "Calibration"),
+    ("TRIPOD+AI: clinical utility (net benefit)", "Clinical utility"),
+    ("TRIPOD+AI: sample size / precision", "The Answer in detail (smallest detectable difference)"),
+    ("CLAIM / TRIPOD+AI: external validation", "not addressed: one centre's data only (Scope)"),
+    ("TRIPOD+AI: missing data", "partly: empty flag cells read as 'no' (dataset convention); undecodable images "
+                                "are counted in the flow"),
+    ("CLAIM: reader study / comparison with clinicians", "not addressed: no reader data"),
+    ("TRIPOD+AI: fairness beyond sex and age (ethnicity, socioeconomic)", "not addressed: not in the data"),
+)
+
+
+def summary_lines(result: Mapping[str, Any], figures: Mapping[str, Path], report_dir: Path) -> list[str]:
+    lines = ["## Summary", "", summary_answer(result), "",
+             markdown_table(summary_rows(result)),
+             "Image level at the validation threshold; study level: max of the images' probabilities, threshold "
+             "chosen on validation studies. 95% CIs by patient bootstrap; first training seed's models.", ""]
+    if "roc" in figures:
+        lines += [figure_link(figures["roc"], report_dir, "roc"), ""]
+    lines += ["Details below: the Answer in detail, training seeds, scope, patient flow, Table 1, the "
+              "per-image and per-study tables, subgroups, error analysis, clinical utility, calibration, the "
+              "checklist.", ""]
+    return lines
+
+
+def checklist_lines(result: Mapping[str, Any], figures: Mapping[str, Path], report_dir: Path) -> list[str]:
+    """Scope, flow, Table 1, error analysis, clinical utility, the checklist."""
+    def fig(key: str) -> list[str]:
+        return [figure_link(figures[key], report_dir, key), ""] if key in figures else []
+
+    lines = ["## Scope and reference standard", "", *scope_lines(result), "",
+             "## Patient flow", "", markdown_table(flow_rows(result["flow"])),
+             result["flow"]["note"] + ".", "", *fig("flow"),
+             "## Table 1: characteristics per partition", "",
+             "Sex per patient (first image); everything else per image.", "",
+             markdown_table(table_one_rows(result["table_one"]))]
+    ea = result["error_analysis"]
+    lines += ["## Error analysis (hard-routed system at its validation threshold)", "",
+              "False negatives among positives and false positives among negatives, by the first AO/OTA code of "
+              "`ao_classification`, projection, cast and true age group.", "", markdown_table(error_rows(ea["by"])),
+              f"The {len(ea['most_confident'])} most confident errors (calibrated probability farthest from the "
+              "label; errors at the validation threshold of the raw probabilities):", "",
+              markdown_table(confident_rows(ea["most_confident"])) if ea["most_confident"] else "none", "",
+              *fig("gradcam_errors"),
+              "## Clinical utility: decision curve", "",
+              "Net benefit per image, TP/n - FP/n * pt/(1-pt), on the calibrated probabilities, against treating "
+              "every image as fractured (treat all) and none.", "",
+              markdown_table(net_benefit_rows(result["net_benefit"]["curve"])), *fig("decision_curve"),
+              "## Reporting checklist (CLAIM 2024, TRIPOD+AI, STARD): evaluation items", "",
+              markdown_table([{"item": item, "where": where} for item, where in CHECKLIST])]
+    return lines
+
+
 def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[str, Path]) -> Path:
     """report.md: the Answer, the tables, and links to the figures."""
     sysres, thr = result["systems"], result["thresholds"]
@@ -593,7 +975,8 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
     study = result["study_level"]
     lines = [
         "# Evaluation: age-routed fracture detection on the fixed test set", "",
-        "## Answer", "", result["conclusion"], "",
+        *summary_lines(result, figures, report_dir),
+        "## The Answer in detail", "", result["conclusion"], "",
         f"Test set: `{result['inputs']['test_csv']}`: {result['n_test_images']} images of "
         f"{result['n_test_patients']} patients, fracture rate {result['test_prevalence']:.2f}. "
         f"Thresholds chosen on `{result['inputs']['val_csv']}` ({result['threshold_method']}) and applied "
@@ -602,6 +985,17 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
     ]
     if result["notes"]:
         lines += ["**Notes:**", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    if result.get("seeds"):
+        sd = result["seeds"]
+        lines += ["## Training seeds", "",
+                  f"Each training seed retrains the group models and their control from the same start and splits; "
+                  f"each seed's routed system is compared with its own control on the same test images (the age classifier "
+                  f"is trained once: it only routes, and both systems of a seed are scored on the same routing). When the "
+                  f"group models and the control continue one pooled model, that shared start is not retrained, so "
+                  f"its own training randomness is not in the seed spread. Interval "
+                  f"for the mean: {sd['interval_method']} (SE {sd['se']:.4f}, df {sd['dof']:.1f}). Verdict: "
+                  f"{sd['verdict']}.", "", markdown_table(seed_rows(sd))]
+    lines += checklist_lines(result, figures, report_dir)
     lines += ["## Training budgets", "",
               "What each system's models cost in training, from their checkpoints. Two systems have an equal "
               f"budget when they start from the same weights, train with the same settings and epoch cap, and "
@@ -624,8 +1018,9 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
               "no-cast rows are the harder test.", "",
               markdown_table(subset_rows(sysres, [k for k in result["subsets"] if k != "overall"]))]
     if result["subgroups"]:
-        lines += ["## By X-ray device and projection", "",
-                  "AUROC with 95% CI per subset; subsets under 30 images or with one class are listed, not scored.",
+        lines += ["## Subgroups: device, projection, sex, initial exam vs follow-up", "",
+                  "AUROC with 95% CI per subset; subsets under 30 images or with one class are listed, not scored. "
+                  "Sex from `gender`; an empty `initial_exam` means a follow-up exam.",
                   "", markdown_table(subgroup_rows(result["subgroups"]))]
     lines += ["## Paired differences (same patient resamples)", "",
               markdown_table(comparison_rows(result["comparisons"]))]
@@ -635,10 +1030,16 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
              for row in comparison_rows(comp, ("auroc", "f1"))])]
     cal = result["calibration"]
     lines += ["## Calibration", "",
-              f"{cal['method']}; expected calibration error (ECE, {cal['n_bins']} equal-width bins) on the test set "
-              "before and after. Temperatures: " + ", ".join(f"{k} {v:.2f}" for k, v in cal["temperatures"].items())
-              + f". Age classifier (top-label) ECE {cal['age_classifier']['ece_before']:.3f} -> "
-              f"{cal['age_classifier']['ece_after']:.3f}.", "", markdown_table(calibration_rows(cal)),
+              f"{cal['method']}; {cal['form']}. The class-balanced sampler trains at 50% fractures, so raw "
+              "probabilities carry a prior shift that one temperature cannot undo; the prior-shift correction and "
+              "Platt recalibration can. Expected calibration error (ECE, "
+              f"{cal['n_bins']} equal-width bins), Brier score, calibration slope (1 ideal) and intercept "
+              "(calibration-in-the-large, 0 ideal) on the test set. Age classifier (top-label, temperature) ECE "
+              f"{cal['age_classifier']['ece_before']:.3f} -> {cal['age_classifier']['ece_after']:.3f}.", "",
+              *calibration_shape(cal),
+              "Chosen per model (on validation):", "", markdown_table(calibration_choice_rows(cal)),
+              markdown_table(calibration_detail_rows(cal)), *calibration_gaps(cal),
+              *([figure_link(figures["reliability"], report_dir, "reliability"), ""] if "reliability" in figures else []),
               "## Age-group classifier (router) on the test set", "",
               f"Accuracy {age['accuracy']:.3f}, macro-F1 {fmt_ci(age['macro_f1'], age.get('macro_f1_ci'))}, balanced "
               f"accuracy {age['balanced_accuracy']:.3f}. Rows: true group; columns: predicted group.", ""]
@@ -699,7 +1100,7 @@ def print_summary(result: Mapping[str, Any]) -> None:
     subs = [k for k in result["subsets"] if k != "overall"]
     print(text_table([{"system": s, **{k: fmt_ci(r[k]["auroc"], r[k]["ci"].get("auroc")) for k in subs}}
                       for s, r in sysres.items() if not s.endswith("_per_group")]))
-    print("\n== Calibration (test ECE before -> after temperature scaling) ==")
+    print("\n== Calibration (test ECE before -> after the recalibration chosen on validation) ==")
     print(text_table(calibration_rows(result["calibration"])))
     age = result["age_classifier"]
     print(f"\nage classifier (test): accuracy {age['accuracy']:.3f}, macro-F1 "
@@ -707,4 +1108,5 @@ def print_summary(result: Mapping[str, Any]) -> None:
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"\n{result['conclusion']}")
+    print(f"\nSummary: {summary_answer(result)}")
     print(f"evaluation wall time: {result['wall_time_s']:.1f} s")

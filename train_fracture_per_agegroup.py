@@ -77,6 +77,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "rows with the group models' settings) [default: yes when all groups are trained]")
     g.add_argument("--min-rows", type=presets.non_negative_int, default=10,
                    help="skip a group with fewer training rows than this [default: 10]")
+    g.add_argument("--seeds", type=presets.positive_int, default=1,
+                   help="train the models the evaluation compares (the group models and their control) with "
+                        "N training seeds, --seed, --seed+1, ...; the first seed's files keep the plain names, "
+                        "seed S's are <stem>_seedS [default: 1]")
     add_training_args(parser)
     return parser
 
@@ -114,13 +118,15 @@ def continued_from(ckpt_path, expect: dict[str, Any]) -> tuple[dict[str, Any], d
 
 class Job(NamedTuple):
     """One fracture model to train: its role (the checkpoint stem's suffix), a label for the
-    log, the age group it serves (None for the pooled models) and its rows."""
+    log, the age group it serves (None for the pooled models), its rows, and the suffix of a
+    further training seed's files ("" for the first seed)."""
 
     role: str
     label: str
     group: int | None
     train: pd.DataFrame
     val: pd.DataFrame
+    seed_suffix: str = ""
 
 
 def plan_jobs(cfg: argparse.Namespace, train_all: pd.DataFrame, val_all: pd.DataFrame) -> list[Job]:
@@ -148,8 +154,19 @@ def plan_jobs(cfg: argparse.Namespace, train_all: pd.DataFrame, val_all: pd.Data
     return jobs
 
 
-def model_files(cfg: argparse.Namespace, role: str) -> engine.RunFiles:
-    return engine.RunFiles.from_stem(cfg.models_dir, columns.fracture_model(role))
+def model_files(cfg: argparse.Namespace, role: str, seed_suffix: str = "") -> engine.RunFiles:
+    return engine.RunFiles.from_stem(cfg.models_dir, columns.fracture_model(role) + seed_suffix)
+
+
+def further_seed_jobs(cfg: argparse.Namespace, first: list[Job], seed: int) -> list[Job]:
+    """The models a further training seed retrains: those the evaluation compares. With
+    --init-from-pooled the group models and the control both continue from the (first seed's)
+    pooled model, so only they are retrained and the shared start costs nothing more; without
+    it the pooled model is the comparison and is retrained too."""
+    compared = {columns.CONTROL_ROLE} if cfg.init_from_pooled else {columns.POOLED_ROLE}
+    suffix = columns.seed_suffix(seed)
+    return [job._replace(seed_suffix=suffix, label=f"{job.label}, training seed {seed}") for job in first
+            if job.group is not None or job.role in compared]
 
 
 def continuation_config(cfg: argparse.Namespace) -> argparse.Namespace:
@@ -167,7 +184,7 @@ def train_job(cfg: argparse.Namespace, job: Job, device: Any) -> dict[str, Any]:
         return {"skipped": reason, "train_rows": len(job.train), "val_rows": len(job.val)}
     if job.val[TARGET].nunique() < 2:
         engine.log(f"{job.label}: validation rows hold one class only; AUROC is undefined for it")
-    files = model_files(cfg, job.role)
+    files = model_files(cfg, job.role, job.seed_suffix)
     init, origin = None, None
     if job.role != columns.POOLED_ROLE and cfg.init_from_pooled:
         init, origin = continued_from(model_files(cfg, columns.POOLED_ROLE).best,
@@ -192,8 +209,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   str(cfg.test_csv): read_split_csv(cfg.test_csv, validate=False)}
         for note in splits.check_splits(frames, cfg.test_csv):
             engine.log(f"note: {note}")
-        models = {job.role: train_job(cfg, job, info.device) for job in plan_jobs(cfg, train_all, val_all)}
-        out = {"models": models, "group_column": cfg.group_column, "pooled": cfg.pooled}
+        first = plan_jobs(cfg, train_all, val_all)
+        models = {job.role: train_job(cfg, job, info.device) for job in first}
+        seeds = [cfg.seed + k for k in range(cfg.seeds)]
+        for seed in seeds[1:]:
+            cfg_seed = argparse.Namespace(**{**vars(cfg), "seed": seed})
+            for job in further_seed_jobs(cfg, first, seed):
+                models[job.role + job.seed_suffix] = train_job(cfg_seed, job, info.device)
+        out = {"models": models, "group_column": cfg.group_column, "pooled": cfg.pooled, "seeds": seeds}
         if info.is_main and cfg.result_json:
             write_json(out, cfg.result_json)
     return out

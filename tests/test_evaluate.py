@@ -452,13 +452,29 @@ def test_evaluate_end_to_end(run_dir):
         assert agg["n_studies"] == n_studies and set(agg["systems"]) == set(res["systems"])
     cal = res["calibration"]
     assert set(cal["systems"]) == {"hard", "soft", "oracle", "pooled"} and cal["temperatures"]["pooled"] > 0
+    # the calibration contract: per model the chosen method and {a, b}; the CSV's calibrated
+    # probabilities are sigmoid(a * logit(p) + b) of the chosen method
+    assert set(cal["chosen"]) == {"age_classifier", "agegroup0", "agegroup1", "agegroup2", "pooled"}
+    assert set(cal["chosen"].values()) <= {"temperature", "prior", "platt"}
+    a, b = cal["params"]["pooled"]["a"], cal["params"]["pooled"]["b"]
+    z = np.log(np.clip(pred.prob_pooled, 1e-7, 1 - 1e-7) / np.clip(1 - pred.prob_pooled, 1e-7, 1))
+    np.testing.assert_allclose(pred.prob_pooled_calibrated, 1 / (1 + np.exp(-(a * z + b))), rtol=1e-6)
+    for key in ("before", "temperature", "prior", "platt", "chosen"):
+        assert {"ece", "brier", "slope", "intercept"} <= set(cal["systems"]["hard"][key])
+    # the checklist sections
+    assert {"flow", "table_one", "net_benefit", "error_analysis"} <= set(res)
+    assert res["table_one"]["test"]["images"] == len(test)
+    assert {"hard", "pooled", "treat_all", "treat_none"} <= set(res["net_benefit"]["curve"])
+    assert len(res["error_analysis"]["most_confident"]) <= 10
 
     report = Path(written["report"]).read_text()
     for fig in written["figures"]:
         assert Path(fig).exists() and Path(fig).name in report
     names = {Path(f).name for f in written["figures"]}
     assert {"roc_by_age_group.png", "training_curves.png", "calibration.png",
-            "gradcam_examples.png"} <= names
+            "gradcam_examples.png", "decision_curve.png", "reliability_per_system.png", "patient_flow.png",
+            "gradcam_confident_errors.png"} <= names
+    assert report.index("## Summary") < report.index("## The Answer in detail")
 
 
 PROBE_LOGITS = (-2.0, 0.0, 2.0)  # fracture model of group g outputs sigmoid(PROBE_LOGITS[g])
@@ -564,8 +580,12 @@ def test_evaluate_under_torchrun_matches_one_process(run_dir, tmp_path):
 
 
 # --------------------------------------------------------------------------- the Answer
-def _answer_inputs(diff: float, lo: float, hi: float, reference: str | None) -> dict:
-    """The slice of metrics.json that report.answer reads, with a chosen hard-minus-pooled result."""
+def _answer_inputs(diff: float, lo: float, hi: float, reference: str | None,
+                   seed_diffs: tuple[float, ...] | None = None) -> dict:
+    """The slice of metrics.json that report.answer reads, with a chosen hard-minus-pooled result
+    (and per training seed ``seed_diffs``, by default three seeds of the same difference)."""
+    import evidence
+
     def overall(auroc: float) -> dict:
         return {"overall": {"auroc": auroc, "ci": {"auroc": [auroc - 0.02, auroc + 0.02]}}}
 
@@ -585,7 +605,11 @@ def _answer_inputs(diff: float, lo: float, hi: float, reference: str | None) -> 
         comparisons["hard_minus_pooled_continued"] = comp(diff, lo, hi)
         why["pooled_continued"] = []
     study = {"n_studies": 10, "comparisons": {}, "systems": {}}
-    return {"systems": systems, "comparisons": comparisons, "alpha": 0.05, "n_boot": 100,
+    diffs = seed_diffs if seed_diffs is not None else (diff, diff, diff)
+    seeds = {"per_seed": [{"seed": 42 + k, "diff": d} for k, d in enumerate(diffs)], "mean": sum(diffs) / len(diffs),
+             "lo": lo, "hi": hi, "se_test": 0.01, "seed_sd": 0.01, "min_detectable": 0.05,
+             "verdict": evidence.verdict(diffs, lo, hi)}
+    return {"systems": systems, "comparisons": comparisons, "alpha": 0.05, "n_boot": 100, "seeds": seeds,
             "equal_budget": {"reference": reference, "differences": why},
             "budgets": {"routed": budget, "pooled": budget, "pooled_continued": budget},
             "study_level": {"aggregations": {"max": study}},
@@ -601,13 +625,19 @@ def test_answer_says_helped_only_for_an_equal_budget_comparison(reference):
         assert "helped" not in clear_win and "hurt" not in clear_win
         assert "NOT an equal-budget comparison" in clear_win and "2,000 vs 1,000" in clear_win
     else:
-        assert "Routing helped." in clear_win and "equal training budget" in clear_win
+        assert "Routing helped:" in clear_win and "equal training budget" in clear_win
+        assert "+0.080 (seed 42), +0.080 (seed 43), +0.080 (seed 44)" in clear_win
         assert "Equal training budget: both start from random weights (seed 42)" in clear_win
     clear_loss = report.answer(_answer_inputs(-0.08, -0.11, -0.05, reference))
-    assert ("Routing hurt." in clear_loss) == (reference is not None)
+    assert ("Routing hurt:" in clear_loss) == (reference is not None)
     unsure = report.answer(_answer_inputs(0.01, -0.02, 0.04, reference))
     assert "helped" not in unsure and "hurt" not in unsure
     if reference is not None:
-        se = 0.06 / 3.92
-        assert "No evidence of a difference at this test size" in unsure
-        assert f"could detect is about {2.8016 * se:.3f}" in unsure
+        assert "No evidence of a difference" in unsure
+        assert "could detect is about 0.050" in unsure
+    # a clear difference on the first seed that other seeds do not share is no finding
+    mixed = report.answer(_answer_inputs(-0.08, -0.11, -0.05, reference, (-0.08, 0.01, -0.03)))
+    assert "hurt" not in mixed
+    assert ("Inconsistent across training seeds" in mixed) == (reference is not None)
+    one = report.answer(_answer_inputs(-0.08, -0.11, -0.05, reference, (-0.08,)))
+    assert "hurt" not in one
