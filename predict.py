@@ -37,6 +37,7 @@ import pandas as pd
 
 import columns
 import errors
+import inference
 import presets
 import unified_dataset
 from config import print_config, to_dict
@@ -125,6 +126,24 @@ def load_thresholds(path: Path | None, routing: str, override: float | None = No
     return float(entry), f"{path} ({routing}, chosen on validation)"
 
 
+def check_thresholds_current(path: Path, source: str, routed: inference.RoutedModels) -> str | None:
+    """Refuse (``DataError``, one line) thresholds that evaluate.py chose for other models than
+    the ones loaded (retrained since); a note when the file does not say which models it was
+    chosen for. Nothing to check for ``--threshold`` or the 0.5 default."""
+    if not source.startswith(str(path)):
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    recorded = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(recorded, dict):
+        return f"{path} does not say which models its thresholds were chosen for (an older evaluate.py)"
+    changed = inference.changed_models(recorded, inference.routing_models(routed))
+    if changed:
+        raise errors.DataError(f"{path}: chosen for other models than those in {routed.age.path.parent} "
+                               f"({', '.join(changed)} retrained or replaced since); run evaluate.py again, "
+                               "or pass --threshold")
+    return None
+
+
 # --------------------------------------------------------------------------- CLI
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Predict age group and fracture for new images.",
@@ -165,6 +184,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not files:
         raise errors.DataError(f"{', '.join(map(str, args.paths))}: no readable images found")
     routed = load_routed_models(models_dir, device)
+    stale = check_thresholds_current(thr_path, thr_source, routed)
+    if stale:
+        print(f"note: {stale}")
     for note in routed.notes:
         print(f"note: {note}")
     df = pd.DataFrame({"image_path": [str(f) for f in files]})
