@@ -156,3 +156,23 @@ def test_two_columns_of_one_name_are_refused(tmp_path: Path):
     csv.write_text("image_path,patient_id,age,fracture , fracture\na.png,P1,5,0,1\n")  # the same once stripped
     with pytest.raises(DataError, match="column 'fracture' appears twice"):
         unified_dataset.read_split_csv(csv)
+
+
+def test_a_test_patient_dropped_with_the_manifest_deleted_is_refused(fresh_splits: Path, tiny_phantom: Path):
+    import pandas as pd
+
+    import age_split_testset
+
+    path = fresh_splits / columns.TEST_CSV
+    test = pd.read_csv(path, dtype=str, keep_default_na=False)
+    dropped = test.patient_id.iloc[0]
+    test[test.patient_id != dropped].to_csv(path, index=False)
+    (fresh_splits / columns.TEST_MANIFEST).unlink()
+    pool_before = (fresh_splits / columns.POOL_CSV).read_bytes()
+    with pytest.raises(DataError) as err:
+        age_split_testset.main(age_split_testset.get_args_parser().parse_args(
+            ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(fresh_splits)]))
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: patient(s) {dropped} of the dataset are in neither this test set nor")
+    assert "--force" in msg and "\n" not in msg
+    assert (fresh_splits / columns.POOL_CSV).read_bytes() == pool_before  # the patient did not move to the pool
