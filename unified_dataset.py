@@ -828,7 +828,7 @@ class ImageCache:
 
     Layout: ``<cache_dir>/<img_size>px/<k[:2]>/<k>.npy`` where ``k`` is the SHA-1
     of (cache format version, resolved image path, ``img_size``, the file's
-    ``mtime_ns`` and size in bytes). Each entry is a uint16 ``img_size`` x
+    ``mtime_ns``, size in bytes, ``ctime_ns`` and inode). Each entry is a uint16 ``img_size`` x
     ``img_size`` array (the [0, 1] image times 65535). Replacing or touching an
     image changes its key, so a stale entry is never read; old entries are
     simply left behind (delete the folder to reclaim space). Entries are
@@ -855,7 +855,10 @@ class ImageCache:
             st = p.stat()
         except FileNotFoundError:
             raise DataError.at(p, None, "image file not found") from None
-        key = f"{self.VERSION}|{p}|{self.img_size}|{st.st_mtime_ns}|{st.st_size}"
+        # mtime and size alone miss a replacement that restores them (cp -p, rsync -t). The
+        # inode change time cannot be set from user space and moves on every rewrite, and a
+        # file replaced by rename has a new inode: both come with the same stat call, free.
+        key = f"{self.VERSION}|{p}|{self.img_size}|{st.st_mtime_ns}|{st.st_size}|{st.st_ctime_ns}|{st.st_ino}"
         digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
         return self.root / digest[:2] / f"{digest}.npy"
 

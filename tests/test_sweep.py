@@ -176,3 +176,27 @@ def test_a_test_patient_dropped_with_the_manifest_deleted_is_refused(fresh_split
     assert msg.startswith(f"{path}: patient(s) {dropped} of the dataset are in neither this test set nor")
     assert "--force" in msg and "\n" not in msg
     assert (fresh_splits / columns.POOL_CSV).read_bytes() == pool_before  # the patient did not move to the pool
+
+
+def test_an_image_replaced_with_the_same_size_and_mtime_is_decoded_afresh(tmp_path: Path):
+    import os
+    import time
+
+    import cv2
+    import numpy as np
+
+    import unified_dataset
+
+    path = tmp_path / "scan.png"
+    level0 = [cv2.IMWRITE_PNG_COMPRESSION, 0]  # stored blocks: the file size depends on the shape only
+    first = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    cv2.imwrite(str(path), first, level0)
+    st = path.stat()
+    cached = unified_dataset.ImageCache(tmp_path / "cache", 32).get(path)
+    time.sleep(0.05)  # file times tick in jiffies (1-10 ms): the rewrite lands on a later one
+    cv2.imwrite(str(path), first[:, ::-1].copy(), level0)  # as cp -p would: same size, mtime restored
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    again = unified_dataset.ImageCache(tmp_path / "cache", 32).get(path)
+    np.testing.assert_array_equal(again, unified_dataset.load_resized(path, 32))
+    assert not np.array_equal(again, cached)
