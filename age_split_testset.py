@@ -181,6 +181,22 @@ def load_checked(args: argparse.Namespace, run: columns.RunDir, bounds: tuple[fl
     return loaded, df, source
 
 
+def _check_unrecorded_test(test: pd.DataFrame, usable: pd.DataFrame, test_csv: Path, pool_csv: Path) -> None:
+    """Without a recorded identity, the pool written with the test set still tells which
+    patients were not test: a dataset patient in neither may have been removed from the test
+    set by hand, and would now leak into training. Raises ``DataError`` (one line)."""
+    if not pool_csv.is_file():
+        return
+    known = set(columns.patient_ids(test["patient_id"])) | set(
+        columns.patient_ids(read_split_csv(pool_csv, validate=False)["patient_id"]))
+    missing = sorted(set(columns.patient_ids(usable["patient_id"])) - known)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise DataError.at(test_csv, None, f"patient(s) {shown} of the dataset are in neither this test set nor "
+                           f"{pool_csv}, and no identity of the test set is recorded: removed from the test set, "
+                           "or added to the dataset since? Restore the test set, or re-draw it with --force")
+
+
 def fixed_test_set(args: argparse.Namespace, run: columns.RunDir, df: pd.DataFrame, loaded: pd.DataFrame,
                    source: dict[str, Any], bounds: tuple[float, ...]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The kept test set, verified against its recorded identity and the dataset, or a newly
@@ -196,6 +212,7 @@ def fixed_test_set(args: argparse.Namespace, run: columns.RunDir, df: pd.DataFra
         else:
             print(f"note: {run.test_manifest} records no identity of the kept test set (written by an older "
                   f"version, or missing): recording it now from {test_csv} as it is")
+            _check_unrecorded_test(test, df, test_csv, run.pool_csv)
         for note in _check_kept_test(test, loaded, test_csv, data_csv, bounds):
             print(f"note: {note}")
         old = json.loads(run.test_manifest.read_text()) if run.test_manifest.is_file() else {}

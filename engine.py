@@ -50,6 +50,7 @@ import columns
 import distributed
 import logs
 import metrics
+import splits
 import unified_dataset
 from config import save_config, to_dict
 from errors import DataError, ResumeError
@@ -824,7 +825,8 @@ def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.
     config = to_dict(cfg)
     meta = {"model_name": cfg.model, "kind": kind, "class_names": list(class_names), "img_size": cfg.img_size,
             "in_chans": 1, "mean": cfg.mean, "std": cfg.std, "age_bounds": list(age_bounds), "config": config,
-            "init": dict(init_from) if init_from is not None else weights_origin(cfg), **dict(extra_meta or {})}
+            "init": dict(init_from) if init_from is not None else weights_origin(cfg),
+            splits.TEST_SET_KEY: splits.recorded_test_sha256(getattr(cfg, "test_csv", None)), **dict(extra_meta or {})}
     settings = {
         "model": resolve_model_name(cfg.model), "img_size": int(cfg.img_size), "classes": list(class_names),
         "train data": frame_fingerprint(train_df, ["image_path", target_col]),

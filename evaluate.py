@@ -496,9 +496,12 @@ def model_budget(lm: inference.LoadedModel) -> dict[str, Any]:
 
 
 def _init_key(init: Mapping[str, Any] | None) -> tuple:
+    # A checkpoint start is named by its weights' digest where recorded: the pooled model
+    # retrained after the control continued it keeps its file name, not its weights.
     if not init:
         return ("unknown",)
-    return (init.get("kind"), init.get("checkpoint") or init.get("source") or init.get("seed"))
+    return (init.get("kind"), init.get("weights_sha256") or init.get("checkpoint") or init.get("source")
+            or init.get("seed"))
 
 
 def system_budgets(routed: inference.RoutedModels) -> dict[str, dict[str, Any]]:
@@ -529,8 +532,10 @@ def budget_differences(routed_budget: Mapping[str, Any], other: Mapping[str, Any
     if routed_budget["init"] is None:
         why.append("the group models do not share one starting point")
     elif _init_key(routed_budget["init"]) != _init_key(other["init"]):
-        why.append(f"they start from different weights: the group models from "
-                   f"{report.describe_init(routed_budget['init'])}, this one from {report.describe_init(other['init'])}")
+        ours, theirs = report.describe_init(routed_budget["init"]), report.describe_init(other["init"])
+        if ours == theirs:
+            theirs += ", but other weights under that name (retrained in between)"
+        why.append(f"they start from different weights: the group models from {ours}, this one from {theirs}")
     ref = other["models"][0]["schedule"]
     by_diff: dict[str, list[str]] = {}  # one sentence for the group models that differ alike
     for m in routed_budget["models"]:
@@ -816,6 +821,9 @@ def load_and_infer(args: argparse.Namespace, paths: Mapping[str, Path], device: 
                                     paths["test_csv"], also=[columns.RunDir(paths["out"]).train_csv]):
         engine.log(f"note: {note}")
     routed = inference.load_routed_models(paths["models_dir"], device)
+    for note in splits.check_trained_apart({lm.path: lm.meta for lm in inference.loaded_models(routed) if lm.path},
+                                           paths["test_csv"]):
+        engine.log(f"note: {note}")
     notes = list(routed.notes)
     if routed.pooled is None:
         notes.append(f"no {inference.POOLED_CKPT}: the pooled baseline (d) is missing")
@@ -1000,7 +1008,7 @@ def write_outputs(args: argparse.Namespace, paths: Mapping[str, Path], result: d
         predictions_frame(args, test, thr, extra["calibrated"], routed), run.predictions_csv)}
     written["thresholds"] = write_json({
         "thresholds": result["thresholds"], "method": result["threshold_method"], "val_csv": str(paths["val_csv"]),
-        "note": "chosen on validation by evaluate.py; read by predict.py"},
+        "models": inference.weights_by_file(inference.loaded_models(routed)), "note": "chosen on validation by evaluate.py; read by predict.py"},
         paths["models_dir"] / columns.THRESHOLDS_JSON)
     written["calibration"] = write_json(calibration_file(calibration.calibration_params(result["calibration"]), routed),
                                         paths["models_dir"] / columns.CALIBRATION_JSON)

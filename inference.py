@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -123,9 +123,33 @@ def load_model(path: str | os.PathLike, name: str, device: torch.device, kind: s
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "scaler")}
+    meta["weights_sha256"] = models.weights_sha256(ckpt["model"])
     return LoadedModel(model=model, name=name, img_size=int(ckpt["img_size"]),
                        mean=_scalar(ckpt.get("mean"), 0.5), std=_scalar(ckpt.get("std"), 0.25),
                        num_classes=nc, path=path, meta=meta, channels_last=channels_last)
+
+
+def loaded_models(routed: RoutedModels) -> list[LoadedModel]:
+    """Every loaded model: the age classifier, the group models, the pooled ones that exist."""
+    return [lm for lm in (routed.age, *routed.groups.values(), routed.pooled, routed.pooled_continued) if lm]
+
+
+def routing_models(routed: RoutedModels) -> list[LoadedModel]:
+    """The models routing runs: the age classifier and the model serving each group."""
+    serving = {id(m): m for m in (routed.model_for_group(g) for g in range(routed.n_groups))}
+    return [routed.age, *serving.values()]
+
+
+def weights_by_file(loaded: Sequence[LoadedModel]) -> dict[str, str | None]:
+    """Checkpoint file name -> the digest of its weights (what a threshold was chosen for)."""
+    return {lm.path.name: lm.meta.get("weights_sha256") for lm in loaded if lm.path is not None}
+
+
+def changed_models(recorded: Mapping[str, Any], loaded: Sequence[LoadedModel]) -> list[str]:
+    """The checkpoints among ``loaded`` whose weights differ from ``recorded`` (file name ->
+    digest), or that it does not list."""
+    now = weights_by_file(loaded)
+    return [name for name, digest in now.items() if recorded.get(name) != digest]
 
 
 def load_routed_models(models_dir: str | os.PathLike, device: torch.device,

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import difflib
+import hashlib
 import math
 import os
 import pickle
@@ -482,6 +483,18 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             break
     state = model.state_dict()
     return {k: v.detach().clone() if v.device.type == "cpu" else v.detach().cpu() for k, v in state.items()}
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """A digest of a state dict's names, shapes, dtypes and values, independent of the memory
+    format: which weights a model has, so a record of "started from" or "chosen for" these
+    weights can be checked later. About 0.5 s for Swin-Large's 800 MB."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def make_checkpoint(

@@ -48,6 +48,7 @@ import bundle
 import calibration
 import columns
 import errors
+import inference
 import presets
 import unified_dataset
 from config import print_config, to_dict
@@ -208,6 +209,24 @@ def calibrated_frame(res: pd.DataFrame, params: dict[str, Any] | None, routing: 
     return out
 
 
+def check_thresholds_current(path: Path, source: str, routed: inference.RoutedModels) -> str | None:
+    """Refuse (``DataError``, one line) thresholds that evaluate.py chose for other models than
+    the ones loaded (retrained since); a note when the file does not say which models it was
+    chosen for. Nothing to check for ``--threshold`` or the 0.5 default."""
+    if not source.startswith(str(path)):
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    recorded = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(recorded, dict):
+        return f"{path} does not say which models its thresholds were chosen for (an older evaluate.py)"
+    changed = inference.changed_models(recorded, inference.routing_models(routed))
+    if changed:
+        raise errors.DataError(f"{path}: chosen for other models than those in {routed.age.path.parent} "
+                               f"({', '.join(changed)} retrained or replaced since); run evaluate.py again, "
+                               "or pass --threshold")
+    return None
+
+
 # --------------------------------------------------------------------------- CLI
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Predict age group and fracture for new images.",
@@ -264,6 +283,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not files:
         raise errors.DataError(f"{', '.join(map(str, args.paths))}: no readable images found")
     routed, params, notes = load_models(models_dir, device, args.backend)
+    if not bundle.is_export_dir(models_dir):
+        thr_path = Path(args.thresholds) if args.thresholds else models_dir / thr_file
+        stale = check_thresholds_current(thr_path, thr_source, routed)
+        if stale:
+            notes.append(stale)
     for note in routed.notes + notes:
         print(f"note: {note}")
     df = pd.DataFrame({"image_path": [str(f) for f in files]})

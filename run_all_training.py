@@ -77,8 +77,19 @@ class StageFailed(RuntimeError):
         self.code = code
 
 
+class DriverParser(argparse.ArgumentParser):
+    """Refuses, while parsing like a bad value, a stage range in which nothing would run."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        ns, rest = super().parse_known_args(args, namespace)
+        if getattr(ns, "from_stage", None) is not None and ns.from_stage > ns.to_stage:
+            self.error(f"argument --from-stage: {ns.from_stage} is after --to-stage {ns.to_stage}, so no "
+                       "stage would run")
+        return ns, rest
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
+    parser = DriverParser(description=__doc__.split("\n\n")[0], add_help=add_help,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_split_args(parser, "driver")
     g = parser.add_argument_group("run")

@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 import columns
 import unified_dataset
-from errors import DataError
+from errors import CheckpointError, DataError
 from io_utils import write_csv
 
 
@@ -285,4 +285,40 @@ def check_splits(frames: Mapping[str, pd.DataFrame], test_csv: str | os.PathLike
             notes.append(f"no {columns.TEST_MANIFEST} beside {test_csv}: the test set's identity is not checked")
     check_disjoint(frames)
     check_images_disjoint(frames)
+    return notes
+
+
+# --------------------------------------------------------------------------- models and the test set
+# The key under which a trained checkpoint records the identity of the test set its run kept
+# it away from: a checkpoint from a run with another test set may have trained on this run's
+# test patients.
+TEST_SET_KEY = "test_set_sha256"
+
+
+def recorded_test_sha256(test_csv: str | os.PathLike | None) -> str | None:
+    """The test set's identity (sha256) stage 1 recorded beside ``test_csv``; None without one."""
+    if test_csv is None:
+        return None
+    manifest = Path(test_csv).parent / columns.TEST_MANIFEST
+    ident = recorded_test_identity(manifest) if manifest.is_file() else None
+    return ident["sha256"] if ident else None
+
+
+def check_trained_apart(checkpoints: Mapping[str | os.PathLike, Mapping[str, Any]],
+                        test_csv: str | os.PathLike) -> list[str]:
+    """Raise ``CheckpointError`` (one line) for the first checkpoint (path -> its metadata)
+    trained in a run with another test set than ``test_csv``'s; notes for those that record
+    none (older versions) or when this test set has no recorded identity."""
+    now = recorded_test_sha256(test_csv)
+    if now is None:
+        return [f"{test_csv} has no recorded identity: the models are not checked against it"]
+    notes = []
+    for path, meta in checkpoints.items():
+        then = meta.get(TEST_SET_KEY)
+        if then is None:
+            notes.append(f"{path} records no test set (an older version trained it): not checked against {test_csv}")
+        elif then != now:
+            raise CheckpointError(
+                f"{path}: trained in a run with another test set (sha256 {then[:12]}, this run's {now[:12]}), so it "
+                f"may have trained on this run's test patients; retrain it here, or evaluate it in its own run directory")
     return notes

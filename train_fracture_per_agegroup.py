@@ -50,7 +50,7 @@ from columns import AGE_BOUNDS, AGE_GROUP_NAMES
 from config import print_config, to_dict
 from errors import DataError
 from io_utils import write_json
-from models import load_checkpoint
+from models import load_checkpoint, weights_sha256
 from presets import add_data_args, add_training_args, resolve_config, resolve_paths
 from unified_dataset import read_split_csv
 
@@ -112,7 +112,8 @@ def continued_from(ckpt_path, expect: dict[str, Any]) -> tuple[dict[str, Any], d
     so (with that checkpoint's own budget, so evaluation can add it up)."""
     ckpt = load_checkpoint(ckpt_path, expect=expect)
     origin = {"kind": "checkpoint", "checkpoint": ckpt_path.name, "epochs_run": ckpt.get("epochs_run"),
-              "best_epoch": ckpt.get("epoch"), "images_seen": ckpt.get("images_seen"), "init": ckpt.get("init")}
+              "best_epoch": ckpt.get("epoch"), "images_seen": ckpt.get("images_seen"), "init": ckpt.get("init"),
+              "weights_sha256": weights_sha256(ckpt["model"])}
     return ckpt["model"], origin
 
 

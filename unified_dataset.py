@@ -27,6 +27,7 @@ Intensity normalisation (:func:`read_image`)
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import itertools
 import math
@@ -136,6 +137,19 @@ def run_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
 
 # --------------------------------------------------------------------------- CSV loading
 
+def _refuse_repeated_columns(path: Path) -> None:
+    """pandas renames a repeated header (``fx``, ``fx.1``) and the first one would be used
+    silently, whichever of two conflicting columns that is: refuse it, naming both."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        header = [c.strip() for c in next(csv.reader(f), [])]
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header, 1):
+        if name in seen:
+            raise DataError.at(path, 1, f"column {name!r} appears twice (columns {seen[name]} and {i}); "
+                                        "keep one of them")
+        seen[name] = i
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     """All cells as text (only empty cells missing), rows numbered as in the file."""
     path = Path(path)
@@ -149,6 +163,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         line = re.search(r"line (\d+)", str(exc))  # pandas counts lines from 1, header included
         raise DataError.at(path, line.group(1) if line else None, f"cannot parse CSV: {exc}") from None
+    _refuse_repeated_columns(path)
     df.columns = [str(c).strip() for c in df.columns]
     df.index = pd.RangeIndex(2, len(df) + 2, name=columns.ROW_INDEX_NAME)
     df.attrs["source"] = str(path)
@@ -437,6 +452,16 @@ def _pixel_digest(arr: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _file_identity(path: str) -> str:
+    """Device and inode of the file ``path`` names (symlinks followed), so that hard links to
+    one file are one image; the resolved path when it cannot be looked up."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return f"inode {st.st_dev}:{st.st_ino}"
+
+
 def _duplicate_problems(keys: pd.Series, paths: pd.Series, pids: pd.Series, how: str) -> dict[Any, str]:
     """Rows whose ``keys`` (row -> image identity) repeat, and why each is bad.
 
@@ -557,9 +582,9 @@ def _file_problems(df: pd.DataFrame, problems: dict[Any, str], source: Any, chec
     paths = df["image_path"].astype(str)
     pids = df["patient_id"]
     named = paths[paths.str.strip() != ""]
-    # One image, one row: a symlink, or another spelling of the path, is the same file.
-    # Resolving touches the filesystem, so only when the images are looked at.
-    same_file = named.map(os.path.realpath if check_images else os.path.normpath)
+    # One image, one row: a symlink, a hard link, or another spelling of the path is the same
+    # file. Looking at the filesystem only when the images are looked at.
+    same_file = named.map(_file_identity if check_images else os.path.normpath)
     for row, reason in _duplicate_problems(same_file, paths, pids, "the same file as").items():
         problems.setdefault(row, reason)
     if not check_images:
@@ -803,7 +828,7 @@ class ImageCache:
 
     Layout: ``<cache_dir>/<img_size>px/<k[:2]>/<k>.npy`` where ``k`` is the SHA-1
     of (cache format version, resolved image path, ``img_size``, the file's
-    ``mtime_ns`` and size in bytes). Each entry is a uint16 ``img_size`` x
+    ``mtime_ns``, size in bytes, ``ctime_ns`` and inode). Each entry is a uint16 ``img_size`` x
     ``img_size`` array (the [0, 1] image times 65535). Replacing or touching an
     image changes its key, so a stale entry is never read; old entries are
     simply left behind (delete the folder to reclaim space). Entries are
@@ -830,7 +855,10 @@ class ImageCache:
             st = p.stat()
         except FileNotFoundError:
             raise DataError.at(p, None, "image file not found") from None
-        key = f"{self.VERSION}|{p}|{self.img_size}|{st.st_mtime_ns}|{st.st_size}"
+        # mtime and size alone miss a replacement that restores them (cp -p, rsync -t). The
+        # inode change time cannot be set from user space and moves on every rewrite, and a
+        # file replaced by rename has a new inode: both come with the same stat call, free.
+        key = f"{self.VERSION}|{p}|{self.img_size}|{st.st_mtime_ns}|{st.st_size}|{st.st_ctime_ns}|{st.st_ino}"
         digest = hashlib.sha1(key.encode("utf-8")).hexdigest()
         return self.root / digest[:2] / f"{digest}.npy"
 
