@@ -320,10 +320,20 @@ def _calibration_case():
     return inf(val_p, true_val), inf(test_p, true_test), y_val, y_test, true_val, true_test
 
 
-def test_temperatures_are_fitted_on_validation_and_ece_is_before_and_after():
+def _split(inf: dict, y: np.ndarray, true: np.ndarray) -> evaluate.Split:
+    df = pd.DataFrame({"patient_id": [f"P{i // 2}" for i in range(len(y))]})  # two images a patient
+    return evaluate.Split(df=df, y=y, true_group=true, inf=inf, out=evaluate.system_probs(inf, true))
+
+
+def _sigmoid_map(p: np.ndarray, ab: dict) -> np.ndarray:
+    z = np.log(np.clip(p, 1e-7, 1 - 1e-7) / (1 - np.clip(p, 1e-7, 1 - 1e-7)))
+    return 1 / (1 + np.exp(-(ab["a"] * z + ab["b"])))
+
+
+def test_recalibrations_are_fitted_on_validation_and_ece_is_before_and_after():
     inf_val, inf_test, y_val, y_test, true_val, true_test = _calibration_case()
-    result, after = evaluate.calibrate(inf_val, inf_test, y_val, y_test, true_val, true_test,
-                                       SimpleNamespace(n_groups=3))
+    val, test = _split(inf_val, y_val, true_val), _split(inf_test, y_test, true_test)
+    result, after, by_method = evaluate.calibrate(val, test, SimpleNamespace(n_groups=3))
     temps = result["temperatures"]
     expected = temperature_oracle(y_val, inf_val["pooled"])
     on_test = temperature_oracle(y_test, inf_test["pooled"])
@@ -333,13 +343,33 @@ def test_temperatures_are_fitted_on_validation_and_ece_is_before_and_after():
         rows = inf_val["age_probs"].argmax(1) == g
         assert temps[f"agegroup{g}"] == pytest.approx(temperature_oracle(y_val[rows], inf_val["pooled"][rows]),
                                                       rel=0.01), g
+    cand = result["candidates"]["pooled"]
+    # prior shift: the validation prevalence against the sampler's 50 %, by hand
+    prior_b = np.log(y_val.mean() / (1 - y_val.mean()))
+    assert cand["prior"] == pytest.approx({"a": 1.0, "b": prior_b})
+    # Platt: scikit-learn's unpenalised logistic regression of the validation labels on the logit
+    from sklearn.linear_model import LogisticRegression
+
+    z_val = np.log(inf_val["pooled"] / (1 - inf_val["pooled"]))[:, None]
+    lr = LogisticRegression(penalty=None, tol=1e-10, max_iter=1000).fit(z_val, y_val)
+    assert cand["platt"]["a"] == pytest.approx(lr.coef_[0, 0], rel=1e-3)
+    assert cand["platt"]["b"] == pytest.approx(lr.intercept_[0], abs=1e-3)
+    z_test = np.log(inf_test["pooled"] / (1 - inf_test["pooled"]))[:, None]
+    lr_test = LogisticRegression(penalty=None, max_iter=1000).fit(z_test, y_test)
+    assert abs(lr_test.coef_[0, 0] - cand["platt"]["a"]) > 0.2  # fitting on test would show
+
     ece = result["systems"]["pooled"]
     assert ece["ece_before"] == pytest.approx(ece_oracle(y_test, inf_test["pooled"]))
-    scaled = scale_oracle(inf_test["pooled"], temps["pooled"])
-    assert ece["ece_after"] == pytest.approx(ece_oracle(y_test, scaled))
+    chosen = result["chosen"]["pooled"]
+    mapped = _sigmoid_map(inf_test["pooled"], cand[chosen])
+    assert result["params"]["pooled"] == pytest.approx(cand[chosen])
+    assert ece["ece_after"] == pytest.approx(ece_oracle(y_test, mapped))
     assert abs(ece["ece_after"] - ece["ece_before"]) > 0.01
-    assert ece["brier_after"] == pytest.approx(np.mean((scaled - y_test) ** 2))
-    np.testing.assert_allclose(after.prob["pooled"], scaled, rtol=1e-9)
+    assert ece["brier_after"] == pytest.approx(np.mean((mapped - y_test) ** 2))
+    np.testing.assert_allclose(after.prob["pooled"], mapped, rtol=1e-9)
+    scaled = scale_oracle(inf_test["pooled"], temps["pooled"])
+    np.testing.assert_allclose(by_method["temperature"].prob["pooled"], scaled, rtol=1e-6)
+    assert ece["temperature"]["ece"] == pytest.approx(ece_oracle(y_test, scaled), abs=1e-6)
     hard = scale_oracle(inf_test["pooled"], 1.0)  # every group model outputs the pooled values here
     assert result["systems"]["hard"]["ece_before"] == pytest.approx(ece_oracle(y_test, hard))
 
