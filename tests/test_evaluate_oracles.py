@@ -320,7 +320,7 @@ def _calibration_case():
     return inf(val_p, true_val), inf(test_p, true_test), y_val, y_test, true_val, true_test
 
 
-def _split(inf: dict, y: np.ndarray, true: np.ndarray) -> evaluate.Split:
+def _calibration_split(inf: dict, y: np.ndarray, true: np.ndarray) -> evaluate.Split:
     df = pd.DataFrame({"patient_id": [f"P{i // 2}" for i in range(len(y))]})  # two images a patient
     return evaluate.Split(df=df, y=y, true_group=true, inf=inf, out=evaluate.system_probs(inf, true))
 
@@ -332,7 +332,7 @@ def _sigmoid_map(p: np.ndarray, ab: dict) -> np.ndarray:
 
 def test_recalibrations_are_fitted_on_validation_and_ece_is_before_and_after():
     inf_val, inf_test, y_val, y_test, true_val, true_test = _calibration_case()
-    val, test = _split(inf_val, y_val, true_val), _split(inf_test, y_test, true_test)
+    val, test = _calibration_split(inf_val, y_val, true_val), _calibration_split(inf_test, y_test, true_test)
     result, after, by_method = evaluate.calibrate(val, test, SimpleNamespace(n_groups=3))
     temps = result["temperatures"]
     expected = temperature_oracle(y_val, inf_val["pooled"])
