@@ -150,6 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = []
     with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
         root = scratch_copy(Path(tmp))
+        # A test that errors or fails without any mutation would count every mutation as
+        # caught: the named tests must pass on the unmutated copy first.
+        named = sorted({t for m in chosen for t in m.tests})
+        base = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *named],
+                              cwd=root, capture_output=True, text=True, timeout=args.timeout * 2)
+        if base.returncode != 0:
+            print(f"the named tests do not pass without a mutation (pytest exit {base.returncode}):")
+            print("\n".join(base.stdout.splitlines()[-15:]))
+            return 2
+        print(f"baseline: the {len(named)} named tests pass unmutated", flush=True)
         for m in chosen:
             verdict, seconds = run_one(root, m, args.timeout)
             verdicts.append(verdict)
