@@ -22,7 +22,7 @@ from torch import nn
 import columns
 import evaluate
 import inference
-import models
+import test_evaluate  # its _probe_ckpt registers and saves the routing_probe_* models
 
 NAMES = ("0-7 y", "8-14 y", "15-19 y")
 AGES = (4.0, 11.0, 16.5)
@@ -385,17 +385,6 @@ def _square_png(path: Path, band: int, size: int = 48) -> Path:
     return path
 
 
-def _probe_ckpt(path: Path, name: str, kind: str, classes: list[str], logit: float | None = None) -> None:
-    import test_evaluate  # noqa: F401  (registers the routing_probe_* timm models)
-
-    model = models.create_model(name, num_classes=len(classes))
-    if logit is not None:
-        model.logit.data.fill_(logit)
-    models.save_checkpoint(path, models.make_checkpoint(
-        model, model_name=name, kind=kind, class_names=classes, img_size=48, in_chans=1, mean=0.5, std=0.25,
-        age_bounds=[8.0, 15.0]))
-
-
 LOGITS = (-2.0, 0.0, 2.0)  # the fracture model of group g outputs sigmoid(LOGITS[g]) for every image
 
 
@@ -426,11 +415,12 @@ def test_evaluate_end_to_end_with_several_studies_per_patient(tmp_path):
         frames[split] = pd.DataFrame(_e2e_rows(split, img_dir))
         frames[split].drop(columns="band").to_csv(tmp_path / name, index=False)
     mdir = tmp_path / columns.MODELS_DIR
-    _probe_ckpt(mdir / "age_classifier.pt", "routing_probe_age", "age", list(NAMES))
+    test_evaluate._probe_ckpt(mdir / "age_classifier.pt", "routing_probe_age", "age", list(NAMES))
     for g, logit in enumerate(LOGITS):
-        _probe_ckpt(mdir / f"fracture_classifier_agegroup{g}.pt", "routing_probe_fracture", "fracture",
+        test_evaluate._probe_ckpt(mdir / f"fracture_classifier_agegroup{g}.pt", "routing_probe_fracture", "fracture",
                     ["fracture"], logit)
-    _probe_ckpt(mdir / "fracture_classifier_pooled.pt", "routing_probe_fracture", "fracture", ["fracture"], 0.5)
+    test_evaluate._probe_ckpt(mdir / "fracture_classifier_pooled.pt", "routing_probe_fracture", "fracture",
+                              ["fracture"], 0.5)
     written = evaluate.main(evaluate.get_args_parser().parse_args(
         ["--out-dir", str(tmp_path), "--n-boot", "20", "--n-cam", "0", "--batch-size", "8", "--device", "cpu"]))
     res = json.loads(Path(written["metrics"]).read_text())

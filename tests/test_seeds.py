@@ -7,14 +7,10 @@ from pathlib import Path
 
 import columns
 import evidence
-import run_all_training
 from models import load_checkpoint
+from test_training import _driver
 
 FAST = ["--preset", "demo", "--img-size", "32", "--epochs", "1", "--batch-size", "16", "--quiet"]
-
-
-def _driver(argv: list[str]) -> dict:
-    return run_all_training.main(run_all_training.get_args_parser().parse_args(argv))
 
 
 def test_seeds_train_compare_and_resume_per_seed(tiny_phantom: Path, tmp_path: Path, capsys):
