@@ -91,10 +91,12 @@ import columns
 import config
 import environment
 import engine
+import image_io
 import io_utils
 import models
 import phantom
 import presets
+import tables
 import unified_dataset
 from io_utils import write_json
 
@@ -258,7 +260,7 @@ def make_phantom(work_dir: Path, n_patients: int, size: int, seed: int) -> pd.Da
     """Phantom images at a realistic full size, loaded through the normal loader path."""
     csv = phantom.generate_phantom(work_dir / "phantom", n_patients=n_patients, img_size=size,
                                    seed=seed, progress=False)
-    df = unified_dataset.load_dataset(csv, Path(csv).parent / columns.IMAGES_DIR)
+    df = tables.load_dataset(csv, Path(csv).parent / columns.IMAGES_DIR)
     if "fracture" not in df.columns or df.empty:
         raise RuntimeError(f"{csv}: phantom gave no usable rows")
     return df.reset_index(drop=True)
@@ -290,7 +292,7 @@ def bench_data(df: pd.DataFrame, sizes: list[int], work_dir: Path, seconds: floa
         tf = unified_dataset.build_transforms(size, train=True, mean=mean, std=std)
         cache_dir = work_dir / f"cache_{size}"
         t0 = time.perf_counter()
-        unified_dataset.ImageCache(cache_dir, size).warm(paths, num_workers=warm_workers, progress=False)
+        image_io.ImageCache(cache_dir, size).warm(paths, num_workers=warm_workers, progress=False)
         warm_s = time.perf_counter() - t0
         nbytes, nfiles = _cache_bytes(cache_dir)
         disk[str(size)] = {
@@ -355,7 +357,7 @@ def make_check_files(df: pd.DataFrame, n_files: int, folder: Path) -> tuple[Path
             raise OSError(f"{paths[i]}: PNG encoding failed")
         paths[i].write_bytes(buf.tobytes())
 
-    unified_dataset.run_threaded(write, range(n_files), io_utils.default_workers(), lambda i, result: None,
+    io_utils.run_threaded(write, range(n_files), io_utils.default_workers(), lambda i, result: None,
                                  chunksize=16)
     rows = []
     for i, path in enumerate(paths):
@@ -932,7 +934,7 @@ def _run_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, w
         if r["variant"] == "fp32" and r.get("batch_size"):
             batch = r["batch_size"]
     cache_dir = work_dir / f"cache_{args.img_size}"
-    unified_dataset.ImageCache(cache_dir, args.img_size).warm(df["image_path"].tolist(),
+    image_io.ImageCache(cache_dir, args.img_size).warm(df["image_path"].tolist(),
                                                  num_workers=max(args.workers, 1), progress=False)
     rows = []
     for spec, cdir in ((base, None), (fast, cache_dir)):

@@ -42,7 +42,7 @@ ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
 ONNX_OPSET = 17
 BACKENDS = ("torch", "onnxruntime")
-# The preprocessing every input gets before any model sees it (unified_dataset.read_image,
+# The preprocessing every input gets before any model sees it (image_io.read_image,
 # letterbox, build_transforms); timm's own transforms do not reproduce the first three steps.
 PREPROCESSING: tuple[str, ...] = (
     "read the image at its full bit depth (16-bit PNG, DICOM with its rescale and MONOCHROME1 inverted, "

@@ -322,7 +322,7 @@ def coerce_frame(df: pd.DataFrame) -> pd.DataFrame:
     ``str`` -> Python strings (missing -> ""), ``float`` -> float64 (unparsable ->
     NaN), ``int`` -> int64, or pandas nullable ``Int64`` when values are missing.
     Integer columns holding non-integral numbers (e.g. a label of 0.5) are left as
-    float so that :func:`unified_dataset.validate_frame` can name the bad row
+    float so that :func:`tables.validate_frame` can name the bad row
     instead of the cast silently rounding it.
     """
     out = df.copy()

@@ -51,7 +51,7 @@ import distributed
 import logs
 import metrics
 import splits
-import unified_dataset
+import tables
 from config import save_config, to_dict
 from errors import DataError, ResumeError
 from io_utils import write_csv
@@ -758,7 +758,7 @@ def frame_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
 
 def decode_pass(df: pd.DataFrame, img_size: int, *, cache_dir: str | Path | None, skip_bad: bool,
                 rejected_csv: str | Path | None, progress: bool = False) -> pd.DataFrame:
-    """``unified_dataset.check_decodable`` before the first epoch or inference: rank 0 decodes
+    """``tables.check_decodable`` before the first epoch or inference: rank 0 decodes
     (into the cache) and every rank gets the same rows back.
 
     Every image is decoded here anyway (the cache warm-up), so this is where a file that
@@ -767,8 +767,8 @@ def decode_pass(df: pd.DataFrame, img_size: int, *, cache_dir: str | Path | None
     """
     kept = None
     if distributed.is_main():
-        kept = unified_dataset.check_decodable(df, img_size, cache_dir, skip_bad=skip_bad,
-                                               rejected_csv=rejected_csv, progress=progress)
+        kept = tables.check_decodable(df, img_size, cache_dir,
+                                      tables.BadRows(skip=skip_bad, rejected_csv=rejected_csv), progress=progress)
     dropped = distributed.broadcast_object(
         [r for r in df.index if r not in kept.index] if kept is not None else None)
     if kept is None:

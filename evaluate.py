@@ -85,7 +85,7 @@ import presets
 import recalibration
 import report
 import splits
-import unified_dataset
+import tables
 from config import print_config, save_config, to_dict
 from io_utils import to_jsonable, write_csv, write_json
 from presets import AMP_MODES
@@ -815,8 +815,8 @@ def load_and_infer(args: argparse.Namespace, paths: Mapping[str, Path], device: 
                    distributed_info: str) -> tuple[inference.RoutedModels, Split, Split, dict[str, int], list[str]]:
     """The checked CSVs and models, every image decoded, and every model's inference on
     validation and test (sharded under torchrun: every rank calls this)."""
-    test_df = unified_dataset.read_split_csv(paths["test_csv"])
-    val_df = unified_dataset.read_split_csv(paths["val_csv"])
+    test_df = tables.read_split_csv(paths["test_csv"])
+    val_df = tables.read_split_csv(paths["val_csv"])
     for note in splits.check_splits({str(paths["test_csv"]): test_df, str(paths["val_csv"]): val_df},
                                     paths["test_csv"], also=[columns.RunDir(paths["out"]).train_csv]):
         engine.log(f"note: {note}")
@@ -860,7 +860,7 @@ def checklist_items(paths: Mapping[str, Path], val: Split, test: Split, extra: M
     calibrated, thresholds = extra["calibrated"], extra["thresholds"]
     frames = {"test": test.df.assign(age_group=test.true_group), "val": val.df.assign(age_group=val.true_group)}
     if run.train_csv.is_file():
-        frames["train"] = unified_dataset.read_split_csv(run.train_csv, validate=False)
+        frames["train"] = tables.read_split_csv(run.train_csv, validate=False)
     shown = [s for s in UTILITY_SYSTEMS if s in calibrated.prob]
     pred = (test.out.prob["hard"] >= thresholds["hard"]).astype(int)
     # ranked by the calibrated probability: the group models' raw scales differ, so raw

@@ -28,8 +28,8 @@ import distributed
 import engine
 import environment
 import errors
+import image_io
 import models
-import unified_dataset
 
 ROUTINGS = ("hard", "soft")
 
@@ -398,8 +398,8 @@ def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
                  tta: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(image, CAM) for each row of ``df`` explained by model ``lm``, both at the ORIGINAL
     image's resolution: the image in the display window the model sees (its 0.5/99.5
-    percentile normalisation, ``unified_dataset.read_image``), the CAM mapped back from the
-    letterboxed model input (``unified_dataset.unletterbox``). One row at a time, since
+    percentile normalisation, ``image_io.read_image``), the CAM mapped back from the
+    letterboxed model input (``image_io.unletterbox``). One row at a time, since
     full-size images add up."""
     if len(df) == 0:
         return
@@ -408,8 +408,8 @@ def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
     paths = iter(df["image_path"].astype(str))
     for x, _ in loader:
         for m in gradcam(model, x.to(device)):
-            image = unified_dataset.read_image(next(paths))
-            yield image, unified_dataset.unletterbox(m, image.shape)
+            image = image_io.read_image(next(paths))
+            yield image, image_io.unletterbox(m, image.shape)
 
 
 def overlay_png_bytes(image: np.ndarray, cam: np.ndarray, lines: Sequence[str] = ()) -> bytes:

@@ -48,9 +48,9 @@ import bundle
 import calibration
 import columns
 import errors
+import image_io
 import inference
 import presets
-import unified_dataset
 from config import print_config, to_dict
 from distributed import resolve_device
 from inference import ROUTINGS, cam_examples, combine_routes, load_routed_models, overlay_png_bytes, route
@@ -69,7 +69,7 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 dirs.sort()
                 for f in sorted(files):
                     fp = Path(root) / f
-                    if unified_dataset.is_image_file(fp):
+                    if image_io.is_image_file(fp):
                         found.append(fp)
         elif p.exists():
             found.append(p)
@@ -85,12 +85,12 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def check_readable(files: Sequence[Path], skip_bad: bool = False) -> tuple[list[Path], list[str]]:
-    """Decode every file once up front (``unified_dataset.check_image_file``: a non-regular
+    """Decode every file once up front (``image_io.check_image_file``: a non-regular
     file, a broken or degenerate image is refused), so a bad one fails here with its name
     rather than inside a DataLoader worker. Returns (good files, messages about skipped ones)."""
     good, bad = [], []
     for f in files:
-        reason = unified_dataset.check_image_file(f, decode=True)
+        reason = image_io.check_image_file(f, decode=True)
         if reason is None:
             good.append(f)
             continue

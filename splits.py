@@ -26,7 +26,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 import columns
-import unified_dataset
+import tables
 from errors import CheckpointError, DataError
 from io_utils import write_csv
 
@@ -271,7 +271,7 @@ def check_splits(frames: Mapping[str, pd.DataFrame], test_csv: str | os.PathLike
     frames = dict(frames)
     for path in also:
         if str(path) not in frames and Path(path).is_file():
-            frames[str(path)] = unified_dataset.read_split_csv(path, validate=False)
+            frames[str(path)] = tables.read_split_csv(path, validate=False)
     notes = []
     if test_csv is not None:
         manifest = Path(test_csv).parent / columns.TEST_MANIFEST

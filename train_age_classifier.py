@@ -38,12 +38,12 @@ import errors
 import inference
 import presets
 import splits
+import tables
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES, PREDICTION_COLUMNS
 from config import print_config, to_dict
 from errors import DataError
 from io_utils import write_csv, write_json
 from presets import add_data_args, add_training_args, resolve_config, resolve_paths
-from unified_dataset import read_split_csv
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
             print_config(to_dict(cfg), "train_age_classifier.py")
-        read = {split: read_split_csv(path) for split, path in csvs.items()}
+        read = {split: tables.read_split_csv(path) for split, path in csvs.items()}
         for note in splits.check_splits({str(csvs[k]): df for k, df in read.items()}, csvs["test"]):
             engine.log(f"note: {note}")
         # all three decoded before training: an undecodable test image stops the run now, not

@@ -46,13 +46,13 @@ import engine
 import errors
 import presets
 import splits
+import tables
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES
 from config import print_config, to_dict
 from errors import DataError
 from io_utils import write_json
 from models import load_checkpoint, weights_sha256
 from presets import add_data_args, add_training_args, resolve_config, resolve_paths
-from unified_dataset import read_split_csv
 
 CLASS_NAMES = ("no fracture", "fracture")
 TARGET = "fracture"
@@ -205,9 +205,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
             print_config(to_dict(cfg), "train_fracture_per_agegroup.py")
-        train_all, val_all = read_split_csv(cfg.train_csv), read_split_csv(cfg.val_csv)
+        train_all, val_all = tables.read_split_csv(cfg.train_csv), tables.read_split_csv(cfg.val_csv)
         frames = {str(cfg.train_csv): train_all, str(cfg.val_csv): val_all,
-                  str(cfg.test_csv): read_split_csv(cfg.test_csv, validate=False)}
+                  str(cfg.test_csv): tables.read_split_csv(cfg.test_csv, validate=False)}
         for note in splits.check_splits(frames, cfg.test_csv):
             engine.log(f"note: {note}")
         first = plan_jobs(cfg, train_all, val_all)

@@ -107,6 +107,6 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def real_metadata(shared_dir: Path):
-    import unified_dataset
+    import tables
     data = shared_dir / "grazpedwri-dx"
-    return unified_dataset.validate_frame(unified_dataset.load_grazpedwri(data / columns.DATASET_CSV, data), check_images=False)
+    return tables.validate_frame(tables.load_grazpedwri(data / columns.DATASET_CSV, data), checks=tables.Checks(images=False))

@@ -204,5 +204,5 @@ def test_the_suggested_remedy_is_an_option_of_every_command_that_suggests_it(mod
 
     import unified_dataset
 
-    flag = unified_dataset.SKIP_BAD_REMEDY.split()[0]
+    flag = tables.SKIP_BAD_REMEDY.split()[0]
     assert importlib.import_module(module).get_args_parser().parse_args([flag]).skip_bad is True
