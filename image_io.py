@@ -42,6 +42,9 @@ PCT_LOW, PCT_HIGH = 0.5, 99.5
 # The decode checks refuse images smaller than this on a side (or of one value): no
 # radiograph is, and a thumbnail or placeholder would only be upscaled into noise.
 MIN_IMAGE_SIDE = 32
+# OpenCV refuses to decode more pixels than this (its CV_IO_MAX_IMAGE_PIXELS default), and
+# raises a multi-line cv2.error when asked to; a PNG header that claims more is refused first.
+MAX_IMAGE_PIXELS = 1 << 30
 # Percentiles from at most this many pixels: a strided subsample estimates them
 # to well under one grey level and keeps full-resolution images fast.
 _PCT_MAX_SAMPLES = 1 << 18
@@ -74,7 +77,8 @@ def check_image_file(path: str | os.PathLike, decode: bool = False) -> str | Non
 
     Cheap checks always (exists, a regular file (a FIFO would block a reader), not
     empty, PNG/JPEG/DICOM header, PNG ``IEND`` or JPEG end-of-image marker present, so
-    truncated downloads are caught); ``decode=True`` also decodes the whole image and refuses degenerate
+    truncated downloads are caught, and no PNG header claiming more pixels than a decoder
+    will allocate); ``decode=True`` also decodes the whole image and refuses degenerate
     ones (:func:`degenerate_image`: under ``MIN_IMAGE_SIDE`` px on a side, or constant).
     DICOM files are always decoded.
     """
@@ -104,6 +108,10 @@ def _content_fault(p: Path, head: bytes, tail: bytes) -> tuple[str | None, str |
         return "truncated JPEG (no end-of-image marker)", kind
     if kind is None and p.suffix.lower() in IMAGE_EXTENSIONS:
         return f"not a {p.suffix.lstrip('.').upper()} file (unrecognised header)", kind
+    if kind == "png" and head[12:16] == b"IHDR":
+        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        if w * h > MAX_IMAGE_PIXELS:
+            return f"image too large to decode ({w}x{h} px; at most {MAX_IMAGE_PIXELS} pixels)", kind
     return None, kind
 
 
@@ -265,7 +273,10 @@ def read_raw(path: str | os.PathLike) -> np.ndarray:
     if kind == "png" and (damage := _png_damage(data)):
         # before OpenCV, whose libpng would print its own lines to stderr and then fail
         raise DataError.at(p, None, f"cannot decode image: corrupt PNG ({damage})")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # e.g. a JPEG header claiming more pixels than OpenCV allocates
+        raise DataError.at(p, None, f"cannot decode image (OpenCV: {exc.err})") from None
     if img is None or img.size == 0:
         raise DataError.at(p, None, "cannot decode image (corrupt or unsupported format)")
     if img.ndim == 3:

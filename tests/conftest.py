@@ -13,12 +13,14 @@
 - ``real_metadata`` (session): the real GRAZPEDWRI-DX ``dataset.csv`` loaded and
   validated without looking at images (only two of them are in ``../shared``).
 - ``damage_idat(path)``: corrupt a PNG's pixel data and leave everything else intact.
+- ``write_png_bomb(path)``: a small PNG whose header claims 50000 x 50000 pixels.
 """
 from __future__ import annotations
 
 import shutil
 import struct
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -48,6 +50,18 @@ def damage_idat(path: Path) -> Path:
             return path
         pos += 12 + length
     raise ValueError(f"{path}: no IDAT chunk")
+
+
+def write_png_bomb(path: Path, width: int = 50_000, height: int = 50_000) -> Path:
+    """A well-formed PNG of a few bytes (valid chunks and CRCs, a tiny IDAT) whose
+    IHDR claims ``width`` x ``height`` 8-bit gray pixels: a decoder would allocate them all."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -510,6 +510,28 @@ def test_stage1_decode_check_refuses_a_1x1_png(tiny_phantom: Path, tmp_path: Pat
     assert_one_line(err.value, data / columns.DATASET_CSV, 9, "image too small (1x1 px")
 
 
+def test_decompression_bomb_is_refused_in_one_line_or_set_aside(tiny_phantom: Path, tmp_path: Path) -> None:
+    import age_split_testset
+    from conftest import write_png_bomb
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data)
+    df = tables.load_grazpedwri(data / columns.DATASET_CSV)
+    bomb = write_png_bomb(Path(df.loc[5, "image_path"]))
+    reason = "image too large to decode (50000x50000 px"
+    assert image_io.check_image_file(bomb).startswith(reason)  # from the header: nothing is allocated
+    with pytest.raises(DataError) as err:
+        image_io.read_raw(bomb)
+    assert_one_line(err.value, bomb, None, reason)
+    args = ["--data-csv", str(data / columns.DATASET_CSV), "--out-dir", str(tmp_path / "out"), "--decode-check"]
+    with pytest.raises(DataError) as err:
+        age_split_testset.main(age_split_testset.get_args_parser().parse_args(args))
+    assert_one_line(err.value, data / columns.DATASET_CSV, 5, reason, str(bomb))
+    res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(args + ["--skip-bad"]))
+    bad = pd.read_csv(res["rejected_csv"])
+    assert bad["source_row"].tolist() == [5] and reason in bad["reason"][0]
+
+
 def test_fifo_socket_and_device_are_refused_not_read(tmp_path: Path) -> None:
     import socket
 
