@@ -20,6 +20,7 @@ Intensity normalisation (:func:`read_image`)
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import stat
@@ -348,8 +349,14 @@ def load_resized(path: str | os.PathLike, img_size: int) -> np.ndarray:
 
 
 def _save_npy(tmp: Path, arr: np.ndarray) -> None:
-    with open(tmp, "wb") as fh:  # a file object, so np.save does not append ".npy" to the temp name
-        np.save(fh, arr, allow_pickle=False)
+    # np.save into a real file writes with fwrite and reports a short write (a full disk) as
+    # an OSError without errno ("9216 requested and 6080 written"), which no disk-full check
+    # recognises. Serialised in memory and written through Python's file object, a full disk
+    # raises OSError(ENOSPC), which atomic_write turns into its one-line DiskFullError.
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    with open(tmp, "wb") as fh:
+        fh.write(buf.getbuffer())
 
 
 class ImageCache:
