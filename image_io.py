@@ -92,6 +92,8 @@ def _stat_fault(p: Path) -> str | None:
         st = os.stat(p)
     except (FileNotFoundError, NotADirectoryError):
         return "image file not found"
+    except OSError as exc:  # a symlink loop, a folder without search permission
+        return f"cannot read image file: {exc.strerror or exc}"
     if not stat.S_ISREG(st.st_mode):  # reading a FIFO or a device would block or never end
         return f"image path is not a regular file ({file_kind(st.st_mode)})"
     if st.st_size == 0:

@@ -14,6 +14,7 @@
   validated without looking at images (only two of them are in ``../shared``).
 - ``damage_idat(path)``: corrupt a PNG's pixel data and leave everything else intact.
 - ``write_png_bomb(path)``: a small PNG whose header claims 50000 x 50000 pixels.
+- ``assert_one_line(exc, file, row, *words)``: the error is one line naming file (and row).
 """
 from __future__ import annotations
 
@@ -62,6 +63,15 @@ def write_png_bomb(path: Path, width: int = 50_000, height: int = 50_000) -> Pat
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
                      + chunk(b"IEND", b""))
     return path
+
+
+def assert_one_line(exc: BaseException, file: Path | str, row: int | None, *words: str) -> None:
+    msg = str(exc)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    prefix = f"{file}:{row}: " if row is not None else f"{file}: "
+    assert msg.startswith(prefix), msg
+    for w in words:
+        assert w in msg, msg
 
 
 @pytest.fixture(autouse=True)
