@@ -5,6 +5,7 @@ contradicts stage 1 is refused."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,12 @@ import pandas as pd
 import pytest
 
 import columns
+import evaluate
 import predict
 import splits
 import train_age_classifier
-from errors import DataError
+import train_fracture_per_agegroup
+from errors import CheckpointError, DataError
 from models import load_checkpoint
 from test_training import TINY_RUN, _driver
 
@@ -123,3 +126,40 @@ def test_recorded_age_groups_reads_stage_1s_manifest(tiny_splits: Path, tmp_path
     assert splits.recorded_age_groups(alone, [6, 12]) == ((6.0, 12.0), tuple(_names((6.0, 12.0))))
     with pytest.raises(DataError, match="no age bounds recorded .* pass --age-bounds$"):
         splits.recorded_age_groups(alone)
+
+
+def test_evaluation_refuses_checkpoints_trained_with_other_bounds(bounds_run, tmp_path: Path):
+    out, bounds = bounds_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns(columns.CACHE_DIR, columns.EXPORT_DIR, ".run.lock"))
+    manifest = run / columns.TEST_MANIFEST
+    record = json.loads(manifest.read_text())
+    other = [b + 1 for b in bounds]  # as many groups, other bounds: only the bounds tell them apart
+    record["age_bounds"], record["age_group_names"] = other, _names(tuple(other))
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(DataError) as err:
+        evaluate.main(evaluate.get_args_parser().parse_args(["--out-dir", str(run), "--n-boot", "20"]))
+    shown = " ".join(f"{b:g}" for b in bounds)
+    assert str(err.value).startswith(f"{manifest}: stage 1 used --age-bounds {' '.join(f'{b:g}' for b in other)}, "
+                                     f"not age_classifier.pt's {shown}: ")
+
+
+def test_predict_refuses_an_export_whose_models_disagree_with_system_json(bounds_run, tmp_path: Path):
+    out, bounds = bounds_run
+    export = tmp_path / "export"
+    shutil.copytree(out / columns.EXPORT_DIR, export)
+    system = json.loads((export / columns.SYSTEM_JSON).read_text())
+    system["age_bounds"] = [b + 1 for b in bounds]
+    (export / columns.SYSTEM_JSON).write_text(json.dumps(system))
+    image = pd.read_csv(out / columns.TEST_CSV)["image_path"].iloc[0]
+    with pytest.raises(CheckpointError, match="trained with age bounds .*, but system.json says"):
+        predict.main(predict.get_args_parser().parse_args([image, "--models", str(export), "--device", "cpu",
+                                                           "--output", str(tmp_path / "p.csv")]))
+
+
+def test_stage_4_groups_follow_the_number_of_groups(tiny_splits: Path):
+    with pytest.raises(DataError) as err:
+        train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(
+            ["--out-dir", str(tiny_splits), "--groups", "1", "3", "--quiet"]))
+    assert str(err.value) == ("--groups 3: there are 3 age groups, 0..2 (0-7 y, 8-14 y, 15-19 y), with stage 1's "
+                              "--age-bounds 8 15")
