@@ -171,7 +171,7 @@ def load_checked(args: argparse.Namespace, run: columns.RunDir, bounds: tuple[fl
     df, excl = tables.apply_exclusions(df, args.exclude)
     print(f"{data_csv}: {len(loaded)} rows, {n_rejected} rejected, excluded {excl['excluded']} "
           f"-> {len(df)} images of {df['patient_id'].nunique()} patients")
-    check_coverage(df, data_csv, columns.num_age_groups(bounds), bounds=bounds)
+    check_coverage(df, data_csv, bounds)
     lookalikes = columns.lookalike_patient_ids(df["patient_id"])
     if lookalikes:
         shown = "; ".join(" / ".join(repr(i) for i in g) for g in lookalikes[:3])
@@ -290,7 +290,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         check_disjoint(frames)
         splits.check_images_disjoint(frames)
         for name, frame in frames.items():
-            check_coverage(frame, name, n_groups, bounds=bounds)
+            check_coverage(frame, name, bounds)
         stale = _stale_splits(run, test)
         counts = split_counts({"test": test, "pool": pool}, n_groups)
         print(describe(counts))

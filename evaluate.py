@@ -34,7 +34,7 @@ model (skipped in training as too small) is served by the pooled model, and the 
 
 Inputs (all derived from --out-dir unless given)
   <out>/age_test.csv, <out>/age_val_tmp.csv
-  <out>/saved_agegroup_models/{age_classifier, fracture_classifier_agegroup{0,1,2},
+  <out>/saved_agegroup_models/{age_classifier, fracture_classifier_agegroup{0..G-1},
                                fracture_classifier_pooled[_continued]}.pt  (+ <stem>_metrics.csv)
 Outputs
   <out>/test_predictions.csv   per test image: true/predicted age group, every system's
@@ -821,6 +821,9 @@ def load_and_infer(args: argparse.Namespace, paths: Mapping[str, Path], device: 
                                     paths["test_csv"], also=[columns.RunDir(paths["out"]).train_csv]):
         engine.log(f"note: {note}")
     routed = inference.load_routed_models(paths["models_dir"], device)
+    # the true groups, the oracle and the age subgroups all follow the checkpoints' bounds
+    splits.recorded_age_groups(paths["test_csv"], routed.age_bounds, given_by=f"{routed.age.path.name}'s",
+                               remedy="retrain the models of this run (run_all_training.py --from-stage 3)")
     for note in splits.check_trained_apart({lm.path: lm.meta for lm in inference.loaded_models(routed) if lm.path},
                                            paths["test_csv"]):
         engine.log(f"note: {note}")

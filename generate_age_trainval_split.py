@@ -60,20 +60,6 @@ def _stage1_manifest(run: columns.RunDir) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _bounds(args: argparse.Namespace, run: columns.RunDir) -> tuple[float, ...]:
-    recorded = None
-    path = run.test_manifest
-    if path.is_file():
-        recorded = tuple(float(b) for b in _stage1_manifest(run).get("age_bounds", columns.AGE_BOUNDS))
-    if args.age_bounds is None:
-        return recorded or columns.AGE_BOUNDS
-    wanted = tuple(float(b) for b in args.age_bounds)
-    if recorded is not None and wanted != recorded:
-        raise DataError.at(path, None, f"stage 1 used --age-bounds {list(recorded)}, not {list(wanted)}: "
-                           "re-run age_split_testset.py with the new bounds and --force")
-    return wanted
-
-
 def _check_groups(df, path: Path, bounds: tuple[float, ...]) -> None:
     """age_group must follow from age; a mismatch means a CSV from other bounds was mixed in."""
     expect = columns.age_to_group(df["age"].to_numpy(), bounds)
@@ -134,7 +120,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     wrote: dict[str, Any] = {}
     with RunLock(run.root):
         wrote["config"] = save_config(cfg, run.config(SCRIPT))
-        bounds = _bounds(args, run)
+        bounds, _ = splits.recorded_age_groups(test_csv, args.age_bounds)
         n_groups = columns.num_age_groups(bounds)
         test, pool = checked_pool(args, run, pool_csv, test_csv, bounds, wrote)
         pool_sha = file_sha256(pool_csv)
@@ -144,7 +130,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         frames = {str(run.train_csv): train, str(run.val_csv): val, str(test_csv): test}
         check_disjoint(frames)
         for name, df in frames.items():
-            check_coverage(df, name, n_groups, bounds=bounds)
+            check_coverage(df, name, bounds)
         if not kept:
             wrote["train_csv"] = write_split_csv(train, run.train_csv, "train")
             wrote["val_csv"] = write_split_csv(val, run.val_csv, "val")

@@ -72,7 +72,7 @@ class RoutedModels:
     age: LoadedModel
     groups: dict[int, LoadedModel]
     pooled: LoadedModel | None
-    age_bounds: tuple[float, ...] = columns.AGE_BOUNDS
+    age_bounds: tuple[float, ...]
     notes: list[str] = field(default_factory=list)
     pooled_continued: LoadedModel | None = None
 
@@ -161,7 +161,10 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
         raise errors.CheckpointError(f"{age_path}: age classifier checkpoint not found "
                                      "(run train_age_classifier.py, or pass --models-dir)")
     age = load_model(age_path, columns.AGE_MODEL, device, "age")
-    bounds = tuple(float(b) for b in (age.meta.get("age_bounds") or columns.AGE_BOUNDS))
+    if not age.meta.get("age_bounds"):
+        raise errors.CheckpointError(f"{age_path}: records no age bounds, so its groups are unknown; retrain it "
+                                     "(train_age_classifier.py)")
+    bounds = tuple(float(b) for b in age.meta["age_bounds"])
     n_groups = len(bounds) + 1
     if age.num_classes != n_groups:
         raise errors.CheckpointError(f"{age_path}: {age.num_classes} classes for {n_groups} age "

@@ -18,7 +18,7 @@ Inputs
   --backend                 torch, or onnxruntime (the export's model.onnx files; no Grad-CAM)
 Outputs
   --output CSV              one row per image: image_path, age_group_label, age_group_name,
-                            age_group_prob_0..2 (calibrated), fracture_model, fracture_prob
+                            age_group_prob_0..G-1 (calibrated), fracture_model, fracture_prob
                             (calibrated), fracture_prob_raw, fracture_label, threshold (applies to
                             the raw probability, as chosen on validation), threshold_source,
                             calibration, routing, tta, backend, cam_path
@@ -183,6 +183,16 @@ def load_models(models_dir: Path, device: Any, backend: str) -> tuple[Any, dict[
     return routed, params, notes
 
 
+def group_names(routed: inference.RoutedModels) -> tuple[str, ...]:
+    """The age groups' names as the age classifier recorded them (its class names, from its
+    checkpoint or its export folder), which must name every group of the bounds it routes by."""
+    names = tuple(str(n) for n in routed.age.meta.get("class_names") or ())
+    if len(names) != routed.n_groups:
+        raise errors.CheckpointError(f"{routed.age.path}: {len(names)} class names for the {routed.n_groups} age "
+                                     f"groups of its age bounds {list(routed.age_bounds)}")
+    return names
+
+
 def calibrated_frame(res: pd.DataFrame, params: dict[str, Any] | None, routing: str, n_groups: int) -> pd.DataFrame:
     """``route``'s frame with calibrated age and fracture probabilities (calibration.apply_calibration,
     as evaluate.py applies it) and the raw fracture probability kept as ``fracture_prob_raw``."""
@@ -294,7 +304,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     res = route(routed, df, device, args.routing, tta=args.tta, batch_size=args.batch_size,
                 workers=args.workers)
     res = calibrated_frame(res, params, args.routing, routed.n_groups)
-    names = columns.age_group_names(routed.age_bounds)
+    names = group_names(routed)
     out = pd.concat([df, res], axis=1)
     out.insert(2, "age_group_name", [names[g] for g in out["age_group_label"]])
     if isinstance(threshold, dict):

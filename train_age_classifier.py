@@ -1,15 +1,17 @@
-"""Stage 3: train the 3-class age-group classifier and write predicted groups into all CSVs.
+"""Stage 3: train the age-group classifier and write predicted groups into all CSVs.
 
-Trains on ``age_train_tmp.csv`` with the true ``age_group`` (0: < 8 y, 1: 8-14 y,
+Trains on ``age_train_tmp.csv`` with the true ``age_group``, one class per age group of the
+bounds stage 1 used (recorded in ``age_test_split.json``; by default 0: < 8 y, 1: 8-14 y,
 2: >= 15 y), early-stops on validation macro-F1 (``--metric``), keeps the best epoch, then
 predicts every row of the train, val AND test CSVs and writes ``age_group_label`` (argmax)
-and ``age_group_prob_0..2`` back into them atomically, keeping every other row and column.
+and ``age_group_prob_0..G-1`` back into them atomically, keeping every other row and column.
 Stage 4 routes training data by ``age_group_label``; stage 5 routes test images by it.
 Every image of the three CSVs is decoded first (the cache warm-up): one that cannot be
 decoded stops the run in one line before training, or with ``--skip-bad`` is listed in
 ``<out-dir>/rejected_rows.csv`` and gets empty prediction cells.
 
-Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv, age_test.csv.
+Inputs (defaults under ``--out-dir``): age_train_tmp.csv, age_val_tmp.csv, age_test.csv, and
+age_test_split.json beside age_test.csv for the age bounds (``--age-bounds``, if given, must match).
 Outputs (``--models-dir``, default ``<out-dir>/saved_agegroup_models``):
     age_classifier.pt            best checkpoint (torch.load(weights_only=True) readable)
     age_classifier_last.pt       resumable state while training (removed when finished)
@@ -39,7 +41,6 @@ import inference
 import presets
 import splits
 import tables
-from columns import AGE_BOUNDS, AGE_GROUP_NAMES, PREDICTION_COLUMNS
 from config import print_config, to_dict
 from errors import DataError
 from io_utils import write_csv, write_json
@@ -66,8 +67,9 @@ def write_predictions(csv_path: Path, probs: np.ndarray, rows: Sequence[int], n_
     at = np.asarray(rows, dtype=int) - 2
     label = pd.array([pd.NA] * len(raw), dtype="Int64")
     label[at] = probs.argmax(1)
-    raw[PREDICTION_COLUMNS[0]] = label
-    for k, col in enumerate(PREDICTION_COLUMNS[1:]):
+    label_col, *prob_cols = columns.prediction_columns(probs.shape[1])
+    raw[label_col] = label
+    for k, col in enumerate(prob_cols):
         values = np.full(len(raw), np.nan)
         values[at] = probs[:, k]
         raw[col] = values
@@ -78,6 +80,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = resolve_paths(resolve_config(args, "age"))
     csvs = {"train": cfg.train_csv, "val": cfg.val_csv, "test": cfg.test_csv}
     files = engine.RunFiles.from_stem(cfg.models_dir, columns.AGE_MODEL)
+    bounds, names = splits.recorded_age_groups(cfg.test_csv, args.age_bounds)
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
             print_config(to_dict(cfg), "train_age_classifier.py")
@@ -92,11 +95,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             progress=not cfg.quiet and sys.stderr.isatty()) for split, df in read.items()}
         result = engine.train_classifier(
             cfg, kind="age", train_df=frames["train"], val_df=frames["val"], target_col="age_group",
-            class_names=AGE_GROUP_NAMES, files=files, device=info.device, age_bounds=AGE_BOUNDS,
+            class_names=names, files=files, device=info.device, age_bounds=bounds,
             cache_dir=cfg.cache_dir, title="age-group classifier", images_checked=True)
 
         age_model = inference.load_model(files.best, columns.AGE_MODEL, info.device, "age",
-                                         num_classes=len(AGE_GROUP_NAMES))
+                                         num_classes=len(names))
         amp = engine.resolve_amp(cfg.amp, info.device)
         counts = {}
         for split, path in csvs.items():
@@ -105,9 +108,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                           cache_dir=cfg.cache_dir)
             if info.is_main:
                 write_predictions(path, probs, frames[split].index, len(read[split]))
-            counts[split] = np.bincount(probs.argmax(1), minlength=len(AGE_GROUP_NAMES)).tolist()
+            counts[split] = np.bincount(probs.argmax(1), minlength=len(names)).tolist()
             left = len(read[split]) - len(frames[split])
-            engine.log(f"{path}: wrote {', '.join(PREDICTION_COLUMNS)} for {len(probs)} rows "
+            engine.log(f"{path}: wrote {', '.join(columns.prediction_columns(len(names)))} for {len(probs)} rows "
                        f"(predicted groups {counts[split]})"
                        + (f"; {left} undecodable image(s) left empty (--skip-bad)" if left else ""))
         distributed.barrier()

@@ -1,6 +1,8 @@
 """Stage 4: train one binary fracture classifier per age group (or one pooled baseline).
 
-For each group g (``--groups``, default all), the train and val rows whose
+The age groups are those of the bounds stage 1 used (recorded in ``age_test_split.json``
+beside the test CSV; ``--age-bounds``, if given, must match them). For each group g
+(``--groups``, default all), the train and val rows whose
 ``--group-column`` (default ``age_group_label``, the PREDICTED group written by stage 3;
 ``age_group`` for the true group) equals g train a fracture classifier: focal loss
 (alpha 0.25, gamma 2 by default), class-balanced sampling (torchsampler's
@@ -36,7 +38,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import pandas as pd
 
@@ -47,7 +49,6 @@ import errors
 import presets
 import splits
 import tables
-from columns import AGE_BOUNDS, AGE_GROUP_NAMES
 from config import print_config, to_dict
 from errors import DataError
 from io_utils import write_json
@@ -64,8 +65,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_data_args(parser, test_csv=True)  # read only to check the splits are still patient-disjoint
     presets.add_split_args(parser, "train")
     g = parser.add_argument_group("groups")
-    g.add_argument("--groups", type=int, nargs="+", default=None, choices=range(len(AGE_GROUP_NAMES)),
-                   help="age groups to train [default: all]")
+    g.add_argument("--groups", type=presets.non_negative_int, nargs="+", default=None,
+                   help="age groups to train, 0..G-1 for the G groups of stage 1's --age-bounds [default: all]")
     g.add_argument("--group-column", default="age_group_label", choices=("age_group_label", "age_group"),
                    help="route rows by the predicted (age_group_label) or the true (age_group) group "
                         "[default: age_group_label]")
@@ -130,8 +131,17 @@ class Job(NamedTuple):
     seed_suffix: str = ""
 
 
-def plan_jobs(cfg: argparse.Namespace, train_all: pd.DataFrame, val_all: pd.DataFrame) -> list[Job]:
-    """Every model this run trains, in training order."""
+def check_groups(groups: Sequence[int] | None, bounds: Sequence[float], names: Sequence[str]) -> None:
+    """Raise ``DataError`` (one line) for a ``--groups`` value that is not an age group of ``bounds``."""
+    bad = [g for g in groups or () if g >= len(names)]
+    if bad:
+        raise DataError(f"--groups {' '.join(map(str, bad))}: there are {len(names)} age groups, 0..{len(names) - 1} "
+                        f"({', '.join(names)}), with stage 1's --age-bounds {' '.join(f'{b:g}' for b in bounds)}")
+
+
+def plan_jobs(cfg: argparse.Namespace, train_all: pd.DataFrame, val_all: pd.DataFrame,
+              names: Sequence[str]) -> list[Job]:
+    """Every model this run trains, in training order; ``names``: the age groups' names."""
     pooled = Job(columns.POOLED_ROLE, "all age groups", None, train_all, val_all)
     if cfg.pooled:
         return [pooled]
@@ -139,8 +149,8 @@ def plan_jobs(cfg: argparse.Namespace, train_all: pd.DataFrame, val_all: pd.Data
         if cfg.group_column not in df.columns:
             raise DataError.at(path, 1, f"no column {cfg.group_column!r}; run train_age_classifier.py "
                                         f"first, or pass --group-column age_group")
-    groups = cfg.groups if cfg.groups is not None else range(len(AGE_GROUP_NAMES))
-    jobs = [Job(columns.group_role(g), f"age group {g} ({AGE_GROUP_NAMES[g]})", g,
+    groups = cfg.groups if cfg.groups is not None else range(len(names))
+    jobs = [Job(columns.group_role(g), f"age group {g} ({names[g]})", g,
                 rows_of_group(train_all, cfg.group_column, g), rows_of_group(val_all, cfg.group_column, g))
             for g in groups]
     if not cfg.init_from_pooled:
@@ -177,8 +187,8 @@ def continuation_config(cfg: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(cfg), "epochs": epochs, "warmup_epochs": 0})
 
 
-def train_job(cfg: argparse.Namespace, job: Job, device: Any) -> dict[str, Any]:
-    """Train one model (or find it finished); its result, or why it was skipped."""
+def train_job(cfg: argparse.Namespace, job: Job, device: Any, bounds: Sequence[float]) -> dict[str, Any]:
+    """Train one model (or find it finished) for the age ``bounds``; its result, or why it was skipped."""
     reason = skip_reason(job.train, job.val, cfg.min_rows)
     if reason:
         engine.log(f"== {job.label}: SKIPPED: {reason} ==")
@@ -193,7 +203,7 @@ def train_job(cfg: argparse.Namespace, job: Job, device: Any) -> dict[str, Any]:
         cfg = continuation_config(cfg)
     result = engine.train_classifier(
         cfg, kind="fracture", train_df=job.train, val_df=job.val, target_col=TARGET, class_names=CLASS_NAMES,
-        files=files, device=device, age_bounds=AGE_BOUNDS, cache_dir=cfg.cache_dir,
+        files=files, device=device, age_bounds=bounds, cache_dir=cfg.cache_dir,
         extra_meta={"age_group": job.group, "group_column": cfg.group_column, "role": job.role},
         title=f"fracture classifier, {job.label}", init_state=init, init_from=origin)
     result.pop("history")
@@ -202,6 +212,8 @@ def train_job(cfg: argparse.Namespace, job: Job, device: Any) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     cfg = resolve_paths(resolve_config(args, "fracture"))
+    bounds, names = splits.recorded_age_groups(cfg.test_csv, args.age_bounds)
+    check_groups(cfg.groups, bounds, names)
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
             print_config(to_dict(cfg), "train_fracture_per_agegroup.py")
@@ -210,13 +222,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   str(cfg.test_csv): tables.read_split_csv(cfg.test_csv, validate=False)}
         for note in splits.check_splits(frames, cfg.test_csv):
             engine.log(f"note: {note}")
-        first = plan_jobs(cfg, train_all, val_all)
-        models = {job.role: train_job(cfg, job, info.device) for job in first}
+        first = plan_jobs(cfg, train_all, val_all, names)
+        models = {job.role: train_job(cfg, job, info.device, bounds) for job in first}
         seeds = [cfg.seed + k for k in range(cfg.seeds)]
         for seed in seeds[1:]:
             cfg_seed = argparse.Namespace(**{**vars(cfg), "seed": seed})
             for job in further_seed_jobs(cfg, first, seed):
-                models[job.role + job.seed_suffix] = train_job(cfg_seed, job, info.device)
+                models[job.role + job.seed_suffix] = train_job(cfg_seed, job, info.device, bounds)
         out = {"models": models, "group_column": cfg.group_column, "pooled": cfg.pooled, "seeds": seeds}
         if info.is_main and cfg.result_json:
             write_json(out, cfg.result_json)

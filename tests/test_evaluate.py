@@ -178,7 +178,7 @@ def test_route_sends_each_image_to_its_predicted_groups_model(tmp_path):
     groups = {g: ConstFracture(logit) for g, logit in enumerate((-2.0, 0.5, 3.0))}
     routed = inference.RoutedModels(age=_lm(BandAgeModel(), "age_classifier", 3),
                             groups={g: _lm(m, f"agegroup{g}", 1) for g, m in groups.items()},
-                            pooled=None)
+                            pooled=None, age_bounds=(8.0, 15.0))
     res = inference.route(routed, df, torch.device("cpu"), "hard", batch_size=3)
     assert res["age_group_label"].tolist() == bands
     expected = torch.sigmoid(torch.tensor([(-2.0, 0.5, 3.0)[b] for b in bands])).numpy()
@@ -205,7 +205,7 @@ def test_missing_group_model_falls_back_to_pooled(tmp_path):
     routed = inference.RoutedModels(age=_lm(BandAgeModel(), "age_classifier", 3),
                             groups={0: _lm(ConstFracture(-1.0), "agegroup0", 1),
                                     1: _lm(ConstFracture(1.0), "agegroup1", 1)},
-                            pooled=_lm(pooled, "pooled", 1))
+                            pooled=_lm(pooled, "pooled", 1), age_bounds=(8.0, 15.0))
     res = inference.route(routed, df, torch.device("cpu"), "hard")
     assert res["fracture_model"].tolist() == ["pooled", "agegroup0", "pooled"]
     assert pooled.seen == [2, 2]

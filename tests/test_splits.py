@@ -91,9 +91,9 @@ def test_split_errors() -> None:
     assert str(err.value).startswith(f"b.csv:{a.index[3]}: patient ")
     splits.check_disjoint({"a.csv": a[a.patient_id.astype(int) < 5], "b.csv": b[b.patient_id.astype(int) >= 5]})
     with pytest.raises(DataError, match="empty split"):
-        splits.check_coverage(a.iloc[:0], "val.csv", 3)
+        splits.check_coverage(a.iloc[:0], "val.csv", (8, 15))
     with pytest.raises(DataError, match=r"^val.csv: age group 2 \(15-19 y\) has no images"):
-        splits.check_coverage(a[a.age_group < 2], "val.csv", 3)
+        splits.check_coverage(a[a.age_group < 2], "val.csv", (8, 15))
 
 
 def test_real_metadata_split(real_metadata: pd.DataFrame) -> None:

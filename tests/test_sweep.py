@@ -70,7 +70,8 @@ def test_a_control_continued_from_an_earlier_pooled_model_is_not_equal_budget(fr
             return inference.load_model(mdir / f"fracture_classifier_{role}.pt", role, torch.device("cpu"), "fracture")
 
         routed = inference.RoutedModels(age=None, groups={g: load(f"agegroup{g}") for g in range(3)},
-                                        pooled=load("pooled"), pooled_continued=load("pooled_continued"))
+                                        pooled=load("pooled"), pooled_continued=load("pooled_continued"),
+                                        age_bounds=(8.0, 15.0))
         return evaluate.equal_budget_reference(evaluate.system_budgets(routed))
 
     reference, _ = budgets()

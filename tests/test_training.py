@@ -183,7 +183,8 @@ def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_spl
 
     routed = inference.RoutedModels(age=None, groups={g: load(f"fracture_classifier_agegroup{g}") for g in range(3)},
                                     pooled=load("fracture_classifier_pooled"),
-                                    pooled_continued=load("fracture_classifier_pooled_continued"))
+                                    pooled_continued=load("fracture_classifier_pooled_continued"),
+                                    age_bounds=(8.0, 15.0))
     budgets = evaluate.system_budgets(routed)
     assert budgets["routed"]["images_seen"] == sum(
         load_checkpoint(models / f"fracture_classifier_agegroup{g}.pt")["images_seen"] for g in range(3))
