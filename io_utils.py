@@ -22,8 +22,8 @@ import json
 import math
 import os
 import re
+import secrets
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -34,7 +34,7 @@ import columns
 from errors import FULL_ERRNOS, DiskFullError, LockError, os_error_in_chain
 
 # Names of temporary files this module (and the driver's torchrun result file) creates:
-# tempfile.mkstemp puts 8 characters of [a-z0-9_] between prefix and suffix.
+# 8 characters of [a-z0-9_] between prefix and suffix (tempfile.mkstemp's and _create_temp's).
 ORPHAN_PATTERNS = (re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$"), re.compile(r"^\.stage\d+_result\.[a-z0-9_]{8}\.json$"))
 
 
@@ -50,6 +50,19 @@ def default_workers() -> int:
 def disk_full_cause(exc: BaseException | None) -> OSError | None:
     """The ENOSPC/EDQUOT ``OSError`` behind ``exc``, if any."""
     return os_error_in_chain(exc, FULL_ERRNOS)
+
+
+def _create_temp(path: Path) -> Path:
+    # Not tempfile.mkstemp: it creates 0600, and os.replace would carry that mode onto the
+    # output, so nobody else in the group could read a run. Created with 0666 the kernel
+    # applies the umask (and a directory's default ACL) exactly as for a plain open().
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666))
+        except FileExistsError:
+            continue
+        return tmp
 
 
 @contextlib.contextmanager
@@ -75,9 +88,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike], fsync: bool = True) -> Iter
     try:
         for path in targets:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            tmps.append(Path(tmp))
+            tmps.append(_create_temp(path))
         yield list(tmps)
         if fsync:
             for tmp in tmps:

@@ -183,3 +183,21 @@ def test_full_disk_in_stage4_is_one_line(small_disk, fresh_splits: Path):
     assert line.startswith(f"error: {models_dir}/fracture_classifier_pooled") and "no space left on device" in line
     assert not [p for p in models_dir.iterdir() if p.name.endswith(".tmp")]
     assert not (fresh_splits / ".run.lock").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_outputs_get_the_mode_a_plain_open_gives(umask: int, mode: int, tiny_phantom: Path, tmp_path: Path):
+    import train_age_classifier
+    from conftest import run_stages_1_2
+
+    out = tmp_path / "run"
+    old = os.umask(umask)
+    try:
+        run_stages_1_2(tiny_phantom, out)
+        train_age_classifier.main(train_age_classifier.get_args_parser().parse_args(
+            ["--out-dir", str(out), "--preset", "demo", "--img-size", "32", "--epochs", "1", "--quiet"]))
+    finally:
+        os.umask(old)
+    written = {p: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert {p.suffix for p in written} >= {".csv", ".json", ".pt"}
+    assert {p: m for p, m in written.items() if m != mode} == {}
