@@ -1,5 +1,5 @@
-"""Fault tolerance with real processes: the driver killed (SIGKILL) or interrupted (SIGINT)
-after a training stage's first epoch, then re-run with the same command."""
+"""Fault tolerance with real processes: the driver killed (SIGKILL) or interrupted (SIGINT, or
+SIGTERM as a cluster's preemption sends it) after a training stage's first epoch, then re-run with the same command."""
 from __future__ import annotations
 
 import json
@@ -88,11 +88,14 @@ def test_sigkill_mid_training_then_rerun_resumes(tiny_phantom: Path, tmp_path: P
     _check_outputs(out)
 
 
-def test_sigint_saves_state_and_rerun_resumes(tiny_phantom: Path, tmp_path: Path):
+# SIGTERM is how a cluster preempts a job: handled exactly like Ctrl-C, with the shell's
+# conventional status 128 + the signal's number.
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_saves_state_and_rerun_resumes(sig: int, status: int, tiny_phantom: Path, tmp_path: Path):
     out = tmp_path / "run"
     cmd = _command(tiny_phantom, out)
-    rc, log = _start_and_signal(cmd, out, signal.SIGINT, tmp_path / "interrupted.log")
-    assert rc == 130, log[-3000:]
+    rc, log = _start_and_signal(cmd, out, sig, tmp_path / "interrupted.log")
+    assert rc == status, log[-3000:]
     assert "Interrupted during epoch" in log and "Traceback" not in log
     assert "re-run the same command to resume" in log
     state = json.loads((out / columns.RUN_STATE).read_text())
