@@ -23,7 +23,8 @@ Files of one model, from one stem (:class:`RunFiles`): ``<stem>.pt`` (best epoch
 Interruption: the ``last`` state is saved at the end of every epoch, so a Ctrl-C (SIGINT,
 KeyboardInterrupt), a SIGTERM (errors.Terminated, a KeyboardInterrupt too) or a kill loses
 at most the epoch in progress: ``--resume`` continues from the epoch after the last saved
-one with the same optimizer, schedule, early-stopping and RNG state (tests check that the numbers equal an uninterrupted run's).
+one with the same optimizer, schedule, early-stopping and RNG state (tests check that the
+numbers equal an uninterrupted run's).
 """
 from __future__ import annotations
 
