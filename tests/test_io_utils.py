@@ -36,6 +36,8 @@ def test_second_live_run_is_refused_with_holder_pid(tmp_path: Path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; sys.path.insert(0, sys.argv[1]); from io_utils import RunLock\n"
+         # the sleep only has to outlast one acquire() after "held" is read (milliseconds);
+         # the holder is killed right after, so 60 s costs nothing and survives any load
          "with RunLock(sys.argv[2]):\n    print('held', flush=True); time.sleep(60)",
          str(REPO), str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
@@ -71,7 +73,7 @@ def test_killed_writer_leaves_an_orphan_that_the_next_run_removes(tmp_path: Path
          "    tmp.write_bytes(b'x' * 300_000); print('writing', flush=True); time.sleep(60)",
          str(REPO), str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
-    try:
+    try:  # no deadline: readline waits for the writer however slow its start (its sleep(60) is cut short)
         assert writer.stdout.readline().strip() == "writing"
     finally:
         writer.kill()  # SIGKILL mid-write: no cleanup code runs
