@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+import errors
 from io_utils import RunLock
 
 # Set by run_all_training.py for the torchrun processes it launches: the driver already
@@ -214,7 +215,7 @@ class DistributedBalancedSampler(Sampler[int]):
 def session(device: str, lock_dir: str | os.PathLike) -> Iterator[DistInfo]:
     """What a training or evaluation script runs inside: the process group (if under torchrun), the
     output directory's lock (rank 0 only; skipped when a launching driver holds it),
-    Ctrl-C as exit status 130, and a clean exit from the process group. The body may leave
+    Ctrl-C as exit status 130 (SIGTERM 143), and a clean exit from the process group. The body may leave
     the group early with :func:`cleanup` (all ranks at once), e.g. to let rank 0 go on alone."""
     info = init_distributed(device)
     held = os.environ.get(LOCK_HELD_ENV) == str(Path(lock_dir).resolve())
@@ -224,8 +225,8 @@ def session(device: str, lock_dir: str | os.PathLike) -> Iterator[DistInfo]:
         with lock:
             yield info
         ok = True
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        raise SystemExit(errors.exit_status(exc)) from None
     finally:
         if is_dist():
             if ok:

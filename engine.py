@@ -21,9 +21,10 @@ Files of one model, from one stem (:class:`RunFiles`): ``<stem>.pt`` (best epoch
 ``<stem>_metrics.csv`` (one row per epoch) and ``<stem>_config.json``.
 
 Interruption: the ``last`` state is saved at the end of every epoch, so a Ctrl-C (SIGINT,
-KeyboardInterrupt) or a kill loses at most the epoch in progress: ``--resume`` continues
-from the epoch after the last saved one with the same optimizer, schedule, early-stopping
-and RNG state (tests check that the numbers equal an uninterrupted run's).
+KeyboardInterrupt), a SIGTERM (errors.Terminated, a KeyboardInterrupt too) or a kill loses
+at most the epoch in progress: ``--resume`` continues from the epoch after the last saved
+one with the same optimizer, schedule, early-stopping and RNG state (tests check that the
+numbers equal an uninterrupted run's).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
 from typing import Any, Callable, Iterable, NoReturn
 
@@ -62,6 +63,36 @@ class LockError(RuntimeError):
 
 class DiskFullError(OSError):
     """The disk (or quota) filled up while a file was written; the message names the file."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a cluster's scheduler sends it to preempt a job (or ``kill`` does).
+
+    A KeyboardInterrupt, so that everything that handles Ctrl-C handles it the same way:
+    the trainer keeps the epoch in progress and says how to resume, the lock is released,
+    DataLoader workers leave quietly. Only :func:`exit_status` tells the two apart.
+    """
+
+
+def exit_status(exc: KeyboardInterrupt) -> int:
+    """The shell's status for an interruption: 128 + the signal's number (130 for Ctrl-C,
+    143 for SIGTERM)."""
+    return 128 + int(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+# the statuses exit_status gives: a child process that exited with one was interrupted
+INTERRUPTED_STATUSES: frozenset[int] = frozenset({128 + int(signal.SIGINT), 128 + int(signal.SIGTERM)})
+
+
+def _raise_terminated(signum: int, frame: Any) -> NoReturn:
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread, unless SIGTERM has a handler
+    or was set to be ignored by whoever started the process."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
@@ -116,8 +147,9 @@ def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentPars
     """Parse the command line, call ``main``; an expected error exits 1 with its one line.
 
     Bad options (argparse's own checks and the ``type=`` validators) are reported the
-    same way, before any work starts.
+    same way, before any work starts. SIGTERM is handled like Ctrl-C (:class:`Terminated`).
     """
+    handle_sigterm()
     parser.error = lambda message: _parse_error(parser, message)  # type: ignore[method-assign]
     args = parser.parse_args()
     try:

@@ -23,9 +23,9 @@ import json
 import math
 import os
 import re
+import secrets
 import signal
 import socket
-import tempfile
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -38,7 +38,7 @@ import columns
 from errors import FULL_ERRNOS, DiskFullError, LockError, os_error_in_chain
 
 # Names of temporary files this module (and the driver's torchrun result file) creates:
-# tempfile.mkstemp puts 8 characters of [a-z0-9_] between prefix and suffix.
+# 8 characters of [a-z0-9_] between prefix and suffix (tempfile.mkstemp's and _create_temp's).
 ORPHAN_PATTERNS = (re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$"), re.compile(r"^\.stage\d+_result\.[a-z0-9_]{8}\.json$"))
 
 
@@ -60,9 +60,10 @@ def run_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
     Ctrl-C) the running chunks are finished and the pending ones dropped first: a thread
     still inside OpenCV while the interpreter shuts down aborts the process ("terminate
     called without an active exception", SIGABRT) instead of the Ctrl-C's exit status 130.
-    The Ctrl-C itself is only noted while the threads run and raised here once they have
-    stopped: a KeyboardInterrupt raised inside ``threading.Condition.wait`` can leave its
-    lock released and turn into "RuntimeError: release unlocked lock".
+    A Ctrl-C or SIGTERM is only noted while the threads run, and its handler called here once
+    they have stopped: a KeyboardInterrupt (or errors.Terminated) raised inside
+    ``threading.Condition.wait`` can leave its lock released and turn into "RuntimeError:
+    release unlocked lock".
     """
     items = list(items)
     if workers <= 1 or len(items) <= 1:
@@ -75,11 +76,20 @@ def run_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
         return [(i, fn(items[i])) for i in idx]
 
     interrupted = threading.Event()
-    # only the main thread can take signals, and only Python's own Ctrl-C handler is replaced
-    own_handler = (threading.current_thread() is threading.main_thread()
-                   and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-    if own_handler:
-        signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    received: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        received.append(signum)
+        interrupted.set()
+
+    # only the main thread can take signals, and only Python-level handlers (Ctrl-C's, the
+    # scripts' SIGTERM) are deferred: a signal left at its default or ignored keeps that
+    deferred: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if callable(handler):
+                deferred[sig] = signal.signal(sig, note)
     pool = ThreadPoolExecutor(max_workers=workers)
     pending = {pool.submit(run_chunk, c) for c in itertools.islice(chunks, 2 * workers)}
     try:
@@ -95,15 +105,28 @@ def run_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
         for fut in pending:
             fut.cancel()
         pool.shutdown(wait=True)
-        if own_handler:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-    if interrupted.is_set():
-        raise KeyboardInterrupt
+        for sig, handler in deferred.items():
+            signal.signal(sig, handler)
+    if received:
+        deferred[received[0]](received[0], None)
 
 
 def disk_full_cause(exc: BaseException | None) -> OSError | None:
     """The ENOSPC/EDQUOT ``OSError`` behind ``exc``, if any."""
     return os_error_in_chain(exc, FULL_ERRNOS)
+
+
+def _create_temp(path: Path) -> Path:
+    # Not tempfile.mkstemp: it creates 0600, and os.replace would carry that mode onto the
+    # output, so nobody else in the group could read a run. Created with 0666 the kernel
+    # applies the umask (and a directory's default ACL) exactly as for a plain open().
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666))
+        except FileExistsError:
+            continue
+        return tmp
 
 
 @contextlib.contextmanager
@@ -129,9 +152,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike], fsync: bool = True) -> Iter
     try:
         for path in targets:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            tmps.append(Path(tmp))
+            tmps.append(_create_temp(path))
         yield list(tmps)
         if fsync:
             for tmp in tmps:

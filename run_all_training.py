@@ -31,7 +31,7 @@ keeping its finished models (delete one checkpoint and only that model is traine
 ``--from-stage K`` redoes stages K.. from scratch, and takes the files of earlier stages as
 they are where they exist (a stage 1 run by hand, say); ``--force`` redoes everything, including
 re-drawing the fixed test set. A failing stage stops the run with its error and exit code 1
-(130 after Ctrl-C). One run per output directory (a lock file).
+(130 after Ctrl-C, 143 after SIGTERM). One run per output directory (a lock file).
 
 Outputs: everything under ``--out-dir``; see the stage scripts.
 
@@ -251,6 +251,8 @@ def _torchrun(module: str, argv: list[str], nproc: int, out: Path, stage: int) -
         rc = subprocess.call(cmd, env=env)
         if rc in (130, -2):
             raise KeyboardInterrupt
+        if rc in (143, -15):
+            raise errors.Terminated
         if rc != 0:
             raise StageFailed(stage, f"torchrun exited with code {rc}; its error is printed above")
         return json.loads(result_path.read_text())
@@ -391,12 +393,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 result, outputs = _run_stage(stage, argv, args, out, resume, redo)
             except (KeyboardInterrupt, SystemExit) as exc:
-                code = 130 if isinstance(exc, KeyboardInterrupt) else exc.code
-                if code == 130:
+                code = errors.exit_status(exc) if isinstance(exc, KeyboardInterrupt) else exc.code
+                if code in errors.INTERRUPTED_STATUSES:
                     _mark_quietly(state, stage, "interrupted", argv)
                     print(f"stage {stage} ({NAMES[stage]}) interrupted; re-run the same command to resume",
                           flush=True)
-                    raise SystemExit(130) from None
+                    raise SystemExit(code) from None
                 _mark_quietly(state, stage, "failed", argv, error=str(code))
                 print(StageFailed(stage, str(code)), file=sys.stderr, flush=True)
                 raise SystemExit(1) from None

@@ -102,6 +102,7 @@ def test_readme_scale_table_is_what_scale_projection_prints() -> None:
 
     repo = Path(__file__).resolve().parents[1]
     script = repo / "benchmarks" / "scale_projection.py"
+    # the standard library only: both runs took 0.4 s at load 15; 60 s is 100x
     printed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True,
                              timeout=60).stdout.strip()
     readme = (repo / "README.md").read_text()

@@ -36,6 +36,8 @@ def test_second_live_run_is_refused_with_holder_pid(tmp_path: Path):
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; sys.path.insert(0, sys.argv[1]); from io_utils import RunLock\n"
+         # the sleep only has to outlast one acquire() after "held" is read (milliseconds);
+         # the holder is killed right after, so 60 s costs nothing and survives any load
          "with RunLock(sys.argv[2]):\n    print('held', flush=True); time.sleep(60)",
          str(REPO), str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
@@ -71,7 +73,7 @@ def test_killed_writer_leaves_an_orphan_that_the_next_run_removes(tmp_path: Path
          "    tmp.write_bytes(b'x' * 300_000); print('writing', flush=True); time.sleep(60)",
          str(REPO), str(tmp_path)],
         stdout=subprocess.PIPE, text=True)
-    try:
+    try:  # no deadline: readline waits for the writer however slow its start (its sleep(60) is cut short)
         assert writer.stdout.readline().strip() == "writing"
     finally:
         writer.kill()  # SIGKILL mid-write: no cleanup code runs
@@ -159,15 +161,17 @@ def test_full_disk_keeps_the_previous_file(small_disk):
     assert sorted(p.name for p in disk.iterdir()) == [columns.TEST_CSV, "filler"]
 
 
+# Each full-disk test took 43-47 s at load 15 on 2 cores; their 900 s subprocess timeouts
+# (20x) only stop a hang.
 def test_full_disk_in_stage1_is_one_line_and_loses_nothing(small_disk, tiny_phantom: Path):
     out = small_disk(512)
     cmd = [sys.executable, str(REPO / "age_split_testset.py"), "--data-csv", str(tiny_phantom / columns.DATASET_CSV),
            "--out-dir", str(out)]
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert first.returncode == 0, first.stderr[-2000:]
     before = {n: (out / n).read_bytes() for n in (columns.TEST_CSV, columns.POOL_CSV, columns.TEST_MANIFEST)}
     _fill(out, leave_kb=12)  # room for the lock, the config and a new age_test.csv, not for the pool
-    proc = subprocess.run(cmd + ["--force", "--seed", "7"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(cmd + ["--force", "--seed", "7"], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert "no space left on device" in _one_line_error(proc)
     assert {n: (out / n).read_bytes() for n in before} == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")] and not (out / ".run.lock").exists()
@@ -178,8 +182,62 @@ def test_full_disk_in_stage4_is_one_line(small_disk, fresh_splits: Path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "train_fracture_per_agegroup.py"), "--out-dir", str(fresh_splits), "--pooled",
          "--models-dir", str(models_dir), "--img-size", "32", "--epochs", "1", "--quiet", "--device", "cpu"],
-        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, cwd=REPO, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = _one_line_error(proc)
     assert line.startswith(f"error: {models_dir}/fracture_classifier_pooled") and "no space left on device" in line
     assert not [p for p in models_dir.iterdir() if p.name.endswith(".tmp")]
     assert not (fresh_splits / ".run.lock").exists()
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_outputs_get_the_mode_a_plain_open_gives(umask: int, mode: int, tiny_phantom: Path, tmp_path: Path):
+    import train_age_classifier
+    from conftest import run_stages_1_2
+
+    out = tmp_path / "run"
+    old = os.umask(umask)
+    try:
+        run_stages_1_2(tiny_phantom, out)
+        train_age_classifier.main(train_age_classifier.get_args_parser().parse_args(
+            ["--out-dir", str(out), "--preset", "demo", "--img-size", "32", "--epochs", "1", "--quiet"]))
+    finally:
+        os.umask(old)
+    written = {p: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert {p.suffix for p in written} >= {".csv", ".json", ".pt"}
+    assert {p: m for p, m in written.items() if m != mode} == {}
+
+
+@pytest.mark.parametrize("sig, expected", [("SIGINT", KeyboardInterrupt), ("SIGTERM", "Terminated")])
+def test_run_threaded_defers_a_signal_until_its_threads_have_stopped(sig: str, expected: object) -> None:
+    import signal
+    import threading
+    import time
+
+    import errors
+    import io_utils
+
+    expected = getattr(errors, expected) if isinstance(expected, str) else expected
+    signum = getattr(signal, sig)
+    previous = signal.getsignal(signal.SIGTERM)
+    errors.handle_sigterm()
+    finished, alive_after = [], []
+
+    def work(i: int) -> int:
+        if i == 0:
+            os.kill(os.getpid(), signum)
+        time.sleep(0.05)
+        finished.append(i)
+        return i
+
+    try:
+        with pytest.raises(expected) as info:
+            io_utils.run_threaded(work, range(40), workers=2, on_result=lambda i, r: None)
+        alive_after.extend(t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert errors.exit_status(info.value) == (143 if sig == "SIGTERM" else 130)
+    # the signal stopped the work early, and no worker thread outlived the call
+    assert 0 < len(finished) < 40
+    assert alive_after == []
+    # the handlers are back as they were
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

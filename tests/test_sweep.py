@@ -194,7 +194,9 @@ def test_an_image_replaced_with_the_same_size_and_mtime_is_decoded_afresh(tmp_pa
     cv2.imwrite(str(path), first, level0)
     st = path.stat()
     cached = image_io.ImageCache(tmp_path / "cache", 32).get(path)
-    time.sleep(0.05)  # file times tick in jiffies (1-10 ms): the rewrite lands on a later one
+    # file times tick in jiffies (1-10 ms): the rewrite lands on a later one; a lower bound,
+    # which a loaded machine can only lengthen
+    time.sleep(0.05)
     cv2.imwrite(str(path), first[:, ::-1].copy(), level0)  # as cp -p would: same size, mtime restored
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
