@@ -409,8 +409,9 @@ def _build_model(args: argparse.Namespace, device: torch.device, channels_last: 
                  fused_attn: bool = False) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     model = models.create_model(args.model, num_classes=args.num_classes, in_chans=1,
-                                img_size=args.img_size, pretrained=False,
-                                grad_checkpointing=args.grad_checkpointing, fused_attn=fused_attn)
+                                img_size=args.img_size,
+                                weights=models.WeightsOptions(grad_checkpointing=args.grad_checkpointing,
+                                                              fused_attn=fused_attn))
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -433,9 +434,10 @@ def _train_step_fn(model: torch.nn.Module, step_model: Callable, device: torch.d
     criterion = engine.make_criterion("focal", num_classes)
     opt = engine.build_optimizer(model, lr=1e-5, weight_decay=0.05, fused=fused_opt)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    context = engine.StepContext(criterion, opt, engine.Compute(device, _amp(precision)), scaler)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        engine.train_step(step_model, x, y, criterion, opt, scaler, device, amp=_amp(precision))
+        engine.train_step(step_model, x, y, context)
 
     return step
 
@@ -617,8 +619,8 @@ def bench_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, 
     rows.attrs = dict(df.attrs)
     tf = unified_dataset.build_transforms(args.img_size, train=True, mean=args.mean, std=args.std)
     ds = unified_dataset.WristDataset(rows, "fracture", tf, args.img_size, cache_dir=cache_dir)
-    loader = engine.make_loader(ds, batch, train=True, sampler="random", workers=args.workers,
-                                seed=args.seed, device=device, persistent=False)
+    loader = engine.make_loader(ds, batch, train=True, sampler="random", seed=args.seed,
+                                feed=engine.Feed(workers=args.workers, device=device, persistent=False))
     _cleanup(device)
     model = _build_model(args, device, cl, spec.get("fused_attn", False))
     model.train()

@@ -49,6 +49,7 @@ import torch
 import bundle
 import calibration
 import columns
+import engine
 import environment
 import errors
 import inference
@@ -87,7 +88,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- checks
 def parity_batch(lm: inference.LoadedModel, df: pd.DataFrame) -> torch.Tensor:
     """``df``'s images prepared as ``lm`` prescribes (size, normalisation), one batch."""
-    loader = inference.loader_for(lm, df, batch_size=max(len(df), 1), shard=False)
+    loader = inference.loader_for(lm, df, batch_size=max(len(df), 1), feed=engine.Feed(shard=False))
     return next(iter(loader))[0].contiguous()
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 import columns
+import config
 import distributed
 import engine
 import errors
@@ -39,10 +40,9 @@ import inference
 import presets
 import splits
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES, PREDICTION_COLUMNS
-from config import print_config, to_dict
 from errors import DataError
 from io_utils import write_csv, write_json
-from presets import add_data_args, add_training_args, resolve_config, resolve_paths
+from presets import add_data_args, add_training_args
 from unified_dataset import read_split_csv
 
 
@@ -75,12 +75,13 @@ def write_predictions(csv_path: Path, probs: np.ndarray, rows: Sequence[int], n_
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = resolve_paths(resolve_config(args, "age"))
-    csvs = {"train": cfg.train_csv, "val": cfg.val_csv, "test": cfg.test_csv}
-    files = engine.RunFiles.from_stem(cfg.models_dir, columns.AGE_MODEL)
+    args = presets.resolve_paths(args)
+    cfg = presets.resolve_config(args, "age")
+    csvs = {"train": args.train_csv, "val": args.val_csv, "test": args.test_csv}
+    files = engine.RunFiles.from_stem(args.models_dir, columns.AGE_MODEL)
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
-            print_config(to_dict(cfg), "train_age_classifier.py")
+            config.print_config(config.to_dict(cfg.record()), "train_age_classifier.py")
         read = {split: read_split_csv(path) for split, path in csvs.items()}
         for note in splits.check_splits({str(csvs[k]): df for k, df in read.items()}, csvs["test"]):
             engine.log(f"note: {note}")
@@ -90,10 +91,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             df, cfg.img_size, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
             rejected_csv=Path(cfg.out_dir) / columns.REJECTED_CSV,
             progress=not cfg.quiet and sys.stderr.isatty()) for split, df in read.items()}
-        result = engine.train_classifier(
-            cfg, kind="age", train_df=frames["train"], val_df=frames["val"], target_col="age_group",
-            class_names=AGE_GROUP_NAMES, files=files, device=info.device, age_bounds=AGE_BOUNDS,
-            cache_dir=cfg.cache_dir, title="age-group classifier", images_checked=True)
+        task = engine.Task("age", "age_group", AGE_GROUP_NAMES, AGE_BOUNDS, title="age-group classifier")
+        result = engine.train_classifier(cfg, task, engine.Frames(frames["train"], frames["val"], checked=True),
+                                         files, info.device)
 
         age_model = inference.load_model(files.best, columns.AGE_MODEL, info.device, "age",
                                          num_classes=len(AGE_GROUP_NAMES))
@@ -117,8 +117,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "best_epoch": result["best_epoch"], "best_metrics": result["best_metrics"],
             "epochs_run": result["epochs_run"], "predicted_group_counts": counts,
         }
-        if info.is_main and cfg.result_json:
-            write_json(out, cfg.result_json)
+        if info.is_main and args.result_json:
+            write_json(out, args.result_json)
     return out
 
 

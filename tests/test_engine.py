@@ -14,12 +14,14 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import engine
 import metrics
+import models
 import presets
+from conftest import fit_config
 from models import build_from_checkpoint, create_model, load_checkpoint
 
 CLASSES = ("neg", "pos")
-META = {"model_name": "cnn_demo", "kind": "fracture", "class_names": list(CLASSES), "img_size": 16,
-        "in_chans": 1, "mean": 0.5, "std": 0.25, "age_bounds": [8.0, 15.0], "config": {"test": True}}
+SPEC = models.ModelSpec(model_name="cnn_demo", kind="fracture", class_names=list(CLASSES), img_size=16, mean=0.5,
+                        std=0.25, age_bounds=[8.0, 15.0])
 SETTINGS = {"model": "cnn_demo", "img_size": 16, "classes": list(CLASSES), "train data": "synthetic"}
 
 
@@ -66,10 +68,10 @@ def _fit(tmp_path, epochs: int, *, train_ds=None, lr: float = 3e-3, patience: in
         opt = engine.build_optimizer(model, lr, 0.01)
     sched = engine.build_scheduler(opt, "cosine", epochs, warmup_epochs=1)
     files = engine.RunFiles.from_stem(tmp_path, "m")
-    opts = engine.FitOptions(epochs=epochs, monitor="f1", patience=patience, resume=resume, force=force, quiet=True)
-    result = engine.fit(model, train_loader, val_loader, engine.make_criterion("focal", 2), opt, sched,
-                        device=torch.device("cpu"), files=files, meta=META, settings=settings or SETTINGS,
-                        opts=opts, class_names=CLASSES)
+    cfg = fit_config(tmp_path, epochs=epochs, metric="f1", patience=patience, resume=resume, force=force)
+    learner = engine.Learner(model, engine.make_criterion("focal", 2), opt, sched)
+    result = engine.fit(learner, engine.Loaders(train_loader, val_loader), cfg, torch.device("cpu"), files,
+                        engine.CheckpointRecord(SPEC, settings or SETTINGS))
     return result, files
 
 
