@@ -321,10 +321,9 @@ def _hub_weights_overlay(name: str) -> Optional[dict]:
 
 @dataclass(frozen=True)
 class WeightsOptions:
-    """How a model's weights start and run: pretrained (from the local cache or the hub;
-    fails fast offline) or from ``pretrained_file`` (implies pretrained), the stochastic depth
-    rate, activation checkpointing (timm ``set_grad_checkpointing``) and attention through
-    ``scaled_dot_product_attention`` (:func:`use_fused_attention`)."""
+    """How weights start and run: pretrained (local cache or hub; fails fast offline) or from
+    ``pretrained_file`` (implies pretrained), stochastic depth, activation checkpointing (timm
+    ``set_grad_checkpointing``), fused attention (:func:`use_fused_attention`)."""
 
     pretrained: bool = False
     pretrained_file: Optional[PathLike] = None
@@ -333,14 +332,8 @@ class WeightsOptions:
     fused_attn: bool = False
 
 
-def create_model(
-    name: str,
-    num_classes: int,
-    in_chans: int = 1,
-    img_size: Optional[int] = None,
-    weights: WeightsOptions = WeightsOptions(),
-    **kwargs: Any,
-) -> nn.Module:
+def create_model(name: str, num_classes: int, in_chans: int = 1, img_size: Optional[int] = None,
+                 weights: WeightsOptions = WeightsOptions(), **kwargs: Any) -> nn.Module:
     """Build timm model ``name`` (legacy names accepted) for ``num_classes`` classes.
 
     Args:
@@ -522,22 +515,15 @@ class ModelSpec:
     model_kwargs: Optional[Mapping[str, Any]] = None
 
 
-def make_checkpoint(
-    model: nn.Module | Mapping[str, torch.Tensor],
-    spec: ModelSpec,
-    *,
-    config: train_config.TrainConfig | Mapping[str, Any] | None = None,
-    metrics: Optional[Mapping[str, Any]] = None,
-    epoch: int = 0,
-    **extra: Any,
-) -> dict[str, Any]:
+def make_checkpoint(model: nn.Module | Mapping[str, torch.Tensor], spec: ModelSpec, *,
+                    config: train_config.TrainConfig | Mapping[str, Any] | None = None,
+                    metrics: Optional[Mapping[str, Any]] = None, epoch: int = 0, **extra: Any) -> dict[str, Any]:
     """A checkpoint dict with every key of :data:`CHECKPOINT_KEYS` (``num_classes`` from
     ``spec.class_names``); a :class:`train_config.TrainConfig` is recorded as its ``record()``.
 
     ``extra`` adds further keys, e.g. optimizer/scheduler/RNG state in a resumable ``last`` file.
     """
-    if isinstance(config, train_config.TrainConfig):
-        config = config.record()
+    config = config.record() if isinstance(config, train_config.TrainConfig) else config
     ckpt = {
         "model": model if isinstance(model, Mapping) else model_state_dict(model),
         "model_name": resolve_model_name(spec.model_name),
@@ -669,12 +655,8 @@ def load_checkpoint(path: PathLike, expect: Optional[Mapping[str, Any]] = None) 
     return ckpt
 
 
-def build_from_checkpoint(
-    ckpt: Mapping[str, Any] | PathLike,
-    device: str | torch.device = "cpu",
-    source: Optional[str] = None,
-    fused_attn: bool = True,
-) -> nn.Module:
+def build_from_checkpoint(ckpt: Mapping[str, Any] | PathLike, device: str | torch.device = "cpu",
+                          source: Optional[str] = None, fused_attn: bool = True) -> nn.Module:
     """The checkpoint's model with its weights, on ``device``, in eval mode.
 
     ``ckpt`` is a dict from :func:`load_checkpoint` or a path (then loaded here). ``source``
