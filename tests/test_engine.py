@@ -16,6 +16,7 @@ import engine
 import metrics
 import models
 import presets
+import train_config
 from conftest import fit_config
 from models import build_from_checkpoint, create_model, load_checkpoint
 
@@ -246,6 +247,24 @@ def test_config_precedence_preset_yaml_cli(tmp_path):
         presets.resolve_config(_parse(["--config", str(yml)]), "age")
     argv = presets.explicit_training_argv(_parse(["--epochs", "2", "--no-pretrained", "--quiet"]))
     assert argv == ["--epochs", "2", "--no-pretrained", "--quiet"]
+
+
+def test_each_training_option_is_one_typed_field_with_its_flag_help_and_preset_values():
+    actions = {a.dest: a for a in presets.add_training_args(argparse.ArgumentParser())._actions}
+    for f in train_config.options():
+        action = actions[f.name]
+        assert action.option_strings[0] == "--" + f.name.replace("_", "-")
+        assert action.help.replace("%%", "%").startswith(f.metadata["help"]), f.name
+        assert all(f.name in presets.PRESETS[p] for p in presets.PRESETS), f.name
+    assert all(set(values) == set(train_config.TRAIN_KEYS) for values in presets.PRESETS.values())
+    # a value the field's parser refuses is refused on the command line
+    with pytest.raises(SystemExit):
+        _parse(["--drop-path", "1.0"])
+    # the record: every command-line key, the effective training values and the preset
+    args = _parse(["--epochs", "2"])
+    record = presets.resolve_config(args, "fracture").record()
+    assert set(record) == set(vars(args)) | {"preset"}
+    assert (record["epochs"], record["metric"], record["preset"], record["resume"]) == (2, "auroc", "demo", False)
 
 
 def test_fused_adamw_takes_the_same_steps_as_the_default():

@@ -37,7 +37,8 @@ def _fit(out: Path, epochs: int, resume: bool = False) -> dict:
     cfg = fit_config(out, epochs=epochs, metric="f1", patience=10, resume=resume, quiet=False)
     spec = models.ModelSpec(model_name="cnn_demo", kind="fracture", class_names=["neg", "pos"], img_size=16,
                             mean=0.5, std=0.25, age_bounds=[8.0, 15.0])
-    learner = engine.Learner(model, engine.make_criterion("focal", 2), opt, engine.build_scheduler(opt, "cosine", epochs))
+    learner = engine.Learner(model, engine.make_criterion("focal", 2), opt,
+                             engine.build_scheduler(opt, "cosine", epochs))
     loaders = engine.Loaders(DataLoader(train, batch_size=16, sampler=RandomSampler(train)),
                              DataLoader(_data(32, 1), batch_size=16))
     return engine.fit(learner, loaders, cfg, torch.device("cpu"), engine.RunFiles.from_stem(out, "m"),

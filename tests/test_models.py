@@ -162,7 +162,8 @@ def test_pretrained_file_of_another_architecture_refused(tmp_path):
         models.create_model("swin_demo", num_classes=2, img_size=64,
                             weights=models.WeightsOptions(pretrained_file=path))
     with pytest.raises(PretrainedWeightsError, match="not found"):
-        models.create_model("swin_demo", num_classes=2, img_size=64, weights=models.WeightsOptions(pretrained_file=tmp_path / "missing.pth"))
+        models.create_model("swin_demo", num_classes=2, img_size=64,
+                            weights=models.WeightsOptions(pretrained_file=tmp_path / "missing.pth"))
 
 
 def _assert_howto(message: str) -> None:
