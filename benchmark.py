@@ -24,7 +24,7 @@ Sections (``--sections``; default all, ``e2e`` only on CUDA):
          process's peak RSS, reset per variant where Linux allows), inference images/s,
          achieved TFLOP/s and MFU = achieved / measured bf16 matmul rate. On CUDA an
          out-of-memory batch is halved and retried (said in the note).
-  e2e    end to end, ``engine.make_loader`` with ``--workers`` workers feeding the training
+  e2e    end to end, ``recipe.make_loader`` with ``--workers`` workers feeding the training
          step: the baseline (fp32, contiguous, uncached images) against the fast path
          (``--fast-variant`` fed from the cache); the target is >= 3x.
   onnx   inference images/s on the CPU, PyTorch (fp32, fused attention as the trainers run it)
@@ -94,6 +94,7 @@ import engine
 import io_utils
 import models
 import phantom
+import recipe
 import presets
 import unified_dataset
 from io_utils import write_json
@@ -431,8 +432,8 @@ def _batch(args: argparse.Namespace, device: torch.device, batch: int,
 def _train_step_fn(model: torch.nn.Module, step_model: Callable, device: torch.device,
                    precision: str, num_classes: int, fused_opt: bool | None = None) -> Callable:
     """engine.train_step, the trainers' own, with the project's optimizer and focal loss."""
-    criterion = engine.make_criterion("focal", num_classes)
-    opt = engine.build_optimizer(model, lr=1e-5, weight_decay=0.05, fused=fused_opt)
+    criterion = recipe.make_criterion("focal", num_classes)
+    opt = recipe.build_optimizer(model, lr=1e-5, weight_decay=0.05, fused=fused_opt)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     context = engine.StepContext(criterion, opt, engine.Compute(device, _amp(precision)), scaler)
 
@@ -609,7 +610,7 @@ def bench_onnx(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
 
 def bench_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, spec: dict[str, Any],
               cache_dir: Path | None, batch: int) -> dict[str, Any]:
-    """Images/s of the training loop fed by the project's own DataLoader (engine.make_loader)."""
+    """Images/s of the training loop fed by the project's own DataLoader (recipe.make_loader)."""
     cl = spec["channels_last"]
     total = args.warmup + args.steps
     # the phantom is a few dozen images: repeat its rows so that one epoch (one loader
@@ -619,8 +620,8 @@ def bench_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, 
     rows.attrs = dict(df.attrs)
     tf = unified_dataset.build_transforms(args.img_size, train=True, mean=args.mean, std=args.std)
     ds = unified_dataset.WristDataset(rows, "fracture", tf, args.img_size, cache_dir=cache_dir)
-    loader = engine.make_loader(ds, batch, train=True, sampler="random", seed=args.seed,
-                                feed=engine.Feed(workers=args.workers, device=device, persistent=False))
+    loader = recipe.make_loader(ds, batch, train=True, sampler="random", seed=args.seed,
+                                feed=recipe.Feed(workers=args.workers, device=device, persistent=False))
     _cleanup(device)
     model = _build_model(args, device, cl, spec.get("fused_attn", False))
     model.train()

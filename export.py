@@ -49,12 +49,12 @@ import torch
 import bundle
 import calibration
 import columns
-import engine
 import environment
 import errors
 import inference
 import models
 import presets
+import recipe
 import unified_dataset
 from config import print_config, to_dict
 from io_utils import write_json, write_text
@@ -88,7 +88,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- checks
 def parity_batch(lm: inference.LoadedModel, df: pd.DataFrame) -> torch.Tensor:
     """``df``'s images prepared as ``lm`` prescribes (size, normalisation), one batch."""
-    loader = inference.loader_for(lm, df, batch_size=max(len(df), 1), feed=engine.Feed(shard=False))
+    loader = inference.loader_for(lm, df, batch_size=max(len(df), 1), feed=recipe.Feed(shard=False))
     return next(iter(loader))[0].contiguous()
 
 

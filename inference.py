@@ -30,6 +30,7 @@ import engine
 import environment
 import errors
 import models
+import recipe
 import unified_dataset
 
 ROUTINGS = ("hard", "soft")
@@ -238,14 +239,14 @@ def fracture_prob(out: np.ndarray) -> np.ndarray:
 
 
 def loader_for(lm: LoadedModel, df: pd.DataFrame, *, batch_size: int = 32,
-               cache_dir: str | os.PathLike | None = None, feed: engine.Feed = engine.Feed()) -> DataLoader:
+               cache_dir: str | os.PathLike | None = None, feed: recipe.Feed = recipe.Feed()) -> DataLoader:
     """In-order loader over every row of ``df`` (labels -1) for :func:`engine.predict`, preparing
     images as ``lm``'s checkpoint prescribes (size, normalisation, the eval transform). Under
     torchrun (and ``feed.shard``) each rank gets its share, which :func:`engine.predict` gathers;
     workers do not persist (one pass)."""
     transform = unified_dataset.build_transforms(lm.img_size, train=False, mean=lm.mean, std=lm.std)
     ds = unified_dataset.WristDataset(df, None, transform, lm.img_size, cache_dir=cache_dir)
-    return engine.make_loader(ds, batch_size, train=False, feed=dataclasses.replace(feed, persistent=False))
+    return recipe.make_loader(ds, batch_size, train=False, feed=dataclasses.replace(feed, persistent=False))
 
 
 def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bool = False,
@@ -261,7 +262,7 @@ def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bo
     if len(df) == 0:
         return np.zeros((0, lm.num_classes)) if lm.num_classes > 2 else np.zeros(0)
     model = HFlipTTA(lm.model) if tta else lm.model
-    feed = engine.Feed(workers=loader_kw.pop("workers", 0), device=device)
+    feed = recipe.Feed(workers=loader_kw.pop("workers", 0), device=device)
     # rank 0 shows progress: a bar on a terminal, a line every 30 s in a log (logs.Progress)
     probs = np.asarray(engine.predict(model, loader_for(lm, df, feed=feed, **loader_kw),
                                       engine.Compute(device, amp, lm.channels_last), progress=distributed.is_main(),
@@ -408,7 +409,7 @@ def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
     full-size images add up."""
     if len(df) == 0:
         return
-    loader = loader_for(lm, df, batch_size=8, feed=engine.Feed(shard=False))
+    loader = loader_for(lm, df, batch_size=8, feed=recipe.Feed(shard=False))
     model = HFlipTTA(lm.model) if tta else lm.model
     paths = iter(df["image_path"].astype(str))
     for x, _ in loader:

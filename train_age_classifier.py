@@ -38,6 +38,7 @@ import engine
 import errors
 import inference
 import presets
+import recipe
 import splits
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES, PREDICTION_COLUMNS
 from errors import DataError
@@ -91,8 +92,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             df, cfg.img_size, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
             rejected_csv=Path(cfg.out_dir) / columns.REJECTED_CSV,
             progress=not cfg.quiet and sys.stderr.isatty()) for split, df in read.items()}
-        task = engine.Task("age", "age_group", AGE_GROUP_NAMES, AGE_BOUNDS, title="age-group classifier")
-        result = engine.train_classifier(cfg, task, engine.Frames(frames["train"], frames["val"], checked=True),
+        task = recipe.Task("age", "age_group", AGE_GROUP_NAMES, AGE_BOUNDS, title="age-group classifier")
+        result = recipe.train_classifier(cfg, task, recipe.Frames(frames["train"], frames["val"], checked=True),
                                          files, info.device)
 
         age_model = inference.load_model(files.best, columns.AGE_MODEL, info.device, "age",

@@ -47,6 +47,7 @@ import distributed
 import engine
 import errors
 import presets
+import recipe
 import splits
 import train_config
 from columns import AGE_BOUNDS, AGE_GROUP_NAMES
@@ -109,14 +110,14 @@ def _finished(path) -> bool:
     return path.is_file() and bool(load_checkpoint(path).get("finished"))
 
 
-def continued_from(ckpt_path, expect: dict[str, Any]) -> engine.InitialWeights:
+def continued_from(ckpt_path, expect: dict[str, Any]) -> recipe.InitialWeights:
     """The weights of a finished checkpoint to continue from, with the ``init`` record that says
     so (with that checkpoint's own budget, so evaluation can add it up)."""
     ckpt = load_checkpoint(ckpt_path, expect=expect)
     origin = {"kind": "checkpoint", "checkpoint": ckpt_path.name, "epochs_run": ckpt.get("epochs_run"),
               "best_epoch": ckpt.get("epoch"), "images_seen": ckpt.get("images_seen"), "init": ckpt.get("init"),
               "weights_sha256": weights_sha256(ckpt["model"])}
-    return engine.InitialWeights(ckpt["model"], origin)
+    return recipe.InitialWeights(ckpt["model"], origin)
 
 
 class Job(NamedTuple):
@@ -194,9 +195,9 @@ def train_job(args: argparse.Namespace, cfg: train_config.TrainConfig, job: Job,
         init = continued_from(model_files(args, columns.POOLED_ROLE).best,
                               {"kind": "fracture", "model_name": cfg.model, "img_size": cfg.img_size})
         cfg = continuation_config(cfg)
-    task = engine.Task("fracture", TARGET, CLASS_NAMES, AGE_BOUNDS, title=f"fracture classifier, {job.label}",
+    task = recipe.Task("fracture", TARGET, CLASS_NAMES, AGE_BOUNDS, title=f"fracture classifier, {job.label}",
                        extra_meta={"age_group": job.group, "group_column": args.group_column, "role": job.role})
-    result = engine.train_classifier(cfg, task, engine.Frames(job.train, job.val), files, device, init)
+    result = recipe.train_classifier(cfg, task, recipe.Frames(job.train, job.val), files, device, init)
     result.pop("history")
     return {**result, "config": str(files.config_json), "train_rows": len(job.train), "val_rows": len(job.val)}
 

@@ -16,6 +16,7 @@ import engine
 import metrics
 import models
 import presets
+import recipe
 import train_config
 from conftest import fit_config
 from models import build_from_checkpoint, create_model, load_checkpoint
@@ -66,11 +67,11 @@ def _fit(tmp_path, epochs: int, *, train_ds=None, lr: float = 3e-3, patience: in
                 m.momentum = 0.0
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
     else:
-        opt = engine.build_optimizer(model, lr, 0.01)
-    sched = engine.build_scheduler(opt, "cosine", epochs, warmup_epochs=1)
+        opt = recipe.build_optimizer(model, lr, 0.01)
+    sched = recipe.build_scheduler(opt, "cosine", epochs, warmup_epochs=1)
     files = engine.RunFiles.from_stem(tmp_path, "m")
     cfg = fit_config(tmp_path, epochs=epochs, metric="f1", patience=patience, resume=resume, force=force)
-    learner = engine.Learner(model, engine.make_criterion("focal", 2), opt, sched)
+    learner = engine.Learner(model, recipe.make_criterion("focal", 2), opt, sched)
     result = engine.fit(learner, engine.Loaders(train_loader, val_loader), cfg, torch.device("cpu"), files,
                         engine.CheckpointRecord(SPEC, settings or SETTINGS))
     return result, files
@@ -220,7 +221,7 @@ def test_focal_alpha_two_class_equals_binary_focal():
     z = torch.randn(32)
     y = torch.randint(0, 2, (32,))
     two_logits = torch.stack([torch.zeros(32), z], 1)
-    ours = engine.make_criterion("focal", 2, 0.25, 2.0)(two_logits, y)
+    ours = recipe.make_criterion("focal", 2, 0.25, 2.0)(two_logits, y)
     ref = sigmoid_focal_loss(z, y.float(), alpha=0.25, gamma=2.0, reduction="mean")
     assert float(ours) == pytest.approx(float(ref), rel=1e-5)
 
@@ -281,7 +282,7 @@ def test_fused_adamw_takes_the_same_steps_as_the_default():
         torch.manual_seed(1)
         model = create_model("cnn_demo", num_classes=2)
         start = flat(model)
-        opt = engine.build_optimizer(model, lr=1e-2, weight_decay=0.05, fused=fused)
+        opt = recipe.build_optimizer(model, lr=1e-2, weight_decay=0.05, fused=fused)
         assert bool(opt.defaults.get("fused")) is bool(fused)
         for _ in range(3):
             torch.nn.functional.cross_entropy(model(x), y).backward()

@@ -13,6 +13,7 @@ import columns
 import engine
 import logs
 import models
+import recipe
 from conftest import fit_config
 from models import create_model
 
@@ -33,12 +34,12 @@ def _fit(out: Path, epochs: int, resume: bool = False) -> dict:
     engine.seed_everything(0)
     model = create_model("cnn_demo", num_classes=2)
     train = _data(48, 0)
-    opt = engine.build_optimizer(model, 3e-3, 0.01)
+    opt = recipe.build_optimizer(model, 3e-3, 0.01)
     cfg = fit_config(out, epochs=epochs, metric="f1", patience=10, resume=resume, quiet=False)
     spec = models.ModelSpec(model_name="cnn_demo", kind="fracture", class_names=["neg", "pos"], img_size=16,
                             mean=0.5, std=0.25, age_bounds=[8.0, 15.0])
-    learner = engine.Learner(model, engine.make_criterion("focal", 2), opt,
-                             engine.build_scheduler(opt, "cosine", epochs))
+    learner = engine.Learner(model, recipe.make_criterion("focal", 2), opt,
+                             recipe.build_scheduler(opt, "cosine", epochs))
     loaders = engine.Loaders(DataLoader(train, batch_size=16, sampler=RandomSampler(train)),
                              DataLoader(_data(32, 1), batch_size=16))
     return engine.fit(learner, loaders, cfg, torch.device("cpu"), engine.RunFiles.from_stem(out, "m"),

@@ -37,6 +37,7 @@ import columns
 import engine
 import evaluate
 import models
+import recipe
 import unified_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,9 +165,9 @@ def _single_process_val_metrics(ckpt_path: Path, val_csv: Path, cache_dir: Path)
     cfg, cpu = ckpt["config"], torch.device("cpu")
     if cfg["channels_last"]:  # the precision and layout the trainer validated with
         model = model.to(memory_format=torch.channels_last)
-    criterion = engine.make_criterion(cfg["loss"], 2, cfg["focal_alpha"], cfg["focal_gamma"])
+    criterion = recipe.make_criterion(cfg["loss"], 2, cfg["focal_alpha"], cfg["focal_gamma"])
     compute = engine.Compute(cpu, engine.resolve_amp(cfg["amp"], cpu), cfg["channels_last"])
-    return engine.evaluate(model, engine.make_loader(ds, 8, train=False), criterion, compute).metrics
+    return engine.evaluate(model, recipe.make_loader(ds, 8, train=False), criterion, compute).metrics
 
 
 def test_readme_documents_the_two_node_commands_this_test_runs():
