@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -45,11 +46,11 @@ import io_utils
 import phantom
 import presets
 import splits
+import tables
 from config import print_config, save_config, to_dict
 from errors import DataError
 from io_utils import RunLock, write_json
 from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
-from unified_dataset import apply_exclusions, load_dataset, read_split_csv, validate_frame
 
 SCRIPT = "age_split_testset"
 # What the phantom in <out-dir>/phantom was generated with (regenerated when the flags differ).
@@ -155,19 +156,22 @@ def load_checked(args: argparse.Namespace, run: columns.RunDir, bounds: tuple[fl
     data_csv, image_root, generated = _resolve_source(args, run)
     if generated:
         wrote["phantom_csv"] = data_csv
-    loaded = load_dataset(data_csv, image_root, fmt=args.format, image_col=args.image_col,
-                          patient_col=args.patient_col, age_col=args.age_col, label_col=args.label_col,
-                          age_bounds=bounds)
-    df = validate_frame(loaded, data_csv, check_images=not args.no_image_check, skip_bad=args.skip_bad,
-                        rejected_csv=run.rejected_csv, age_bounds=bounds, decode=args.decode_check)
+    column_map = tables.ColumnMap(image=args.image_col, patient=args.patient_col, age=args.age_col,
+                                  label=args.label_col)
+    loaded = tables.load_dataset(data_csv, image_root, fmt=args.format, column_map=column_map, age_bounds=bounds)
+    # stage 1 starts the rejected rows afresh; later stages add theirs
+    df = tables.validate_frame(loaded, data_csv,
+                               tables.Checks(images=not args.no_image_check, decode=args.decode_check),
+                               tables.BadRows(skip=args.skip_bad, rejected_csv=run.rejected_csv, append=False),
+                               age_bounds=bounds)
     n_rejected = int(df.attrs.get("n_rejected", 0))
     if n_rejected:
         wrote["rejected_csv"] = run.rejected_csv
     image_check = df.attrs.get("image_check", {"mode": "none"})
-    df, excl = apply_exclusions(df, args.exclude)
+    df, excl = tables.apply_exclusions(df, args.exclude)
     print(f"{data_csv}: {len(loaded)} rows, {n_rejected} rejected, excluded {excl['excluded']} "
           f"-> {len(df)} images of {df['patient_id'].nunique()} patients")
-    check_coverage(df, data_csv, columns.num_age_groups(bounds), bounds=bounds)
+    check_coverage(df, data_csv, bounds)
     lookalikes = columns.lookalike_patient_ids(df["patient_id"])
     if lookalikes:
         shown = "; ".join(" / ".join(repr(i) for i in g) for g in lookalikes[:3])
@@ -188,7 +192,7 @@ def _check_unrecorded_test(test: pd.DataFrame, usable: pd.DataFrame, test_csv: P
     if not pool_csv.is_file():
         return
     known = set(columns.patient_ids(test["patient_id"])) | set(
-        columns.patient_ids(read_split_csv(pool_csv, validate=False)["patient_id"]))
+        columns.patient_ids(tables.read_split_csv(pool_csv, validate=False)["patient_id"]))
     missing = sorted(set(columns.patient_ids(usable["patient_id"])) - known)
     if missing:
         shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
@@ -204,7 +208,7 @@ def fixed_test_set(args: argparse.Namespace, run: columns.RunDir, df: pd.DataFra
     test_csv, data_csv = run.test_csv, source["path"]
     if test_csv.is_file() and not args.force:
         print(f"{test_csv}: exists, reusing it as the fixed test set (pass --force to re-draw it)")
-        test = read_split_csv(test_csv)
+        test = tables.read_split_csv(test_csv)
         identity = splits.recorded_test_identity(run.test_manifest) if run.test_manifest.is_file() else None
         if identity is not None:
             splits.verify_test_set(test, test_csv, identity,
@@ -225,12 +229,24 @@ def fixed_test_set(args: argparse.Namespace, run: columns.RunDir, df: pd.DataFra
     return test, {"kept": False, "drawn": drawn, "identity": None}
 
 
-def write_splits(args: argparse.Namespace, run: columns.RunDir, test: pd.DataFrame, pool: pd.DataFrame,
-                 test_set: dict[str, Any], source: dict[str, Any], counts: dict[str, Any],
-                 bounds: tuple[float, ...], stale: dict[Path, int]) -> None:
+@dataclasses.dataclass(frozen=True)
+class Drawn:
+    """What stage 1 writes: the test set and what the manifest says about it
+    (:func:`fixed_test_set`), the pool, their counts, and the split files that a re-drawn
+    test set made stale (path -> images of test patients in it)."""
+    test: pd.DataFrame
+    pool: pd.DataFrame
+    test_set: dict[str, Any]
+    counts: dict[str, Any]
+    stale: dict[Path, int]
+
+
+def write_splits(args: argparse.Namespace, run: columns.RunDir, drawn: Drawn, source: dict[str, Any],
+                 bounds: tuple[float, ...]) -> None:
     """The test set (when drawn), the pool and the manifest. They describe each other: all
     three are written before any replaces its old version, so a failure (a full disk) leaves
     the old ones."""
+    test, pool, test_set, counts, stale = drawn.test, drawn.pool, drawn.test_set, drawn.counts, drawn.stale
     kept = test_set["kept"]
     targets = ([] if kept else [run.test_csv]) + [run.pool_csv, run.test_manifest]
     with io_utils.atomic_paths(targets) as tmps:
@@ -240,7 +256,7 @@ def write_splits(args: argparse.Namespace, run: columns.RunDir, test: pd.DataFra
         written_test = tmp.get(run.test_csv, run.test_csv)
         identity = test_set["identity"]
         if identity is None:  # from the file as written, exactly what later stages read back
-            identity = splits.identity_of_test_set(read_split_csv(written_test))
+            identity = splits.identity_of_test_set(tables.read_split_csv(written_test))
         write_split_csv(pool, tmp[run.pool_csv], "pool")
         manifest = {
             "stage": SCRIPT, "seed": args.split_seed, "test_frac": args.test_frac,
@@ -274,11 +290,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         check_disjoint(frames)
         splits.check_images_disjoint(frames)
         for name, frame in frames.items():
-            check_coverage(frame, name, n_groups, bounds=bounds)
+            check_coverage(frame, name, bounds)
         stale = _stale_splits(run, test)
         counts = split_counts({"test": test, "pool": pool}, n_groups)
         print(describe(counts))
-        write_splits(args, run, test, pool, test_set, source, counts, bounds, stale)
+        write_splits(args, run, Drawn(test, pool, test_set, counts, stale), source, bounds)
         if not test_set["kept"]:
             wrote["test_csv"] = run.test_csv
         wrote["pool_csv"], wrote["manifest"] = run.pool_csv, run.test_manifest

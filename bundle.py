@@ -42,7 +42,7 @@ ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
 ONNX_OPSET = 17
 BACKENDS = ("torch", "onnxruntime")
-# The preprocessing every input gets before any model sees it (unified_dataset.read_image,
+# The preprocessing every input gets before any model sees it (image_io.read_image,
 # letterbox, build_transforms); timm's own transforms do not reproduce the first three steps.
 PREPROCESSING: tuple[str, ...] = (
     "read the image at its full bit depth (16-bit PNG, DICOM with its rescale and MONOCHROME1 inverted, "
@@ -64,7 +64,7 @@ def pipeline_meta(lm: inference.LoadedModel) -> dict[str, Any]:
     meta = lm.meta
     return {"name": lm.name, "kind": meta.get("kind"), "class_names": list(meta.get("class_names") or []),
             "img_size": lm.img_size, "mean": lm.mean, "std": lm.std, "in_chans": 1,
-            "age_bounds": list(meta.get("age_bounds") or columns.AGE_BOUNDS),
+            "age_bounds": list(meta["age_bounds"]) if meta.get("age_bounds") is not None else None,
             "age_group": meta.get("age_group"), "channels_last": lm.channels_last,
             "epoch": meta.get("epoch"), "source_checkpoint": lm.path.name if lm.path else None,
             "preprocessing": list(PREPROCESSING)}
@@ -190,9 +190,21 @@ def load_routed_export(export_dir: str | os.PathLike, device: torch.device,
     if age is None:
         raise errors.CheckpointError(f"{export_dir / columns.SYSTEM_JSON}: no age classifier")
     bounds = tuple(float(b) for b in system["age_bounds"])
+    names = system.get("age_group_names")
+    if names is not None and len(names) != len(bounds) + 1:
+        raise errors.CheckpointError(f"{export_dir / columns.SYSTEM_JSON}: {len(names)} age group names for the "
+                                     f"{len(bounds) + 1} groups of age_bounds {list(bounds)}")
+    if age.num_classes != len(bounds) + 1:
+        raise errors.CheckpointError(f"{age.path}: {age.num_classes} classes for the {len(bounds) + 1} age groups "
+                                     f"of {columns.SYSTEM_JSON}'s age_bounds {list(bounds)}")
     groups = {g: lm for g in range(len(bounds) + 1) if (lm := load(columns.group_role(g))) is not None}
     routed = inference.RoutedModels(age=age, groups=groups, pooled=load(columns.POOLED_ROLE), age_bounds=bounds,
                                     pooled_continued=load(columns.CONTROL_ROLE))
+    for lm in model_keys(routed).values():
+        own = lm.meta.get("age_bounds")
+        if own is not None and tuple(float(b) for b in own) != bounds:
+            raise errors.CheckpointError(f"{lm.path}: trained with age bounds {list(own)}, but "
+                                         f"{columns.SYSTEM_JSON} says {list(bounds)}; re-export the run (export.py)")
     for g in range(routed.n_groups):
         if g not in groups:
             routed.model_for_group(g)  # raises when there is no pooled model to serve it

@@ -60,6 +60,7 @@ SOURCE_COLUMNS: tuple[str, ...] = (
     "initial_exam", "ao_classification", "cast", "diagnosis_uncertain", "osteopenia",
     "fracture_visible", "metal", "pixel_spacing", "device_manufacturer",
 )
+# Stage 3's columns with the default bounds' three groups; prediction_columns(n) for n groups.
 PREDICTION_COLUMNS: tuple[str, ...] = (
     "age_group_label", "age_group_prob_0", "age_group_prob_1", "age_group_prob_2",
 )
@@ -230,8 +231,21 @@ def column(name: str) -> Column:
     return BY_NAME[name]
 
 
-def num_age_groups(bounds: Sequence[float] = AGE_BOUNDS) -> int:
+def num_age_groups(bounds: Sequence[float]) -> int:
     return len(bounds) + 1
+
+
+def prediction_columns(n_groups: int) -> tuple[str, ...]:
+    """The columns stage 3 writes for ``n_groups`` age groups: the label, then one probability each."""
+    return ("age_group_label",) + tuple(f"age_group_prob_{g}" for g in range(n_groups))
+
+
+def _contract(name: str) -> Column | None:
+    """The contract of column ``name``; the probability of an age group beyond the default
+    three shares group 0's."""
+    if name not in BY_NAME and re.fullmatch(r"age_group_prob_\d+", name):
+        return BY_NAME["age_group_prob_0"]
+    return BY_NAME.get(name)
 
 
 def _check_bounds(bounds: Sequence[float]) -> tuple[float, ...]:
@@ -322,12 +336,12 @@ def coerce_frame(df: pd.DataFrame) -> pd.DataFrame:
     ``str`` -> Python strings (missing -> ""), ``float`` -> float64 (unparsable ->
     NaN), ``int`` -> int64, or pandas nullable ``Int64`` when values are missing.
     Integer columns holding non-integral numbers (e.g. a label of 0.5) are left as
-    float so that :func:`unified_dataset.validate_frame` can name the bad row
+    float so that :func:`tables.validate_frame` can name the bad row
     instead of the cast silently rounding it.
     """
     out = df.copy()
     for name in out.columns:
-        col = BY_NAME.get(name)
+        col = _contract(name)
         if col is None:
             continue
         s = out[name]

@@ -50,8 +50,8 @@ import distributed
 import logs
 import metrics
 import models
+import tables
 import train_config
-import unified_dataset
 from errors import ResumeError
 from io_utils import write_csv
 from models import load_checkpoint, save_checkpoint
@@ -676,7 +676,7 @@ def _result(files: RunFiles, best_epoch: int | None, best_metrics: Mapping[str, 
 # --------------------------------------------------------------------------- images checked before use
 def decode_pass(df: pd.DataFrame, img_size: int, *, cache_dir: str | Path | None, skip_bad: bool,
                 rejected_csv: str | Path | None, progress: bool = False) -> pd.DataFrame:
-    """``unified_dataset.check_decodable`` before the first epoch or inference: rank 0 decodes
+    """``tables.check_decodable`` before the first epoch or inference: rank 0 decodes
     (into the cache) and every rank gets the same rows back.
 
     Every image is decoded here anyway (the cache warm-up), so this is where a file that
@@ -685,8 +685,8 @@ def decode_pass(df: pd.DataFrame, img_size: int, *, cache_dir: str | Path | None
     """
     kept = None
     if distributed.is_main():
-        kept = unified_dataset.check_decodable(df, img_size, cache_dir, skip_bad=skip_bad,
-                                               rejected_csv=rejected_csv, progress=progress)
+        kept = tables.check_decodable(df, img_size, cache_dir,
+                                      tables.BadRows(skip=skip_bad, rejected_csv=rejected_csv), progress=progress)
     dropped = distributed.broadcast_object(
         [r for r in df.index if r not in kept.index] if kept is not None else None)
     if kept is None:

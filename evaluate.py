@@ -34,7 +34,7 @@ model (skipped in training as too small) is served by the pooled model, and the 
 
 Inputs (all derived from --out-dir unless given)
   <out>/age_test.csv, <out>/age_val_tmp.csv
-  <out>/saved_agegroup_models/{age_classifier, fracture_classifier_agegroup{0,1,2},
+  <out>/saved_agegroup_models/{age_classifier, fracture_classifier_agegroup{0..G-1},
                                fracture_classifier_pooled[_continued]}.pt  (+ <stem>_metrics.csv)
 Outputs
   <out>/test_predictions.csv   per test image: true/predicted age group, every system's
@@ -85,7 +85,7 @@ import presets
 import recalibration
 import report
 import splits
-import unified_dataset
+import tables
 from config import print_config, save_config, to_dict
 from io_utils import to_jsonable, write_csv, write_json
 from presets import AMP_MODES
@@ -815,12 +815,15 @@ def load_and_infer(args: argparse.Namespace, paths: Mapping[str, Path], device: 
                    distributed_info: str) -> tuple[inference.RoutedModels, Split, Split, dict[str, int], list[str]]:
     """The checked CSVs and models, every image decoded, and every model's inference on
     validation and test (sharded under torchrun: every rank calls this)."""
-    test_df = unified_dataset.read_split_csv(paths["test_csv"])
-    val_df = unified_dataset.read_split_csv(paths["val_csv"])
+    test_df = tables.read_split_csv(paths["test_csv"])
+    val_df = tables.read_split_csv(paths["val_csv"])
     for note in splits.check_splits({str(paths["test_csv"]): test_df, str(paths["val_csv"]): val_df},
                                     paths["test_csv"], also=[columns.RunDir(paths["out"]).train_csv]):
         engine.log(f"note: {note}")
     routed = inference.load_routed_models(paths["models_dir"], device)
+    # the true groups, the oracle and the age subgroups all follow the checkpoints' bounds
+    splits.recorded_age_groups(paths["test_csv"], routed.age_bounds, given_by=f"{routed.age.path.name}'s",
+                               remedy="retrain the models of this run (run_all_training.py --from-stage 3)")
     for note in splits.check_trained_apart({lm.path: lm.meta for lm in inference.loaded_models(routed) if lm.path},
                                            paths["test_csv"]):
         engine.log(f"note: {note}")
@@ -860,7 +863,7 @@ def checklist_items(paths: Mapping[str, Path], val: Split, test: Split, extra: M
     calibrated, thresholds = extra["calibrated"], extra["thresholds"]
     frames = {"test": test.df.assign(age_group=test.true_group), "val": val.df.assign(age_group=val.true_group)}
     if run.train_csv.is_file():
-        frames["train"] = unified_dataset.read_split_csv(run.train_csv, validate=False)
+        frames["train"] = tables.read_split_csv(run.train_csv, validate=False)
     shown = [s for s in UTILITY_SYSTEMS if s in calibrated.prob]
     pred = (test.out.prob["hard"] >= thresholds["hard"]).astype(int)
     # ranked by the calibrated probability: the group models' raw scales differ, so raw

@@ -51,11 +51,12 @@ import calibration
 import columns
 import environment
 import errors
+import image_io
 import inference
 import models
 import presets
 import recipe
-import unified_dataset
+import tables
 from config import print_config, to_dict
 from io_utils import write_json, write_text
 
@@ -96,7 +97,7 @@ def parity_rows(df: pd.DataFrame, n: int) -> pd.DataFrame:
     """The first ``n`` rows whose image decodes (stage 5 may have left some out, --skip-bad)."""
     keep = []
     for idx, path in df["image_path"].astype(str).items():
-        if unified_dataset.check_image_file(Path(path), decode=True) is None:
+        if image_io.check_image_file(Path(path), decode=True) is None:
             keep.append(idx)
             if len(keep) == n:
                 break
@@ -385,7 +386,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     parity_csv = Path(args.parity_csv or run.test_csv)
     if not parity_csv.is_file():
         raise errors.DataError(f"{parity_csv}: not found; the parity checks need real images (--parity-csv)")
-    df = parity_rows(unified_dataset.read_split_csv(parity_csv), args.parity_images)
+    df = parity_rows(tables.read_split_csv(parity_csv), args.parity_images)
     metrics = json.loads(run.metrics_json.read_text(encoding="utf-8")) if run.metrics_json.is_file() else None
     entries: dict[str, Any] = {}
     for key, lm in bundle.model_keys(routed).items():

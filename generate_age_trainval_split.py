@@ -35,11 +35,11 @@ import environment
 import errors
 import presets
 import splits
+import tables
 from config import print_config, save_config, to_dict
 from errors import DataError
 from io_utils import RunLock, write_json
 from splits import check_coverage, check_disjoint, describe, file_sha256, split_counts, split_patients, write_split_csv
-from unified_dataset import read_split_csv, validate_frame
 
 SCRIPT = "generate_age_trainval_split"
 
@@ -60,20 +60,6 @@ def _stage1_manifest(run: columns.RunDir) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _bounds(args: argparse.Namespace, run: columns.RunDir) -> tuple[float, ...]:
-    recorded = None
-    path = run.test_manifest
-    if path.is_file():
-        recorded = tuple(float(b) for b in _stage1_manifest(run).get("age_bounds", columns.AGE_BOUNDS))
-    if args.age_bounds is None:
-        return recorded or columns.AGE_BOUNDS
-    wanted = tuple(float(b) for b in args.age_bounds)
-    if recorded is not None and wanted != recorded:
-        raise DataError.at(path, None, f"stage 1 used --age-bounds {list(recorded)}, not {list(wanted)}: "
-                           "re-run age_split_testset.py with the new bounds and --force")
-    return wanted
-
-
 def _check_groups(df, path: Path, bounds: tuple[float, ...]) -> None:
     """age_group must follow from age; a mismatch means a CSV from other bounds was mixed in."""
     expect = columns.age_to_group(df["age"].to_numpy(), bounds)
@@ -87,15 +73,15 @@ def _check_groups(df, path: Path, bounds: tuple[float, ...]) -> None:
 def checked_pool(args: argparse.Namespace, run: columns.RunDir, pool_csv: Path, test_csv: Path,
                  bounds: tuple[float, ...], wrote: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The test set and the validated pool, checked against each other and the age bounds."""
-    test = read_split_csv(test_csv)
-    pool = read_split_csv(pool_csv, validate=False)
+    test = tables.read_split_csv(test_csv)
+    pool = tables.read_split_csv(pool_csv, validate=False)
     check_images = not args.no_image_check
     if check_images and _stage1_manifest(run).get("image_check", {}).get("mode") == "none":
         print(f"{run.test_manifest}: stage 1 split without looking at the images (--no-image-check): so does "
               "this stage")
         check_images = False
-    pool = validate_frame(pool, pool_csv, check_images=check_images, skip_bad=args.skip_bad,
-                          rejected_csv=run.rejected_csv, append_rejected=True)
+    pool = tables.validate_frame(pool, pool_csv, tables.Checks(images=check_images),
+                                 tables.BadRows(skip=args.skip_bad, rejected_csv=run.rejected_csv))
     if pool.attrs.get("n_rejected"):
         wrote["rejected_csv"] = run.rejected_csv
     for note in splits.check_splits({str(test_csv): test, str(pool_csv): pool}, test_csv):
@@ -114,7 +100,7 @@ def train_and_val(args: argparse.Namespace, run: columns.RunDir, pool: pd.DataFr
     if not args.force and train_csv.is_file() and val_csv.is_file() and old.get("recipe") == recipe:
         print(f"{train_csv.name}, {val_csv.name}: exist and match {pool_csv.name} (same content, seed and "
               "fraction): keeping them (pass --force to re-draw)")
-        return read_split_csv(train_csv), read_split_csv(val_csv), True
+        return tables.read_split_csv(train_csv), tables.read_split_csv(val_csv), True
     if train_csv.is_file() or val_csv.is_file():
         why = "--force" if args.force else "the pool, seed or fraction changed"
         print(f"{train_csv.name}, {val_csv.name}: re-drawing them ({why})")
@@ -134,7 +120,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     wrote: dict[str, Any] = {}
     with RunLock(run.root):
         wrote["config"] = save_config(cfg, run.config(SCRIPT))
-        bounds = _bounds(args, run)
+        bounds, _ = splits.recorded_age_groups(test_csv, args.age_bounds)
         n_groups = columns.num_age_groups(bounds)
         test, pool = checked_pool(args, run, pool_csv, test_csv, bounds, wrote)
         pool_sha = file_sha256(pool_csv)
@@ -144,7 +130,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         frames = {str(run.train_csv): train, str(run.val_csv): val, str(test_csv): test}
         check_disjoint(frames)
         for name, df in frames.items():
-            check_coverage(df, name, n_groups, bounds=bounds)
+            check_coverage(df, name, bounds)
         if not kept:
             wrote["train_csv"] = write_split_csv(train, run.train_csv, "train")
             wrote["val_csv"] = write_split_csv(val, run.val_csv, "val")

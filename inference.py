@@ -29,6 +29,7 @@ import distributed
 import engine
 import environment
 import errors
+import image_io
 import models
 import recipe
 import unified_dataset
@@ -74,7 +75,7 @@ class RoutedModels:
     age: LoadedModel
     groups: dict[int, LoadedModel]
     pooled: LoadedModel | None
-    age_bounds: tuple[float, ...] = columns.AGE_BOUNDS
+    age_bounds: tuple[float, ...]
     notes: list[str] = field(default_factory=list)
     pooled_continued: LoadedModel | None = None
 
@@ -163,7 +164,10 @@ def load_routed_models(models_dir: str | os.PathLike, device: torch.device,
         raise errors.CheckpointError(f"{age_path}: age classifier checkpoint not found "
                                      "(run train_age_classifier.py, or pass --models-dir)")
     age = load_model(age_path, columns.AGE_MODEL, device, "age")
-    bounds = tuple(float(b) for b in (age.meta.get("age_bounds") or columns.AGE_BOUNDS))
+    if not age.meta.get("age_bounds"):
+        raise errors.CheckpointError(f"{age_path}: records no age bounds, so its groups are unknown; retrain it "
+                                     "(train_age_classifier.py)")
+    bounds = tuple(float(b) for b in age.meta["age_bounds"])
     n_groups = len(bounds) + 1
     if age.num_classes != n_groups:
         raise errors.CheckpointError(f"{age_path}: {age.num_classes} classes for {n_groups} age "
@@ -404,8 +408,8 @@ def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
                  tta: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(image, CAM) for each row of ``df`` explained by model ``lm``, both at the ORIGINAL
     image's resolution: the image in the display window the model sees (its 0.5/99.5
-    percentile normalisation, ``unified_dataset.read_image``), the CAM mapped back from the
-    letterboxed model input (``unified_dataset.unletterbox``). One row at a time, since
+    percentile normalisation, ``image_io.read_image``), the CAM mapped back from the
+    letterboxed model input (``image_io.unletterbox``). One row at a time, since
     full-size images add up."""
     if len(df) == 0:
         return
@@ -414,8 +418,8 @@ def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
     paths = iter(df["image_path"].astype(str))
     for x, _ in loader:
         for m in gradcam(model, x.to(device)):
-            image = unified_dataset.read_image(next(paths))
-            yield image, unified_dataset.unletterbox(m, image.shape)
+            image = image_io.read_image(next(paths))
+            yield image, image_io.unletterbox(m, image.shape)
 
 
 def overlay_png_bytes(image: np.ndarray, cam: np.ndarray, lines: Sequence[str] = ()) -> bytes:

@@ -1,4 +1,4 @@
-"""Atomic file writes and the per-output-directory run lock.
+"""File I/O: atomic writes, the per-output-directory run lock, and file work on threads.
 
 Every file the pipeline writes goes through :func:`atomic_write` (or one of its
 wrappers) so that a reader, or a run resumed after a crash, never sees a
@@ -18,12 +18,16 @@ import argparse
 import contextlib
 import enum
 import errno
+import itertools
 import json
 import math
 import os
 import re
+import signal
 import socket
 import tempfile
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -45,6 +49,56 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def run_threaded(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
+                 on_result: Callable[[int, Any], None], chunksize: int = 1) -> None:
+    """Call ``fn(item)`` for every item on ``workers`` threads and ``on_result(index, result)``
+    in the calling thread, in completion order. An exception of ``fn`` propagates.
+
+    Work is handed out a few chunks at a time, and however this returns (an exception, a
+    Ctrl-C) the running chunks are finished and the pending ones dropped first: a thread
+    still inside OpenCV while the interpreter shuts down aborts the process ("terminate
+    called without an active exception", SIGABRT) instead of the Ctrl-C's exit status 130.
+    The Ctrl-C itself is only noted while the threads run and raised here once they have
+    stopped: a KeyboardInterrupt raised inside ``threading.Condition.wait`` can leave its
+    lock released and turn into "RuntimeError: release unlocked lock".
+    """
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        for i, item in enumerate(items):
+            on_result(i, fn(item))
+        return
+    chunks = iter([range(s, min(s + chunksize, len(items))) for s in range(0, len(items), chunksize)])
+
+    def run_chunk(idx: range) -> list[tuple[int, Any]]:
+        return [(i, fn(items[i])) for i in idx]
+
+    interrupted = threading.Event()
+    # only the main thread can take signals, and only Python's own Ctrl-C handler is replaced
+    own_handler = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if own_handler:
+        signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    pool = ThreadPoolExecutor(max_workers=workers)
+    pending = {pool.submit(run_chunk, c) for c in itertools.islice(chunks, 2 * workers)}
+    try:
+        while pending and not interrupted.is_set():
+            done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+            for fut in done:
+                for i, res in fut.result():
+                    on_result(i, res)
+                nxt = next(chunks, None)
+                if nxt is not None:
+                    pending.add(pool.submit(run_chunk, nxt))
+    finally:
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+        if own_handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 def disk_full_cause(exc: BaseException | None) -> OSError | None:

@@ -18,7 +18,7 @@ Inputs
   --backend                 torch, or onnxruntime (the export's model.onnx files; no Grad-CAM)
 Outputs
   --output CSV              one row per image: image_path, age_group_label, age_group_name,
-                            age_group_prob_0..2 (calibrated), fracture_model, fracture_prob
+                            age_group_prob_0..G-1 (calibrated), fracture_model, fracture_prob
                             (calibrated), fracture_prob_raw, fracture_label, threshold (applies to
                             the raw probability, as chosen on validation), threshold_source,
                             calibration, routing, tta, backend, cam_path
@@ -48,9 +48,9 @@ import bundle
 import calibration
 import columns
 import errors
+import image_io
 import inference
 import presets
-import unified_dataset
 from config import print_config, to_dict
 from distributed import resolve_device
 from inference import ROUTINGS, cam_examples, combine_routes, load_routed_models, overlay_png_bytes, route
@@ -69,7 +69,7 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 dirs.sort()
                 for f in sorted(files):
                     fp = Path(root) / f
-                    if unified_dataset.is_image_file(fp):
+                    if image_io.is_image_file(fp):
                         found.append(fp)
         elif p.exists():
             found.append(p)
@@ -85,12 +85,12 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def check_readable(files: Sequence[Path], skip_bad: bool = False) -> tuple[list[Path], list[str]]:
-    """Decode every file once up front (``unified_dataset.check_image_file``: a non-regular
+    """Decode every file once up front (``image_io.check_image_file``: a non-regular
     file, a broken or degenerate image is refused), so a bad one fails here with its name
     rather than inside a DataLoader worker. Returns (good files, messages about skipped ones)."""
     good, bad = [], []
     for f in files:
-        reason = unified_dataset.check_image_file(f, decode=True)
+        reason = image_io.check_image_file(f, decode=True)
         if reason is None:
             good.append(f)
             continue
@@ -181,6 +181,16 @@ def load_models(models_dir: Path, device: Any, backend: str) -> tuple[Any, dict[
                          "re-run evaluate.py")
             params = None
     return routed, params, notes
+
+
+def group_names(routed: inference.RoutedModels) -> tuple[str, ...]:
+    """The age groups' names as the age classifier recorded them (its class names, from its
+    checkpoint or its export folder), which must name every group of the bounds it routes by."""
+    names = tuple(str(n) for n in routed.age.meta.get("class_names") or ())
+    if len(names) != routed.n_groups:
+        raise errors.CheckpointError(f"{routed.age.path}: {len(names)} class names for the {routed.n_groups} age "
+                                     f"groups of its age bounds {list(routed.age_bounds)}")
+    return names
 
 
 def calibrated_frame(res: pd.DataFrame, params: dict[str, Any] | None, routing: str, n_groups: int) -> pd.DataFrame:
@@ -294,7 +304,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     res = route(routed, df, device, args.routing, tta=args.tta, batch_size=args.batch_size,
                 workers=args.workers)
     res = calibrated_frame(res, params, args.routing, routed.n_groups)
-    names = columns.age_group_names(routed.age_bounds)
+    names = group_names(routed)
     out = pd.concat([df, res], axis=1)
     out.insert(2, "age_group_name", [names[g] for g in out["age_group_label"]])
     if isinstance(threshold, dict):

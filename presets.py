@@ -387,11 +387,13 @@ _DATA_OPTIONS: tuple[dict[str, Any], ...] = (
      "help": "share of the other patients in the validation set (0-0.5]"},
     {"flags": ("--split-seed", "--seed"), "stages": ("testset", "trainval"), "type": int, "default": 42,
      "help": "random seed of the patient split"},
-    {"flags": ("--age-bounds",), "stages": ("testset", "trainval"), "type": float, "nargs": "+",
+    {"flags": ("--age-bounds",), "stages": ("testset", "trainval", "train"), "type": float, "nargs": "+",
      "action": AgeBoundsAction,
-     "default": {"testset": list(columns.AGE_BOUNDS), "trainval": None},
+     "default": {"testset": list(columns.AGE_BOUNDS), "trainval": None, "train": None},
      "help": {"testset": "age group boundaries in years (group g: bounds[g-1] <= age < bounds[g])",
               "trainval": "age group boundaries (default: those recorded by stage 1; must match them)",
+              "train": "age group boundaries (default: those stage 1 recorded in age_test_split.json; "
+                       "must match them)",
               "driver": "age group boundaries in years (group g: bounds[g-1] <= age < bounds[g]) "
                         "[default: 8 15]"}},
     {"flags": ("--skip-bad",), "stages": DATA_STAGES, "action": "store_true", "default": False,

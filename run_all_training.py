@@ -6,7 +6,7 @@ training and evaluation stages with ``--nproc-per-node N``):
   1  age_split_testset.py            dataset -> age_test.csv (fixed), age_pool.csv
   2  generate_age_trainval_split.py  pool -> age_train_tmp.csv, age_val_tmp.csv
   3  train_age_classifier.py         -> age_classifier.pt; age_group_label in all three CSVs
-  4  train_fracture_per_agegroup.py  -> fracture_classifier_agegroup{0,1,2}.pt
+  4  train_fracture_per_agegroup.py  -> fracture_classifier_agegroup{0..G-1}.pt, one per age group
                                         (+ fracture_classifier_pooled.pt unless --no-pooled, and with
                                         --init-from-pooled the equal-budget control
                                         fracture_classifier_pooled_continued.pt unless --no-control)
@@ -301,7 +301,8 @@ def summary_table(state: RunState, out: Path) -> str:
     models: list[tuple[str, dict]] = []
     r3 = state.stages.get("3", {}).get("result")
     if r3:
-        models.append(("age classifier (3 groups, macro-F1)", r3))
+        n_groups = len(r3.get("predicted_group_counts", {}).get("train", []))
+        models.append((f"age classifier ({n_groups} groups, macro-F1)", r3))
     r4 = state.stages.get("4", {}).get("result")
     if r4:
         for key, m in r4["models"].items():

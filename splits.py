@@ -26,7 +26,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 import columns
-import unified_dataset
+import tables
 from errors import CheckpointError, DataError
 from io_utils import write_csv
 
@@ -110,14 +110,14 @@ def check_disjoint(frames: Mapping[str, pd.DataFrame]) -> None:
                                    f"{n} patient(s) shared: splits must be patient-disjoint")
 
 
-def check_coverage(df: pd.DataFrame, name: Any, n_groups: int, groups: Sequence[int] | None = None,
-                   bounds: Sequence[float] = columns.AGE_BOUNDS) -> None:
-    """Raise ``DataError`` if ``df`` is empty or lacks one of the age ``groups`` (default: all)."""
+def check_coverage(df: pd.DataFrame, name: Any, bounds: Sequence[float], groups: Sequence[int] | None = None) -> None:
+    """Raise ``DataError`` if ``df`` is empty or lacks one of the age ``groups`` (default: all
+    groups of the age ``bounds``)."""
     if df.empty:
         raise DataError.at(name, None, "empty split: no images")
-    names = columns.age_group_names(bounds) if len(bounds) + 1 == n_groups else tuple(map(str, range(n_groups)))
+    names = columns.age_group_names(bounds)
     present = set(df["age_group"].astype(int).tolist())
-    for g in (groups if groups is not None else range(n_groups)):
+    for g in (groups if groups is not None else range(columns.num_age_groups(bounds))):
         if g not in present:
             raise DataError.at(name, None, f"age group {g} ({names[g]}) has no images; every split needs "
                                "each age group (use more data, another --split-seed or fraction, or other --age-bounds)")
@@ -243,6 +243,46 @@ def verify_test_set(test: pd.DataFrame, test_csv: str | os.PathLike, recorded: M
                            + describe_identity_change(recorded, now) + f"); {remedy}")
 
 
+# --------------------------------------------------------------------------- the run's age groups
+def _bounds_text(bounds: Sequence[float]) -> str:
+    return " ".join(f"{float(b):g}" for b in bounds)
+
+
+def recorded_age_groups(test_csv: str | os.PathLike, given: Sequence[float] | None = None,
+                        given_by: str = "--age-bounds",
+                        remedy: str = "leave the option out (stages 2-5 follow stage 1), or re-draw the splits "
+                                      "with those bounds (age_split_testset.py --age-bounds ... --force)"
+                        ) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """The age bounds and group names of the run whose fixed test set is ``test_csv``: those
+    stage 1 recorded in ``age_test_split.json`` beside it, the one source every later stage
+    takes them from. ``given`` (a stage's ``--age-bounds``, or what a checkpoint recorded,
+    described by ``given_by``) must match them, else ``DataError`` in one line naming both.
+    Without a manifest that records them, ``given`` is used; without either, ``DataError``."""
+    manifest = Path(test_csv).parent / columns.TEST_MANIFEST
+    data: dict[str, Any] = {}
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError.at(manifest, None, f"cannot read stage 1's manifest ({exc}); restore it, or re-draw "
+                               "the test set with age_split_testset.py --force") from None
+    recorded = data.get("age_bounds") if isinstance(data, dict) else None
+    if recorded is None:
+        if given is None:
+            raise DataError.at(manifest, None, "no age bounds recorded (stage 1 writes them): run "
+                               "age_split_testset.py first, or pass --age-bounds")
+        bounds = tuple(float(b) for b in given)
+        return bounds, columns.age_group_names(bounds)
+    bounds = tuple(float(b) for b in recorded)
+    if given is not None and tuple(float(b) for b in given) != bounds:
+        raise DataError.at(manifest, None, f"stage 1 used --age-bounds {_bounds_text(bounds)}, not {given_by} "
+                           f"{_bounds_text(given)}: {remedy}")
+    names = data.get("age_group_names")
+    if not isinstance(names, list) or len(names) != len(bounds) + 1:
+        names = columns.age_group_names(bounds)
+    return bounds, tuple(str(n) for n in names)
+
+
 def check_images_disjoint(frames: Mapping[str, pd.DataFrame]) -> None:
     """Raise ``DataError`` if one image path is in two of ``frames`` (name -> frame)."""
     items = list(frames.items())
@@ -271,7 +311,7 @@ def check_splits(frames: Mapping[str, pd.DataFrame], test_csv: str | os.PathLike
     frames = dict(frames)
     for path in also:
         if str(path) not in frames and Path(path).is_file():
-            frames[str(path)] = unified_dataset.read_split_csv(path, validate=False)
+            frames[str(path)] = tables.read_split_csv(path, validate=False)
     notes = []
     if test_csv is not None:
         manifest = Path(test_csv).parent / columns.TEST_MANIFEST

@@ -1,6 +1,8 @@
 """Stage 4: train one binary fracture classifier per age group (or one pooled baseline).
 
-For each group g (``--groups``, default all), the train and val rows whose
+The age groups are those of the bounds stage 1 used (recorded in ``age_test_split.json``
+beside the test CSV; ``--age-bounds``, if given, must match them). For each group g
+(``--groups``, default all), the train and val rows whose
 ``--group-column`` (default ``age_group_label``, the PREDICTED group written by stage 3;
 ``age_group`` for the true group) equals g train a fracture classifier: focal loss
 (alpha 0.25, gamma 2 by default), class-balanced sampling (torchsampler's
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import pandas as pd
 
@@ -49,13 +51,12 @@ import errors
 import presets
 import recipe
 import splits
+import tables
 import train_config
-from columns import AGE_BOUNDS, AGE_GROUP_NAMES
 from errors import DataError
 from io_utils import write_json
 from models import load_checkpoint, weights_sha256
 from presets import add_data_args, add_training_args
-from unified_dataset import read_split_csv
 
 CLASS_NAMES = ("no fracture", "fracture")
 TARGET = "fracture"
@@ -67,8 +68,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_data_args(parser, test_csv=True)  # read only to check the splits are still patient-disjoint
     presets.add_split_args(parser, "train")
     g = parser.add_argument_group("groups")
-    g.add_argument("--groups", type=int, nargs="+", default=None, choices=range(len(AGE_GROUP_NAMES)),
-                   help="age groups to train [default: all]")
+    g.add_argument("--groups", type=presets.non_negative_int, nargs="+", default=None,
+                   help="age groups to train, 0..G-1 for the G groups of stage 1's --age-bounds [default: all]")
     g.add_argument("--group-column", default="age_group_label", choices=("age_group_label", "age_group"),
                    help="route rows by the predicted (age_group_label) or the true (age_group) group "
                         "[default: age_group_label]")
@@ -133,9 +134,17 @@ class Job(NamedTuple):
     seed_suffix: str = ""
 
 
+def check_groups(groups: Sequence[int] | None, bounds: Sequence[float], names: Sequence[str]) -> None:
+    """Raise ``DataError`` (one line) for a ``--groups`` value that is not an age group of ``bounds``."""
+    bad = [g for g in groups or () if g >= len(names)]
+    if bad:
+        raise DataError(f"--groups {' '.join(map(str, bad))}: there are {len(names)} age groups, 0..{len(names) - 1} "
+                        f"({', '.join(names)}), with stage 1's --age-bounds {' '.join(f'{b:g}' for b in bounds)}")
+
+
 def plan_jobs(args: argparse.Namespace, cfg: train_config.TrainConfig, train_all: pd.DataFrame,
-              val_all: pd.DataFrame) -> list[Job]:
-    """Every model this run trains, in training order."""
+              val_all: pd.DataFrame, names: Sequence[str]) -> list[Job]:
+    """Every model this run trains, in training order; ``names``: the age groups' names."""
     pooled = Job(columns.POOLED_ROLE, "all age groups", None, train_all, val_all)
     if args.pooled:
         return [pooled]
@@ -143,8 +152,8 @@ def plan_jobs(args: argparse.Namespace, cfg: train_config.TrainConfig, train_all
         if args.group_column not in df.columns:
             raise DataError.at(path, 1, f"no column {args.group_column!r}; run train_age_classifier.py "
                                         f"first, or pass --group-column age_group")
-    groups = args.groups if args.groups is not None else range(len(AGE_GROUP_NAMES))
-    jobs = [Job(columns.group_role(g), f"age group {g} ({AGE_GROUP_NAMES[g]})", g,
+    groups = args.groups if args.groups is not None else range(len(names))
+    jobs = [Job(columns.group_role(g), f"age group {g} ({names[g]})", g,
                 rows_of_group(train_all, args.group_column, g), rows_of_group(val_all, args.group_column, g))
             for g in groups]
     if not cfg.init_from_pooled:
@@ -181,8 +190,9 @@ def continuation_config(cfg: train_config.TrainConfig) -> train_config.TrainConf
     return dataclasses.replace(cfg, epochs=epochs, warmup_epochs=0)
 
 
-def train_job(args: argparse.Namespace, cfg: train_config.TrainConfig, job: Job, device: Any) -> dict[str, Any]:
-    """Train one model (or find it finished); its result, or why it was skipped."""
+def train_job(args: argparse.Namespace, cfg: train_config.TrainConfig, job: Job, device: Any,
+              bounds: Sequence[float]) -> dict[str, Any]:
+    """Train one model (or find it finished) for the age ``bounds``; its result, or why it was skipped."""
     reason = skip_reason(job.train, job.val, args.min_rows)
     if reason:
         engine.log(f"== {job.label}: SKIPPED: {reason} ==")
@@ -195,7 +205,8 @@ def train_job(args: argparse.Namespace, cfg: train_config.TrainConfig, job: Job,
         init = continued_from(model_files(args, columns.POOLED_ROLE).best,
                               {"kind": "fracture", "model_name": cfg.model, "img_size": cfg.img_size})
         cfg = continuation_config(cfg)
-    task = recipe.Task("fracture", TARGET, CLASS_NAMES, AGE_BOUNDS, title=f"fracture classifier, {job.label}",
+    task = recipe.Task("fracture", TARGET, class_names=CLASS_NAMES, age_bounds=bounds,
+                       title=f"fracture classifier, {job.label}",
                        extra_meta={"age_group": job.group, "group_column": args.group_column, "role": job.role})
     result = recipe.train_classifier(cfg, task, recipe.Frames(job.train, job.val), files, device, init)
     result.pop("history")
@@ -205,21 +216,23 @@ def train_job(args: argparse.Namespace, cfg: train_config.TrainConfig, job: Job,
 def main(args: argparse.Namespace) -> dict[str, Any]:
     args = presets.resolve_paths(args)
     cfg = presets.resolve_config(args, "fracture")
+    bounds, names = splits.recorded_age_groups(args.test_csv, args.age_bounds)
+    check_groups(args.groups, bounds, names)
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
             config.print_config(config.to_dict(cfg.record()), "train_fracture_per_agegroup.py")
-        train_all, val_all = read_split_csv(args.train_csv), read_split_csv(args.val_csv)
+        train_all, val_all = tables.read_split_csv(args.train_csv), tables.read_split_csv(args.val_csv)
         frames = {str(args.train_csv): train_all, str(args.val_csv): val_all,
-                  str(args.test_csv): read_split_csv(args.test_csv, validate=False)}
+                  str(args.test_csv): tables.read_split_csv(args.test_csv, validate=False)}
         for note in splits.check_splits(frames, args.test_csv):
             engine.log(f"note: {note}")
-        first = plan_jobs(args, cfg, train_all, val_all)
-        models = {job.role: train_job(args, cfg, job, info.device) for job in first}
+        first = plan_jobs(args, cfg, train_all, val_all, names)
+        models = {job.role: train_job(args, cfg, job, info.device, bounds) for job in first}
         seeds = [cfg.seed + k for k in range(args.seeds)]
         for seed in seeds[1:]:
             for job in further_seed_jobs(cfg, first, seed):
                 models[job.role + job.seed_suffix] = train_job(args, dataclasses.replace(cfg, seed=seed), job,
-                                                               info.device)
+                                                               info.device, bounds)
         out = {"models": models, "group_column": args.group_column, "pooled": args.pooled, "seeds": seeds}
         if info.is_main and args.result_json:
             write_json(out, args.result_json)

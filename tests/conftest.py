@@ -15,12 +15,15 @@
 - ``damage_idat(path)``: corrupt a PNG's pixel data and leave everything else intact.
 - ``fit_config(out_dir, **changes)``: the demo preset's fracture config for ``engine.fit``
   on tiny tensors: fp32, default memory format, quiet, writing under ``out_dir``.
+- ``write_png_bomb(path)``: a small PNG whose header claims 50000 x 50000 pixels.
+- ``assert_one_line(exc, file, row, *words)``: the error is one line naming file (and row).
 """
 from __future__ import annotations
 
 import shutil
 import struct
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -63,6 +66,27 @@ def fit_config(out_dir: Path, **changes):
     cfg = presets.resolve_config(argparse.Namespace(), "fracture")
     return dataclasses.replace(cfg, **{"amp": "off", "channels_last": False, "quiet": True, "out_dir": out_dir,
                                        **changes})
+
+
+def write_png_bomb(path: Path, width: int = 50_000, height: int = 50_000) -> Path:
+    """A well-formed PNG of a few bytes (valid chunks and CRCs, a tiny IDAT) whose
+    IHDR claims ``width`` x ``height`` 8-bit gray pixels: a decoder would allocate them all."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def assert_one_line(exc: BaseException, file: Path | str, row: int | None, *words: str) -> None:
+    msg = str(exc)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    prefix = f"{file}:{row}: " if row is not None else f"{file}: "
+    assert msg.startswith(prefix), msg
+    for w in words:
+        assert w in msg, msg
 
 
 @pytest.fixture(autouse=True)
@@ -122,6 +146,6 @@ def shared_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def real_metadata(shared_dir: Path):
-    import unified_dataset
+    import tables
     data = shared_dir / "grazpedwri-dx"
-    return unified_dataset.validate_frame(unified_dataset.load_grazpedwri(data / columns.DATASET_CSV, data), check_images=False)
+    return tables.validate_frame(tables.load_grazpedwri(data / columns.DATASET_CSV, data), checks=tables.Checks(images=False))

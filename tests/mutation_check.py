@@ -103,7 +103,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              "for note in _check_kept_test(test, loaded, test_csv, data_csv, bounds):",
              "for note in []:",
              ("tests/test_splits.py::test_kept_test_set_checked_against_changed_dataset",)),
-    Mutation("min-max instead of percentile scaling", "unified_dataset.py",
+    Mutation("min-max instead of percentile scaling", "image_io.py",
              "lo, hi = np.percentile(sample, [low, high])",
              "lo, hi = float(a.min()), float(a.max())",
              ("tests/test_data.py::test_percentile_scaling_matches_numpy_png_and_dicom",)),

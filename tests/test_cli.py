@@ -126,6 +126,24 @@ def test_predict_refuses_a_fifo_without_hanging(tmp_path: Path):
     _assert_one_line_error(proc, str(folder / "scan.png"), "not a regular file (FIFO)")
 
 
+def test_predict_refuses_a_decompression_bomb_in_one_line_or_skips_it(tmp_path: Path):
+    import cv2
+    import numpy as np
+
+    import predict
+    from conftest import write_png_bomb
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    bomb = write_png_bomb(folder / "bomb.png")
+    proc = _run("predict.py", str(folder), "--output", str(tmp_path / "pred.csv"))
+    _assert_one_line_error(proc, str(bomb), "image too large to decode (50000x50000 px")
+    good = folder / "good.png"
+    cv2.imwrite(str(good), np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8))
+    kept, skipped = predict.check_readable([bomb, good], skip_bad=True)
+    assert kept == [good] and len(skipped) == 1 and str(bomb) in skipped[0] and "too large" in skipped[0]
+
+
 # --------------------------------------------------------------------------- the driver's data options
 STAGE_MODULES = {1: "age_split_testset", 2: "generate_age_trainval_split", 3: "train_age_classifier",
                  4: "train_fracture_per_agegroup", 5: "evaluate"}
@@ -202,7 +220,7 @@ def test_driver_help_groups_the_data_options():
 def test_the_suggested_remedy_is_an_option_of_every_command_that_suggests_it(module: str):
     import importlib
 
-    import unified_dataset
+    import tables
 
-    flag = unified_dataset.SKIP_BAD_REMEDY.split()[0]
+    flag = tables.SKIP_BAD_REMEDY.split()[0]
     assert importlib.import_module(module).get_args_parser().parse_args([flag]).skip_bad is True

@@ -7,7 +7,7 @@ import pytest
 
 import cohort
 import columns
-import unified_dataset
+import tables
 from conftest import run_stages_1_2
 
 
@@ -21,9 +21,9 @@ def flagged_splits(tiny_phantom, tmp_path_factory):
 
 def _frames(out):
     run = columns.RunDir(out)
-    return {"train": unified_dataset.read_split_csv(run.train_csv),
-            "val": unified_dataset.read_split_csv(run.val_csv),
-            "test": unified_dataset.read_split_csv(run.test_csv)}
+    return {"train": tables.read_split_csv(run.train_csv),
+            "val": tables.read_split_csv(run.val_csv),
+            "test": tables.read_split_csv(run.test_csv)}
 
 
 def test_flow_counts_add_up_to_the_source_rows(flagged_splits, tiny_phantom):

@@ -1,4 +1,4 @@
-"""unified_dataset.py and columns.py on generated data (phantom PNGs, pydicom-written DICOM)."""
+"""tables.py, image_io.py, unified_dataset.py and columns.py on generated data (phantom PNGs, pydicom-written DICOM)."""
 from __future__ import annotations
 
 import os
@@ -13,19 +13,13 @@ import pytest
 import torch
 
 import columns
+import image_io
+import tables
 import unified_dataset
-from unified_dataset import DataError
+from conftest import assert_one_line
+from errors import DataError
 
 ONE_LINE = re.compile(r"^[^\n]+:\d+: [^\n]+$")
-
-
-def assert_one_line(exc: BaseException, file: Path | str, row: int | None, *words: str) -> None:
-    msg = str(exc)
-    assert "\n" not in msg and "Traceback" not in msg, msg
-    prefix = f"{file}:{row}: " if row is not None else f"{file}: "
-    assert msg.startswith(prefix), msg
-    for w in words:
-        assert w in msg, msg
 
 
 # --------------------------------------------------------------------------- columns
@@ -64,7 +58,7 @@ def test_column_contract_and_table() -> None:
 def test_load_phantom_grazpedwri(tiny_phantom: Path) -> None:
     csv = tiny_phantom / columns.DATASET_CSV
     raw = pd.read_csv(csv, encoding="utf-8-sig", dtype=str, keep_default_na=False)
-    df = unified_dataset.validate_frame(unified_dataset.load_dataset(csv))
+    df = tables.validate_frame(tables.load_dataset(csv))
     assert len(df) == len(raw)
     assert df.index[0] == 2 and df.index.name == "csv_row"
     assert df.attrs["source"] == str(csv)
@@ -82,34 +76,34 @@ def test_images_found_in_subfolders(tiny_phantom: Path, tmp_path: Path) -> None:
         part = tmp_path / f"images_part{i % 4 + 1}"
         part.mkdir(exist_ok=True)
         shutil.copy(png, part / png.name)
-    df = unified_dataset.validate_frame(unified_dataset.load_grazpedwri(tmp_path / columns.DATASET_CSV, tmp_path))
+    df = tables.validate_frame(tables.load_grazpedwri(tmp_path / columns.DATASET_CSV, tmp_path))
     assert {Path(p).parent.name for p in df["image_path"]} == {f"images_part{k}" for k in range(1, 5)}
 
 
 def test_generic_csv_mapping(tiny_phantom: Path, tmp_path: Path) -> None:
-    src = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV)).head(6)
+    src = tables.validate_frame(tables.load_dataset(tiny_phantom / columns.DATASET_CSV)).head(6)
     gen = pd.DataFrame({"file": [os.path.relpath(p, tmp_path) for p in src["image_path"]],
                         "pid": src["patient_id"], "years": src["age"], "broken": src["fracture"],
                         "ward": "A"})
     gen.to_csv(tmp_path / "mine.csv", index=False)
-    df = unified_dataset.load_dataset(tmp_path / "mine.csv", fmt="auto", image_col="file", patient_col="pid",
-                        age_col="years", label_col="broken")
-    df = unified_dataset.validate_frame(df)
+    df = tables.load_dataset(tmp_path / "mine.csv", fmt="auto",
+                             column_map=tables.ColumnMap(image="file", patient="pid", age="years", label="broken"))
+    df = tables.validate_frame(df)
     assert df["image_path"].tolist() == src["image_path"].tolist()
     assert df["fracture"].tolist() == src["fracture"].tolist() and df["ward"].tolist() == ["A"] * 6
 
 
 def test_apply_exclusions_counts(tiny_phantom: Path) -> None:
-    df = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV))
-    kept, counts = unified_dataset.apply_exclusions(df)
+    df = tables.validate_frame(tables.load_dataset(tiny_phantom / columns.DATASET_CSV))
+    kept, counts = tables.apply_exclusions(df)
     assert counts["excluded"] == {"metal": int(df["metal"].sum())}
     assert len(kept) == len(df) - df["metal"].sum() and kept["metal"].sum() == 0
-    kept2, counts2 = unified_dataset.apply_exclusions(df, ("metal", "cast", "diagnosis_uncertain"))
+    kept2, counts2 = tables.apply_exclusions(df, ("metal", "cast", "diagnosis_uncertain"))
     either = (df["metal"] == 1) | (df["cast"] == 1) | (df["diagnosis_uncertain"] == 1)
     assert counts2["rows_excluded"] == int(either.sum()) == len(df) - len(kept2)
-    assert unified_dataset.apply_exclusions(df, ("none",))[1]["rows_excluded"] == 0
+    assert tables.apply_exclusions(df, ("none",))[1]["rows_excluded"] == 0
     with pytest.raises(ValueError):
-        unified_dataset.apply_exclusions(df, ("bogus",))
+        tables.apply_exclusions(df, ("bogus",))
 
 
 def test_real_dataset_csv(shared_dir: Path, real_metadata: pd.DataFrame, tmp_path: Path) -> None:
@@ -124,19 +118,19 @@ def test_real_dataset_csv(shared_dir: Path, real_metadata: pd.DataFrame, tmp_pat
     assert df.loc[2, "ao_classification"] == "23r-M/2.1" and df.loc[2, "timehash"] == 1297860395
     # Only two of the real images are here: row 2 exists, row 3 is the first missing one.
     with pytest.raises(DataError) as err:
-        unified_dataset.validate_frame(df)
+        tables.validate_frame(df)
     assert_one_line(err.value, csv, 3, "image file not found", "0001_1297860435_01_WRI-L2_M014.png")
     rej = tmp_path / columns.REJECTED_CSV
-    kept = unified_dataset.validate_frame(df, skip_bad=True, rejected_csv=rej)
+    kept = tables.validate_frame(df, bad_rows=tables.BadRows(skip=True, rejected_csv=rej))
     assert sorted(kept["filestem"]) == ["0001_1297860395_01_WRI-L1_M014", "0004_0542630449_01_WRI-L1_M003"]
     assert len(pd.read_csv(rej)) == 20325
 
 
 def test_real_images(shared_dir: Path) -> None:
     png = shared_dir / "grazpedwri-dx" / "images" / "0001_1297860395_01_WRI-L1_M014.png"
-    raw = unified_dataset.read_raw(png)
+    raw = image_io.read_raw(png)
     assert raw.dtype == np.uint16 and raw.shape == (727, 494) and raw.max() > 255
-    img = unified_dataset.read_image(png)
+    img = image_io.read_image(png)
     assert img.dtype == np.float32 and img.min() == 0.0 and img.max() == 1.0
     assert len(np.unique(img)) > 1000  # 16-bit precision kept, not 256 levels
 
@@ -149,12 +143,12 @@ def test_png16_round_trip_without_clipping(tmp_path: Path) -> None:
     arr[0, 0], arr[0, 1] = 0, 65535
     path = tmp_path / "a.png"
     assert cv2.imwrite(str(path), arr)
-    back = unified_dataset.read_raw(path)
+    back = image_io.read_raw(path)
     assert back.dtype == np.uint16 and np.array_equal(back, arr)
     # 4096 adjacent 16-bit levels: an 8-bit conversion would leave 16 of them.
     ramp = (30000 + np.arange(4096, dtype=np.uint16)).reshape(64, 64)
     cv2.imwrite(str(tmp_path / "ramp.png"), ramp)
-    img = unified_dataset.read_image(tmp_path / "ramp.png")
+    img = image_io.read_image(tmp_path / "ramp.png")
     assert img.dtype == np.float32 and img.min() == 0.0 and img.max() == 1.0
     assert len(np.unique(img)) > 4000
     assert np.all(np.diff(img.ravel()) >= 0)  # monotone: the window only stretches
@@ -165,10 +159,10 @@ def test_png8_jpeg_and_colour(tmp_path: Path) -> None:
     cv2.imwrite(str(tmp_path / "g8.png"), ramp)
     cv2.imwrite(str(tmp_path / "rgb.png"), np.dstack([ramp] * 3))
     cv2.imwrite(str(tmp_path / "g.jpg"), ramp, [cv2.IMWRITE_JPEG_QUALITY, 95])
-    g8 = unified_dataset.read_image(tmp_path / "g8.png")
-    assert unified_dataset.read_raw(tmp_path / "g8.png").dtype == np.uint8
-    assert np.allclose(unified_dataset.read_image(tmp_path / "rgb.png"), g8)
-    jpg = unified_dataset.read_image(tmp_path / "g.jpg")
+    g8 = image_io.read_image(tmp_path / "g8.png")
+    assert image_io.read_raw(tmp_path / "g8.png").dtype == np.uint8
+    assert np.allclose(image_io.read_image(tmp_path / "rgb.png"), g8)
+    jpg = image_io.read_image(tmp_path / "g.jpg")
     assert jpg.shape == (32, 256) and jpg.dtype == np.float32 and np.abs(jpg - g8).mean() < 0.02
 
 
@@ -196,20 +190,20 @@ def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", s
 def test_dicom_modality_voi_and_monochrome1(tmp_path: Path) -> None:
     arr = (np.arange(64 * 64, dtype=np.uint16) % 4096).reshape(64, 64)
     plain = write_dicom(tmp_path / "m2.dcm", arr, slope=2.0, intercept=-1000.0)
-    raw = unified_dataset.read_raw(plain)
+    raw = image_io.read_raw(plain)
     assert np.allclose(raw, arr * 2.0 - 1000.0)  # rescale slope/intercept applied
-    m2 = unified_dataset.read_image(plain)
-    m1 = unified_dataset.read_image(write_dicom(tmp_path / "m1.dcm", arr, "MONOCHROME1", slope=2.0, intercept=-1000.0))
+    m2 = image_io.read_image(plain)
+    m1 = image_io.read_image(write_dicom(tmp_path / "m1.dcm", arr, "MONOCHROME1", slope=2.0, intercept=-1000.0))
     assert m1.dtype == np.float32 and np.allclose(m1, 1.0 - m2, atol=1e-5)  # MONOCHROME1 inverted
     # A narrow window saturates everything outside it.
-    win = unified_dataset.read_image(write_dicom(tmp_path / "w.dcm", arr, window=(2048.0, 400.0)))
+    win = image_io.read_image(write_dicom(tmp_path / "w.dcm", arr, window=(2048.0, 400.0)))
     assert (win == 0).mean() > 0.3 and (win == 1).mean() > 0.3 and (m2 == 0).mean() < 0.02
     # A DICOM in a dataset goes through the same reader.
-    assert unified_dataset.check_image_file(plain) is None
+    assert image_io.check_image_file(plain) is None
 
 
 def test_letterbox_keeps_aspect() -> None:
-    out = unified_dataset.letterbox(np.ones((100, 50), np.float32), 64)
+    out = image_io.letterbox(np.ones((100, 50), np.float32), 64)
     assert out.shape == (64, 64)
     cols = np.flatnonzero(out.max(axis=0) > 0)
     assert (cols.min(), cols.max()) == (16, 47) and out[:, :16].max() == 0
@@ -220,13 +214,13 @@ def test_image_cache(tiny_phantom: Path, tmp_path: Path) -> None:
     for p in imgs:
         shutil.copy(p, tmp_path / p.name)
     paths = [tmp_path / p.name for p in imgs]
-    cache = unified_dataset.ImageCache(tmp_path / "cache", 32)
+    cache = image_io.ImageCache(tmp_path / "cache", 32)
     a = cache.get(paths[0])
     assert a.dtype == np.uint16 and a.shape == (32, 32)
     entry = cache.entry_path(paths[0])
     assert entry.is_file() and entry.parent.parent == tmp_path / "cache" / "32px"
     assert np.array_equal(np.load(entry), a) and np.array_equal(cache.get(paths[0]), a)
-    assert np.array_equal(a, unified_dataset.load_resized(paths[0], 32))
+    assert np.array_equal(a, image_io.load_resized(paths[0], 32))
     st = paths[0].stat()
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a changed file is a new key
     assert cache.entry_path(paths[0]) != entry
@@ -242,7 +236,7 @@ def test_image_cache_reads_each_image_from_disk_once_per_process(tiny_phantom: P
     import pickle
 
     paths = sorted((tiny_phantom / "images").glob("*.png"))[:3]
-    cache = unified_dataset.ImageCache(tmp_path / "cache", 32)
+    cache = image_io.ImageCache(tmp_path / "cache", 32)
     first = [cache.get(p) for p in paths]
     shutil.rmtree(tmp_path / "cache")  # what is in memory no longer needs the disk
     again = [cache.get(p) for p in paths]
@@ -252,8 +246,8 @@ def test_image_cache_reads_each_image_from_disk_once_per_process(tiny_phantom: P
     worker_copy = pickle.loads(pickle.dumps(cache))
     assert np.array_equal(worker_copy.get(paths[0]), first[0]) and cache.entry_path(paths[0]).is_file()
     # the budget bounds it: with room for one image, the next ones are read from disk each time
-    monkeypatch.setattr(unified_dataset.ImageCache, "MEMORY_BYTES", first[0].nbytes)
-    small = unified_dataset.ImageCache(tmp_path / "cache", 32)
+    monkeypatch.setattr(image_io.ImageCache, "MEMORY_BYTES", first[0].nbytes)
+    small = image_io.ImageCache(tmp_path / "cache", 32)
     assert [small.get(p) is small.get(p) for p in paths] == [True, False, False]
 
 
@@ -277,13 +271,13 @@ def test_wrist_dataset(tiny_splits: Path, tmp_path: Path) -> None:
     from torchsampler import ImbalancedDatasetSampler
 
     csv = tiny_splits / columns.TRAIN_CSV
-    df = unified_dataset.read_split_csv(csv)
+    df = tables.read_split_csv(csv)
     tf = unified_dataset.build_transforms(48, train=False, mean=0.5, std=0.25)
     ds = unified_dataset.WristDataset(df, "age_group", tf, 48)
     assert len(ds) == len(df) and ds.get_labels() == df["age_group"].tolist()
     x, y = ds[0]
     assert x.shape == (1, 48, 48) and x.dtype == torch.float32 and isinstance(y, int)
-    kept = unified_dataset.check_decodable(df, 48, tmp_path / "cache", num_workers=2)
+    kept = tables.check_decodable(df, 48, tmp_path / "cache", num_workers=2)
     assert kept.index.equals(df.index) and kept.attrs["source"] == str(csv)
     assert len(list((tmp_path / "cache" / "48px").rglob("*.npy"))) == len(df)  # the warm-up filled it
     cached = unified_dataset.WristDataset(df, "age_group", tf, 48, cache_dir=tmp_path / "cache")
@@ -299,7 +293,7 @@ def test_wrist_dataset(tiny_splits: Path, tmp_path: Path) -> None:
 
 
 def test_read_split_csv_dtypes(tiny_splits: Path) -> None:
-    df = unified_dataset.read_split_csv(tiny_splits / columns.TEST_CSV)
+    df = tables.read_split_csv(tiny_splits / columns.TEST_CSV)
     assert df.index[0] == 2 and df.attrs["source"] == str(tiny_splits / columns.TEST_CSV)
     assert df["patient_id"].map(type).eq(str).all()
     assert df["age"].dtype == np.float64 and df["age_group"].dtype == np.int64 and df["fracture"].dtype == np.int64
@@ -311,7 +305,7 @@ def test_read_split_csv_dtypes(tiny_splits: Path) -> None:
 @pytest.fixture
 def small_generic(tiny_phantom: Path, tmp_path: Path) -> Path:
     """A generic CSV of 6 rows with private copies of their images."""
-    src = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV)).head(6)
+    src = tables.validate_frame(tables.load_dataset(tiny_phantom / columns.DATASET_CSV)).head(6)
     (tmp_path / "img").mkdir()
     names = []
     for p in src["image_path"]:
@@ -355,19 +349,19 @@ def test_bad_input_one_line_error(case: str, small_generic: Path) -> None:
     damage, words = BAD_CASES[case]
     damage(small_generic)
     with pytest.raises(DataError) as err:
-        unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
+        tables.validate_frame(tables.load_dataset(small_generic))
     assert_one_line(err.value, small_generic, 3, words)
 
 
 def test_bad_input_missing_column(small_generic: Path, tiny_phantom: Path, tmp_path: Path) -> None:
     pd.read_csv(small_generic).drop(columns=["age"]).to_csv(small_generic, index=False)
     with pytest.raises(DataError) as err:
-        unified_dataset.load_dataset(small_generic)
+        tables.load_dataset(small_generic)
     assert_one_line(err.value, small_generic, 1, "missing required column 'age'")
     _read_meta(tiny_phantom).drop(columns=["patient_id"]).to_csv(
         tmp_path / columns.DATASET_CSV, index=False, encoding="utf-8-sig")
     with pytest.raises(DataError) as err:
-        unified_dataset.load_dataset(tmp_path / columns.DATASET_CSV, tiny_phantom, fmt="grazpedwri")
+        tables.load_dataset(tmp_path / columns.DATASET_CSV, tiny_phantom, fmt="grazpedwri")
     assert_one_line(err.value, tmp_path / columns.DATASET_CSV, 1, "patient_id")
 
 
@@ -380,14 +374,14 @@ def test_bad_grazpedwri_flag(tiny_phantom: Path, tmp_path: Path) -> None:
     meta.loc[3, "fracture_visible"] = "2"  # data row 5
     meta.to_csv(tmp_path / columns.DATASET_CSV, index=False, encoding="utf-8-sig")
     with pytest.raises(DataError) as err:
-        unified_dataset.validate_frame(unified_dataset.load_grazpedwri(tmp_path / columns.DATASET_CSV, tiny_phantom))
+        tables.validate_frame(tables.load_grazpedwri(tmp_path / columns.DATASET_CSV, tiny_phantom))
     assert_one_line(err.value, tmp_path / columns.DATASET_CSV, 5, "must be 0 or 1, got 2")
 
 
 def test_malformed_csv_row(tmp_path: Path) -> None:
     (tmp_path / "d.csv").write_text("image_path,patient_id,age,fracture\na.png,1,3,0\nb.png,2,4,1,extra\n")
     with pytest.raises(DataError) as err:
-        unified_dataset.load_dataset(tmp_path / "d.csv")
+        tables.load_dataset(tmp_path / "d.csv")
     assert_one_line(err.value, tmp_path / "d.csv", 3, "cannot parse CSV")
 
 
@@ -395,7 +389,7 @@ def test_empty_split_csv(tiny_splits: Path, tmp_path: Path) -> None:
     header = (tiny_splits / columns.VAL_CSV).read_text().splitlines()[0]
     (tmp_path / columns.VAL_CSV).write_text(header + "\n")
     with pytest.raises(DataError) as err:
-        unified_dataset.read_split_csv(tmp_path / columns.VAL_CSV)
+        tables.read_split_csv(tmp_path / columns.VAL_CSV)
     assert_one_line(err.value, tmp_path / columns.VAL_CSV, None, "empty split")
 
 
@@ -404,7 +398,7 @@ def test_skip_bad_rejects_with_reasons(small_generic: Path, tmp_path: Path) -> N
     _edit(small_generic, 5, age=-2)
     _edit(small_generic, 6, fracture=7)
     rej = tmp_path / columns.REJECTED_CSV
-    df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic), skip_bad=True, rejected_csv=rej)
+    df = tables.validate_frame(tables.load_dataset(small_generic), bad_rows=tables.BadRows(skip=True, rejected_csv=rej))
     assert df.index.tolist() == [2, 4, 7]
     bad = pd.read_csv(rej)
     assert bad["source_row"].tolist() == [3, 5, 6]
@@ -413,12 +407,12 @@ def test_skip_bad_rejects_with_reasons(small_generic: Path, tmp_path: Path) -> N
 
 
 def test_corrupt_image_in_dataloader_worker(small_generic: Path) -> None:
-    df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
+    df = tables.validate_frame(tables.load_dataset(small_generic))
     img = _image(small_generic, 4)
     data = bytearray(img.read_bytes())
     data[60:-20] = bytes(len(data) - 80)  # header and IEND intact, compressed data destroyed
     img.write_bytes(bytes(data))
-    assert unified_dataset.check_image_file(img) is None and unified_dataset.check_image_file(img, decode=True) is not None
+    assert image_io.check_image_file(img) is None and image_io.check_image_file(img, decode=True) is not None
     ds = unified_dataset.WristDataset(df, "fracture", unified_dataset.build_transforms(32, False, 0.5, 0.25), 32)
     loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=1)
     with pytest.raises(DataError) as err:
@@ -430,7 +424,7 @@ def test_stage1_skip_bad(tiny_phantom: Path, tmp_path: Path) -> None:
     import age_split_testset
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
-    df = unified_dataset.load_grazpedwri(data / columns.DATASET_CSV)
+    df = tables.load_grazpedwri(data / columns.DATASET_CSV)
     Path(df.loc[7, "image_path"]).write_bytes(b"")
     args = ["--data-csv", str(data / columns.DATASET_CSV), "--out-dir", str(tmp_path / "out")]
     with pytest.raises(DataError) as err:
@@ -467,8 +461,8 @@ def test_percentile_scaling_matches_numpy_png_and_dicom(tmp_path: Path) -> None:
     cv2.imwrite(str(png), arr)
     dcm = write_dicom(tmp_path / "marked.dcm", _with_markers(rng, top=4095))  # 12-bit DICOM
     for path in (png, dcm):
-        raw = unified_dataset.read_raw(path)
-        img = unified_dataset.read_image(path)
+        raw = image_io.read_raw(path)
+        img = image_io.read_image(path)
         np.testing.assert_allclose(img, _percentile_scaled(raw), atol=2e-6, err_msg=str(path))
         # the markers saturate; the anatomy keeps most of the [0, 1] range (min-max scaling
         # would squeeze it into about a quarter of it)
@@ -488,45 +482,24 @@ def test_degenerate_images_refused_at_decode_check(tmp_path: Path, shape, value,
     arr = np.full(shape, value, np.uint16) if value is not None else rng.integers(0, 65535, shape, dtype=np.uint16)
     path = tmp_path / "img.png"
     cv2.imwrite(str(path), arr)
-    assert unified_dataset.check_image_file(path) is None  # the cheap checks cannot see it
-    reason = unified_dataset.check_image_file(path, decode=True)
+    assert image_io.check_image_file(path) is None  # the cheap checks cannot see it
+    reason = image_io.check_image_file(path, decode=True)
     assert reason is not None and reason.startswith(words) and reason.endswith(str(path)), reason
     ok = tmp_path / "ok.png"
     cv2.imwrite(str(ok), rng.integers(0, 65535, (32, 32), dtype=np.uint16))
-    assert unified_dataset.check_image_file(ok, decode=True) is None
+    assert image_io.check_image_file(ok, decode=True) is None
 
 
 def test_stage1_decode_check_refuses_a_1x1_png(tiny_phantom: Path, tmp_path: Path) -> None:
     import age_split_testset
     data = tmp_path / "data"
     shutil.copytree(tiny_phantom, data)
-    df = unified_dataset.load_grazpedwri(data / columns.DATASET_CSV)
+    df = tables.load_grazpedwri(data / columns.DATASET_CSV)
     cv2.imwrite(df.loc[9, "image_path"], np.zeros((1, 1), np.uint8))
     args = ["--data-csv", str(data / columns.DATASET_CSV), "--out-dir", str(tmp_path / "out")]
     with pytest.raises(DataError) as err:
         age_split_testset.main(age_split_testset.get_args_parser().parse_args(args + ["--decode-check"]))
     assert_one_line(err.value, data / columns.DATASET_CSV, 9, "image too small (1x1 px")
-
-
-def test_fifo_socket_and_device_are_refused_not_read(tmp_path: Path) -> None:
-    import socket
-
-    fifo = tmp_path / "scan.png"
-    os.mkfifo(fifo)
-    sock_path = tmp_path / "sock.png"
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(sock_path))
-    dev = tmp_path / "zero.png"
-    dev.symlink_to("/dev/zero")  # reading it would never end
-    try:
-        for path, kind in ((fifo, "FIFO"), (sock_path, "socket"), (dev, "character device")):
-            reason = unified_dataset.check_image_file(path, decode=True)
-            assert reason == f"image path is not a regular file ({kind}): {path}"
-            with pytest.raises(DataError) as err:
-                unified_dataset.read_raw(path)
-            assert_one_line(err.value, path, None, f"not a regular file ({kind})")
-    finally:
-        sock.close()
 
 
 # --------------------------------------------------------------------------- one image, one row
@@ -543,10 +516,10 @@ def test_symlink_is_the_same_image(small_generic: Path) -> None:
     link.symlink_to(_image(small_generic, 2))
     _edit(small_generic, same[1] + 2, image_path="img/link.png")  # same patient: a duplicate row
     with pytest.raises(DataError) as err:
-        unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
+        tables.validate_frame(tables.load_dataset(small_generic))
     assert_one_line(err.value, small_generic, same[1] + 2, "duplicate image row", "is the same file as", "row 2")
     # without looking at the files the link cannot be seen
-    assert len(unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic), check_images=False)) == len(rows)
+    assert len(tables.validate_frame(tables.load_dataset(small_generic), checks=tables.Checks(images=False))) == len(rows)
 
 
 def test_one_image_under_two_patients_sets_both_rows_aside(small_generic: Path, tmp_path: Path) -> None:
@@ -556,11 +529,11 @@ def test_one_image_under_two_patients_sets_both_rows_aside(small_generic: Path, 
     link.symlink_to(_image(small_generic, 2))
     _edit(small_generic, j + 2, image_path="img/link.png")
     with pytest.raises(DataError) as err:
-        unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
+        tables.validate_frame(tables.load_dataset(small_generic))
     assert_one_line(err.value, small_generic, 2, f"is the same file as {link} in row {j + 2}",
                     f"under patient {rows.patient_id[j]}", "one image cannot belong to two patients")
     rej = tmp_path / columns.REJECTED_CSV
-    df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic), skip_bad=True, rejected_csv=rej)
+    df = tables.validate_frame(tables.load_dataset(small_generic), bad_rows=tables.BadRows(skip=True, rejected_csv=rej))
     assert pd.read_csv(rej).source_row.tolist() == [2, j + 2]
     assert 2 not in df.index and j + 2 not in df.index and len(df) == len(rows) - 2
 
@@ -570,9 +543,9 @@ def test_pixel_identical_copy_caught_with_decode(small_generic: Path) -> None:
     j = int(np.flatnonzero(rows.patient_id != rows.patient_id[0])[0])
     shutil.copy(_image(small_generic, 2), small_generic.parent / "img" / "copy.png")
     _edit(small_generic, j + 2, image_path="img/copy.png")
-    assert len(unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))) == len(rows)  # a copy is another file
+    assert len(tables.validate_frame(tables.load_dataset(small_generic))) == len(rows)  # a copy is another file
     with pytest.raises(DataError) as err:
-        unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic), decode=True)
+        tables.validate_frame(tables.load_dataset(small_generic), checks=tables.Checks(decode=True))
     assert_one_line(err.value, small_generic, 2, "identical in pixels to", "one image cannot belong to two patients")
 
 
@@ -583,11 +556,11 @@ def test_damaged_idat_passes_the_cheap_check_and_fails_to_decode(small_generic: 
 
     img = damage_idat(_image(small_generic, 3))
     assert img.read_bytes()[-12:-8] == b"\x00\x00\x00\x00" and b"IEND" in img.read_bytes()[-12:]
-    assert unified_dataset.check_image_file(img) is None
-    reason = unified_dataset.check_image_file(img, decode=True)
+    assert image_io.check_image_file(img) is None
+    reason = image_io.check_image_file(img, decode=True)
     assert reason.startswith(f"{img}: cannot decode image: corrupt PNG (CRC error in the 'IDAT' chunk")
     with pytest.raises(DataError, match="corrupt PNG"):
-        unified_dataset.read_image(img)
+        image_io.read_image(img)
     assert "libpng" not in capfd.readouterr().err  # found before OpenCV, which would print its own lines
 
 
@@ -598,16 +571,16 @@ def test_decode_pass_finds_every_undecodable_image(small_generic: Path, tmp_path
 
     for row in (4, 6):
         damage_idat(_image(small_generic, row))
-    df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))  # the cheap checks let them through
+    df = tables.validate_frame(tables.load_dataset(small_generic))  # the cheap checks let them through
     before = small_generic.read_bytes()
     cache = tmp_path / "cache" if cached else None
     with pytest.raises(DataError) as err:
-        unified_dataset.check_decodable(df, 32, cache)
+        tables.check_decodable(df, 32, cache)
     assert_one_line(err.value, small_generic, 4, str(_image(small_generic, 4)), "cannot decode",
                     "(+1 more undecodable images; --skip-bad sets them aside in rejected_rows.csv)")
     rej = tmp_path / "out" / columns.REJECTED_CSV
     for _ in range(2):  # found again (a resumed run, the next stage): listed once
-        kept = unified_dataset.check_decodable(df, 32, cache, skip_bad=True, rejected_csv=rej)
+        kept = tables.check_decodable(df, 32, cache, tables.BadRows(skip=True, rejected_csv=rej))
         assert kept.index.tolist() == [2, 3, 5, 7] and kept.attrs["n_undecodable"] == 2
         assert kept.attrs["source"] == str(small_generic)
     bad = pd.read_csv(rej)
@@ -623,7 +596,7 @@ def test_decode_pass_finds_every_undecodable_image(small_generic: Path, tmp_path
 def test_undecodable_image_in_a_dataloader_worker_is_one_line(small_generic: Path) -> None:
     from conftest import damage_idat
 
-    df = unified_dataset.validate_frame(unified_dataset.load_dataset(small_generic))
+    df = tables.validate_frame(tables.load_dataset(small_generic))
     img = damage_idat(_image(small_generic, 5))  # damaged after any up-front pass
     ds = unified_dataset.WristDataset(df, "fracture", unified_dataset.build_transforms(32, False, 0.5, 0.25), 32)
     with pytest.raises(DataError) as err:
@@ -635,11 +608,11 @@ def test_unletterbox_maps_back_onto_the_original() -> None:
     for h, w, y0, x0 in ((300, 200, 75, 150), (180, 420, 140, 60)):
         img = np.zeros((h, w), np.float32)
         img[y0 - 3:y0 + 4, x0 - 3:x0 + 4] = 1.0  # a blob the letterbox shrinks to about a pixel
-        cam = unified_dataset.letterbox(img, 64)  # a "CAM" peaking where the blob is in the model input
-        top, left, nh, nw = unified_dataset.letterbox_geometry(h, w, 64)
+        cam = image_io.letterbox(img, 64)  # a "CAM" peaking where the blob is in the model input
+        top, left, nh, nw = image_io.letterbox_geometry(h, w, 64)
         assert (cam[:top].max(initial=0), cam[top + nh:].max(initial=0)) == (0, 0)
         assert (cam[:, :left].max(initial=0), cam[:, left + nw:].max(initial=0)) == (0, 0)
-        back = unified_dataset.unletterbox(cam, (h, w))
+        back = image_io.unletterbox(cam, (h, w))
         assert back.shape == (h, w) and back.dtype == np.float32
         y, x = np.unravel_index(np.argmax(back), back.shape)
         px = max(h, w) / 64  # one model-input pixel, in original pixels
@@ -656,7 +629,7 @@ _INTERRUPT_SCRIPT = r"""
 import os, random, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import unified_dataset
+import image_io
 paths, work, tries = sorted(Path(sys.argv[2]).glob("*.png")), Path(sys.argv[3]), int(sys.argv[4])
 rng = random.Random(0)
 for first in range(0, tries, 4):
@@ -669,7 +642,7 @@ for first in range(0, tries, 4):
             os.dup2(os.open(work / f"err{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
             try:
                 os.write(w, b"1")
-                unified_dataset.ImageCache(work / f"cache{i}", 64).warm(paths, num_workers=2, progress=False)
+                image_io.ImageCache(work / f"cache{i}", 64).warm(paths, num_workers=2, progress=False)
             except KeyboardInterrupt:  # what distributed.session and the driver do with it
                 sys.exit(130)
             sys.exit(0)

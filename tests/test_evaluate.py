@@ -28,7 +28,8 @@ import inference
 import metrics
 import models
 import predict
-import unified_dataset
+import tables
+from errors import DataError
 
 IMG = 48  # demo model input size in these tests
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +178,7 @@ def test_route_sends_each_image_to_its_predicted_groups_model(tmp_path):
     groups = {g: ConstFracture(logit) for g, logit in enumerate((-2.0, 0.5, 3.0))}
     routed = inference.RoutedModels(age=_lm(BandAgeModel(), "age_classifier", 3),
                             groups={g: _lm(m, f"agegroup{g}", 1) for g, m in groups.items()},
-                            pooled=None)
+                            pooled=None, age_bounds=(8.0, 15.0))
     res = inference.route(routed, df, torch.device("cpu"), "hard", batch_size=3)
     assert res["age_group_label"].tolist() == bands
     expected = torch.sigmoid(torch.tensor([(-2.0, 0.5, 3.0)[b] for b in bands])).numpy()
@@ -204,7 +205,7 @@ def test_missing_group_model_falls_back_to_pooled(tmp_path):
     routed = inference.RoutedModels(age=_lm(BandAgeModel(), "age_classifier", 3),
                             groups={0: _lm(ConstFracture(-1.0), "agegroup0", 1),
                                     1: _lm(ConstFracture(1.0), "agegroup1", 1)},
-                            pooled=_lm(pooled, "pooled", 1))
+                            pooled=_lm(pooled, "pooled", 1), age_bounds=(8.0, 15.0))
     res = inference.route(routed, df, torch.device("cpu"), "hard")
     assert res["fracture_model"].tolist() == ["pooled", "agegroup0", "pooled"]
     assert pooled.seen == [2, 2]
@@ -226,7 +227,7 @@ def test_combine_routes_oracle_and_hard():
 def test_model_probs_under_bf16_autocast_stay_close(run_dir):
     device = torch.device("cpu")
     routed = inference.load_routed_models(run_dir / columns.MODELS_DIR, device)
-    df = unified_dataset.read_split_csv(run_dir / columns.TEST_CSV).head(8)
+    df = tables.read_split_csv(run_dir / columns.TEST_CSV).head(8)
     for lm in (routed.age, routed.pooled):
         for tta in (False, True):
             full = inference.model_probs(lm, df, device, tta)
@@ -244,7 +245,7 @@ def test_a_model_trained_channels_last_runs_channels_last_with_the_same_probabil
     convs = [m.weight for m in cl.model.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert any(not w.is_contiguous() for w in convs)  # (a 1-channel or 1x1 kernel is both)
-    df = unified_dataset.read_split_csv(run_dir / columns.TEST_CSV).head(8)
+    df = tables.read_split_csv(run_dir / columns.TEST_CSV).head(8)
     np.testing.assert_allclose(inference.model_probs(cl, df, device), inference.model_probs(plain, df, device),
                                rtol=0, atol=1e-5)
 
@@ -332,7 +333,7 @@ def test_predict_errors_are_one_line(run_dir, tmp_path):
     mdir = run_dir / columns.MODELS_DIR
     bad = tmp_path / "empty.png"
     bad.write_bytes(b"")
-    with pytest.raises(unified_dataset.DataError) as err:
+    with pytest.raises(DataError) as err:
         predict.main(_predict_args([bad], mdir, tmp_path / "p.csv"))
     assert str(bad) in str(err.value) and "\n" not in str(err.value)
     good = tmp_path / "ok.png"
@@ -355,7 +356,7 @@ def test_predict_refuses_degenerate_images(run_dir, tmp_path):
     tiny = tmp_path / "tiny.png"
     cv2.imwrite(str(tiny), np.array([[0, 255]], np.uint8))
     for bad, words in ((flat, "constant image"), (tiny, "image too small (2x1 px")):
-        with pytest.raises(unified_dataset.DataError) as err:
+        with pytest.raises(DataError) as err:
             predict.main(_predict_args([bad], mdir, tmp_path / "p.csv"))
         msg = str(err.value)
         assert words in msg and str(bad) in msg and "\n" not in msg, msg
@@ -400,7 +401,7 @@ def test_evaluate_end_to_end(run_dir):
     # every system's probability, row by row, from the models themselves
     device = torch.device("cpu")
     routed = inference.load_routed_models(run_dir / columns.MODELS_DIR, device)
-    inf = evaluate.infer(routed, unified_dataset.read_split_csv(run_dir / columns.TEST_CSV), device)
+    inf = evaluate.infer(routed, tables.read_split_csv(run_dir / columns.TEST_CSV), device)
     rows = np.arange(len(pred))
     label = inf["age_probs"].argmax(1)
     assert pred.age_group_label.tolist() == label.tolist()
@@ -427,7 +428,7 @@ def test_evaluate_end_to_end(run_dir):
 
     # thresholds come from the validation CSV, not from test; per-group ones from the
     # validation images each group model decided
-    val = unified_dataset.read_split_csv(run_dir / columns.VAL_CSV)
+    val = tables.read_split_csv(run_dir / columns.VAL_CSV)
     true_val = val["age_group"].to_numpy()
     val_out = evaluate.system_probs(evaluate.infer(routed, val, device), true_val)
     for s, prob in val_out.prob.items():

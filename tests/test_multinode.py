@@ -38,6 +38,7 @@ import engine
 import evaluate
 import models
 import recipe
+import tables
 import unified_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def _single_process_val_metrics(ckpt_path: Path, val_csv: Path, cache_dir: Path)
     ckpt = models.load_checkpoint(ckpt_path)
     model = models.build_from_checkpoint(ckpt, torch.device("cpu"), source=str(ckpt_path))
     size = ckpt["img_size"]
-    ds = unified_dataset.WristDataset(unified_dataset.read_split_csv(val_csv), "fracture",
+    ds = unified_dataset.WristDataset(tables.read_split_csv(val_csv), "fracture",
                          unified_dataset.build_transforms(size, train=False, mean=ckpt["mean"], std=ckpt["std"]), size,
                          cache_dir=cache_dir)
     cfg, cpu = ckpt["config"], torch.device("cpu")

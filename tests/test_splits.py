@@ -15,8 +15,8 @@ import columns
 import generate_age_trainval_split
 import io_utils
 import splits
-import unified_dataset
-from unified_dataset import DataError
+import tables
+from errors import DataError
 
 SPLIT_FILES = {"test": columns.TEST_CSV, "train": columns.TRAIN_CSV, "val": columns.VAL_CSV}
 # Stated tolerances: each age group x fracture stratum's share of a held-out split is within
@@ -52,7 +52,7 @@ def assert_stratified(held: pd.DataFrame, whole: pd.DataFrame, frac: float) -> N
 
 
 def read_splits(out: Path) -> dict[str, pd.DataFrame]:
-    return {k: unified_dataset.read_split_csv(out / v) for k, v in SPLIT_FILES.items()}
+    return {k: tables.read_split_csv(out / v) for k, v in SPLIT_FILES.items()}
 
 
 # --------------------------------------------------------------------------- splits.py
@@ -91,9 +91,9 @@ def test_split_errors() -> None:
     assert str(err.value).startswith(f"b.csv:{a.index[3]}: patient ")
     splits.check_disjoint({"a.csv": a[a.patient_id.astype(int) < 5], "b.csv": b[b.patient_id.astype(int) >= 5]})
     with pytest.raises(DataError, match="empty split"):
-        splits.check_coverage(a.iloc[:0], "val.csv", 3)
+        splits.check_coverage(a.iloc[:0], "val.csv", (8, 15))
     with pytest.raises(DataError, match=r"^val.csv: age group 2 \(15-19 y\) has no images"):
-        splits.check_coverage(a[a.age_group < 2], "val.csv", 3)
+        splits.check_coverage(a[a.age_group < 2], "val.csv", (8, 15))
 
 
 def test_real_metadata_split(real_metadata: pd.DataFrame) -> None:
@@ -115,15 +115,15 @@ def test_tiny_splits_leak_free_and_complete(tiny_splits: Path, tiny_phantom: Pat
         for b in frames:
             if a < b:
                 assert not set(frames[a]["patient_id"]) & set(frames[b]["patient_id"])
-    loaded = unified_dataset.validate_frame(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV))
-    kept, _ = unified_dataset.apply_exclusions(loaded)
+    loaded = tables.validate_frame(tables.load_dataset(tiny_phantom / columns.DATASET_CSV))
+    kept, _ = tables.apply_exclusions(loaded)
     together = pd.concat(frames.values())
     assert sorted(together["image_path"]) == sorted(kept["image_path"])  # no row lost or doubled
     for name, df in frames.items():
         assert set(df["split"]) == {name}
         assert set(df["age_group"]) == {0, 1, 2}
         assert list(df.columns[:6]) == list(columns.CANONICAL) + ["split"]
-    pool = unified_dataset.read_split_csv(tiny_splits / columns.POOL_CSV)
+    pool = tables.read_split_csv(tiny_splits / columns.POOL_CSV)
     assert sorted(pool["image_path"]) == sorted(pd.concat([frames["train"], frames["val"]])["image_path"])
 
 
@@ -137,7 +137,7 @@ def test_manifests(tiny_splits: Path, tiny_phantom: Path) -> None:
     for g in range(3):
         for f in (0, 1):
             assert by[str(g)][str(f)] == int(((test.age_group == g) & (test.fracture == f)).sum())
-    metal = int(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV)["metal"].sum())
+    metal = int(tables.load_dataset(tiny_phantom / columns.DATASET_CSV)["metal"].sum())
     assert m1["exclusions"]["excluded"]["metal"] == metal
     assert m1["counts"]["test"]["images"] + m1["counts"]["pool"]["images"] == m1["source"]["rows"] - metal
     m2 = json.loads((tiny_splits / columns.TRAINVAL_MANIFEST).read_text())
@@ -335,7 +335,7 @@ def test_test_set_identity_ignores_added_columns_and_row_order(fresh_splits: Pat
     res = age_split_testset.main(age_split_testset.get_args_parser().parse_args(
         ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(fresh_splits)]))
     assert res["test_kept"]
-    ident = splits.identity_of_test_set(unified_dataset.read_split_csv(path))
+    ident = splits.identity_of_test_set(tables.read_split_csv(path))
     assert json.loads((fresh_splits / columns.TEST_MANIFEST).read_text())[splits.IDENTITY_KEY] == ident
     assert sum(ident["images_per_patient"].values()) == ident["images"] == len(df)
 
@@ -462,7 +462,7 @@ def test_symlinked_image_under_another_patient_is_refused(tiny_phantom: Path, tm
 def test_stage1_says_how_long_its_image_check_took(tiny_phantom: Path, tmp_path: Path, capsys, decode: bool) -> None:
     args = ["--data-csv", str(tiny_phantom / columns.DATASET_CSV), "--out-dir", str(tmp_path)]
     age_split_testset.main(age_split_testset.get_args_parser().parse_args(args + (["--decode-check"] if decode else [])))
-    n = len(unified_dataset.load_dataset(tiny_phantom / columns.DATASET_CSV))
+    n = len(tables.load_dataset(tiny_phantom / columns.DATASET_CSV))
     check = json.loads((tmp_path / columns.TEST_MANIFEST).read_text())["image_check"]
     mode = "decode" if decode else "cheap"
     threads = io_utils.default_workers() if decode else 1  # the cheap check: one thread per 256 files

@@ -70,7 +70,8 @@ def test_a_control_continued_from_an_earlier_pooled_model_is_not_equal_budget(fr
             return inference.load_model(mdir / f"fracture_classifier_{role}.pt", role, torch.device("cpu"), "fracture")
 
         routed = inference.RoutedModels(age=None, groups={g: load(f"agegroup{g}") for g in range(3)},
-                                        pooled=load("pooled"), pooled_continued=load("pooled_continued"))
+                                        pooled=load("pooled"), pooled_continued=load("pooled_continued"),
+                                        age_bounds=(8.0, 15.0))
         return evaluate.equal_budget_reference(evaluate.system_budgets(routed))
 
     reference, _ = budgets()
@@ -146,16 +147,16 @@ def test_a_hard_linked_image_under_another_patient_is_refused(tiny_phantom: Path
 
 
 def test_two_columns_of_one_name_are_refused(tmp_path: Path):
-    import unified_dataset
+    import tables
 
     csv = tmp_path / "labels.csv"
     csv.write_text("image_path,patient_id,age,fx,fx\na.png,P1,5,0,1\n")
     with pytest.raises(DataError) as err:
-        unified_dataset.load_generic(csv, label_col="fx")
+        tables.load_generic(csv, tables.ColumnMap(label="fx"))
     assert str(err.value) == f"{csv}:1: column 'fx' appears twice (columns 4 and 5); keep one of them"
     csv.write_text("image_path,patient_id,age,fracture , fracture\na.png,P1,5,0,1\n")  # the same once stripped
     with pytest.raises(DataError, match="column 'fracture' appears twice"):
-        unified_dataset.read_split_csv(csv)
+        tables.read_split_csv(csv)
 
 
 def test_a_test_patient_dropped_with_the_manifest_deleted_is_refused(fresh_splits: Path, tiny_phantom: Path):
@@ -185,18 +186,18 @@ def test_an_image_replaced_with_the_same_size_and_mtime_is_decoded_afresh(tmp_pa
     import cv2
     import numpy as np
 
-    import unified_dataset
+    import image_io
 
     path = tmp_path / "scan.png"
     level0 = [cv2.IMWRITE_PNG_COMPRESSION, 0]  # stored blocks: the file size depends on the shape only
     first = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
     cv2.imwrite(str(path), first, level0)
     st = path.stat()
-    cached = unified_dataset.ImageCache(tmp_path / "cache", 32).get(path)
+    cached = image_io.ImageCache(tmp_path / "cache", 32).get(path)
     time.sleep(0.05)  # file times tick in jiffies (1-10 ms): the rewrite lands on a later one
     cv2.imwrite(str(path), first[:, ::-1].copy(), level0)  # as cp -p would: same size, mtime restored
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    again = unified_dataset.ImageCache(tmp_path / "cache", 32).get(path)
-    np.testing.assert_array_equal(again, unified_dataset.load_resized(path, 32))
+    again = image_io.ImageCache(tmp_path / "cache", 32).get(path)
+    np.testing.assert_array_equal(again, image_io.load_resized(path, 32))
     assert not np.array_equal(again, cached)

@@ -97,7 +97,7 @@ def test_tiny_swin_trains_through_the_same_path(fresh_splits: Path, capsys):
 
 
 def test_small_group_is_skipped_and_missing_predictions_are_explained(fresh_splits: Path, capsys):
-    from unified_dataset import DataError
+    from errors import DataError
 
     result = train_fracture_per_agegroup.main(train_fracture_per_agegroup.get_args_parser().parse_args(
         ["--out-dir", str(fresh_splits), "--groups", "2", "--group-column", "age_group",
@@ -183,7 +183,8 @@ def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_spl
 
     routed = inference.RoutedModels(age=None, groups={g: load(f"fracture_classifier_agegroup{g}") for g in range(3)},
                                     pooled=load("fracture_classifier_pooled"),
-                                    pooled_continued=load("fracture_classifier_pooled_continued"))
+                                    pooled_continued=load("fracture_classifier_pooled_continued"),
+                                    age_bounds=(8.0, 15.0))
     budgets = evaluate.system_budgets(routed)
     assert budgets["routed"]["images_seen"] == sum(
         load_checkpoint(models / f"fracture_classifier_agegroup{g}.pt")["images_seen"] for g in range(3))
@@ -292,7 +293,7 @@ def test_undecodable_image_stops_training_in_one_line_and_keeps_the_last_state(t
     from conftest import damage_idat
 
     import train_age_classifier
-    from unified_dataset import DataError
+    from errors import DataError
 
     data, meta = _messy_copy(tiny_phantom, tmp_path)
     damaged = damage_idat(_image_of(data, meta, 11))
