@@ -24,7 +24,7 @@ Sections (``--sections``; default all, ``e2e`` only on CUDA):
          process's peak RSS, reset per variant where Linux allows), inference images/s,
          achieved TFLOP/s and MFU = achieved / measured bf16 matmul rate. On CUDA an
          out-of-memory batch is halved and retried (said in the note).
-  e2e    end to end, ``engine.make_loader`` with ``--workers`` workers feeding the training
+  e2e    end to end, ``recipe.make_loader`` with ``--workers`` workers feeding the training
          step: the baseline (fp32, contiguous, uncached images) against the fast path
          (``--fast-variant`` fed from the cache); the target is >= 3x.
   onnx   inference images/s on the CPU, PyTorch (fp32, fused attention as the trainers run it)

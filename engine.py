@@ -1,15 +1,17 @@
 """The one training loop: train_one_epoch / evaluate / fit, plus predict.
 
 Both trainers (``train_age_classifier.py``, ``train_fracture_per_agegroup.py``) call
-:func:`fit` through :func:`train_classifier`; what differs between them (number of classes,
-target column, loss, sampler, the metric that picks the best epoch) is passed in.
+:func:`fit` through ``recipe.train_classifier``; what differs between them (number of
+classes, target column, loss, sampler, the metric that picks the best epoch) is passed in:
+the model, loss and optimizer as a :class:`Learner`, the settings as a
+``train_config.TrainConfig``, what checkpoints record as a :class:`CheckpointRecord`.
 
 Output conventions:
 
 * Models have one output per class (``[N, C]`` logits, softmax), also the binary fracture
   task (C = 2), since checkpoints rebuild the head from ``num_classes`` (models.py). Focal
   loss on two logits with alpha ``(1 - a, a)`` equals the binary sigmoid focal loss on
-  their difference (:func:`make_criterion`). A one-logit head (``[N]``/``[N, 1]``, sigmoid)
+  their difference (``recipe.make_criterion``). A one-logit head (``[N]``/``[N, 1]``, sigmoid)
   works too. :func:`to_probs` gives ``[N, C]`` probabilities either way, so
   ``probs.argmax(1)`` is the prediction and ``probs[:, 1]`` the positive-class probability.
 * Metrics per split: ``loss``, ``acc``, ``f1`` (binary F1 of class 1, or macro-F1),
@@ -29,10 +31,8 @@ numbers equal an uninterrupted run's).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,22 +44,18 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import classification_report
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
-from torchsampler import ImbalancedDatasetSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 import columns
 import distributed
 import logs
 import metrics
-import splits
+import models
 import tables
-from config import save_config, to_dict
-from errors import DataError, ResumeError
+import train_config
+from errors import ResumeError
 from io_utils import write_csv
-from losses import FocalLoss
-from models import create_model, load_checkpoint, make_checkpoint, resolve_model_name, save_checkpoint
-from presets import AMP_MODES, model_note
-from unified_dataset import WristDataset, build_transforms
+from models import load_checkpoint, save_checkpoint
 
 HISTORY_COLUMNS: tuple[str, ...] = (
     "epoch", "lr", "train_loss", "train_acc", "train_f1", "train_images",
@@ -93,8 +89,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
         return "off"
-    if amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp not in train_config.AMP_MODES:
+        raise ValueError(f"amp must be one of {', '.join(train_config.AMP_MODES)}, got {amp!r}")
     return amp
 
 
@@ -178,9 +174,18 @@ def _sampler_indices(loader: DataLoader) -> np.ndarray:
     return np.fromiter(iter(sampler), dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class Compute:
+    """Where and how batches run: the device, the resolved autocast mode (bf16, fp16 or
+    off; :func:`resolve_amp`) and the memory format."""
+
+    device: torch.device
+    amp: str = "off"
+    channels_last: bool = False
+
+
 @torch.no_grad()
-def forward_all(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: str = "off",
-                channels_last: bool = False, progress: bool = False,
+def forward_all(model: nn.Module, loader: DataLoader, compute: Compute, *, progress: bool = False,
                 desc: str = "eval") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits and labels of every dataset row, in dataset order, gathered over ranks.
 
@@ -190,8 +195,8 @@ def forward_all(model: nn.Module, loader: DataLoader, device: torch.device, *, a
     indices = _sampler_indices(loader)
     logits_parts, label_parts = [], []
     for x, y in _progress(loader, progress, desc):
-        x, y = _to_device(x, y, device, channels_last)
-        with autocast(device, amp):
+        x, y = _to_device(x, y, compute.device, compute.channels_last)
+        with autocast(compute.device, compute.amp):
             out = model(x)
         logits_parts.append(out.float().reshape(out.shape[0], -1))
         label_parts.append(y)
@@ -211,12 +216,10 @@ class EvalResult:
     metrics: dict[str, Any]
 
 
-def evaluate(model: nn.Module, loader: DataLoader, criterion: Callable, device: torch.device, *,
-             amp: str = "off", channels_last: bool = False, progress: bool = False,
-             desc: str = "val") -> EvalResult:
+def evaluate(model: nn.Module, loader: DataLoader, criterion: Callable, compute: Compute, *,
+             progress: bool = False, desc: str = "val") -> EvalResult:
     """Loss and metrics over the whole (possibly rank-sharded) dataset of ``loader``."""
-    indices, logits, labels = forward_all(model, loader, device, amp=amp, channels_last=channels_last,
-                                          progress=progress, desc=desc)
+    indices, logits, labels = forward_all(model, loader, compute, progress=progress, desc=desc)
     logits_t = torch.from_numpy(logits)
     if logits_t.shape[1] == 1:
         logits_t = logits_t.reshape(-1)
@@ -228,48 +231,59 @@ def evaluate(model: nn.Module, loader: DataLoader, criterion: Callable, device: 
     return EvalResult(loss=loss, probs=probs, labels=labels, indices=indices, metrics=scores)
 
 
-def predict(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: str = "off",
-            channels_last: bool = False, progress: bool = False, desc: str = "predict") -> np.ndarray:
+def predict(model: nn.Module, loader: DataLoader, compute: Compute, *, progress: bool = False,
+            desc: str = "predict") -> np.ndarray:
     """``[N, C]`` probabilities for every row of the loader's dataset, in dataset order."""
-    _, logits, _ = forward_all(model, loader, device, amp=amp, channels_last=channels_last,
-                               progress=progress, desc=desc)
+    _, logits, _ = forward_all(model, loader, compute, progress=progress, desc=desc)
     logits_t = torch.from_numpy(logits)
     return to_probs(logits_t.reshape(-1) if logits_t.shape[1] == 1 else logits_t).numpy()
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: Callable,
-               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, device: torch.device, *,
-               amp: str = "off", accum_steps: int = 1, step_now: bool = True,
-               grad_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class StepContext:
+    """What an optimizer micro-step needs besides the model and the batch. Without a
+    ``scaler`` the step runs unscaled (a disabled GradScaler)."""
+
+    criterion: Callable
+    optimizer: torch.optim.Optimizer
+    compute: Compute
+    scaler: torch.amp.GradScaler | None = None
+    accum_steps: int = 1
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.compute.device.type, enabled=False)
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: StepContext, *,
+               step_now: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-step: forward, loss, backward of ``loss / accum_steps``; with ``step_now``
     also the (unscaled, clipped) optimizer step. Returns the loss and logits, detached."""
+    optimizer, scaler = step.optimizer, step.scaler
     # DDP: skip the gradient all-reduce on accumulation micro-steps
     sync = model.no_sync() if (not step_now and hasattr(model, "no_sync")) else contextlib.nullcontext()
     with sync:
-        with autocast(device, amp):
+        with autocast(step.compute.device, step.compute.amp):
             logits = model(x)
-            loss = criterion(logits, loss_targets(logits, y))
-        scaler.scale(loss / accum_steps).backward()
+            loss = step.criterion(logits, loss_targets(logits, y))
+        scaler.scale(loss / step.accum_steps).backward()
     if step_now:
-        if grad_clip:
+        if step.grad_clip:
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), logits.detach()
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable,
-                    optimizer: torch.optim.Optimizer, device: torch.device, *,
-                    scaler: torch.amp.GradScaler | None = None, amp: str = "off", accum_steps: int = 1,
-                    channels_last: bool = False, grad_clip: float | None = None,
-                    progress: bool = False, desc: str = "train",
-                    scalars: logs.ScalarLog | None = None) -> dict[str, float]:
+def train_one_epoch(model: nn.Module, loader: DataLoader, step: StepContext, *, progress: bool = False,
+                    desc: str = "train", scalars: logs.ScalarLog | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns loss, acc, f1, n, seconds, images_per_s (all ranks).
     ``scalars`` receives each step's loss (TensorBoard)."""
     model.train()
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    device, optimizer, accum_steps = step.compute.device, step.optimizer, step.accum_steps
     n_batches = len(loader)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     preds, labels = [], []
@@ -278,10 +292,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable,
     start = time.perf_counter()
     bar = _progress(loader, progress, desc)
     for i, (x, y) in enumerate(bar):
-        x, y = _to_device(x, y, device, channels_last)
+        x, y = _to_device(x, y, device, step.compute.channels_last)
         step_now = (i + 1) % accum_steps == 0 or i + 1 == n_batches
-        loss, logits = train_step(model, x, y, criterion, optimizer, scaler, device, amp=amp,
-                                  accum_steps=accum_steps, step_now=step_now, grad_clip=grad_clip)
+        loss, logits = train_step(model, x, y, step, step_now=step_now)
         loss_sum += loss.double() * y.shape[0]
         preds.append(_predicted_labels(logits))
         labels.append(y)
@@ -347,42 +360,6 @@ class EarlyStopping:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
 
 
-# --------------------------------------------------------------------------- optimizer, schedule
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                    fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW via timm: no weight decay on biases, norms and the model's ``no_weight_decay`` set.
-
-    ``fused`` (default: when every parameter is on CUDA) uses PyTorch's single-kernel AdamW;
-    torch still defaults to the multi-kernel foreach version, which reads and writes the
-    optimizer state once per elementwise operation. CPU runs keep the default.
-    """
-    from timm.optim import create_optimizer_v2
-
-    if fused is None:
-        params = list(model.parameters())
-        fused = bool(params) and all(p.is_cuda for p in params)
-    extra = {"fused": True} if fused else {}
-    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, **extra)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, *, warmup_epochs: int = 0,
-                    mode: str = "max") -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """Per-epoch schedule: ``plateau`` (halve the lr after 2 flat epochs of the monitored
-    metric) or ``cosine`` (to 1% of the lr, after ``warmup_epochs`` of linear warm-up)."""
-    sched = torch.optim.lr_scheduler
-    if kind == "plateau":
-        return sched.ReduceLROnPlateau(optimizer, mode=mode, factor=0.5, patience=2)
-    if kind != "cosine":
-        raise ValueError(f"unknown scheduler {kind!r} (plateau|cosine)")
-    base_lr = optimizer.param_groups[0]["lr"]
-    warmup = min(max(warmup_epochs, 0), max(epochs - 1, 0))
-    cosine = sched.CosineAnnealingLR(optimizer, T_max=max(epochs - warmup, 1), eta_min=base_lr * 0.01)
-    if not warmup:
-        return cosine
-    ramp = sched.LinearLR(optimizer, start_factor=0.1, end_factor=1.0, total_iters=warmup)
-    return sched.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
-
-
 # --------------------------------------------------------------------------- fit
 @dataclass
 class RunFiles:
@@ -402,21 +379,33 @@ class RunFiles:
 
 
 @dataclass
-class FitOptions:
-    epochs: int
-    monitor: str = "f1"
-    patience: int = 5
-    min_delta: float = 0.0
-    amp: str = "off"  # resolved: bf16 | fp16 | off
-    accum_steps: int = 1
-    channels_last: bool = False
-    compile: bool = False
-    grad_clip: float | None = None
-    resume: bool = False
-    force: bool = False
-    quiet: bool = False
-    seed: int = 0
-    tensorboard_dir: Path | None = None  # this model's TensorBoard folder (rank 0 writes it)
+class Learner:
+    """The model being trained and what updates it: the loss, the optimizer and its schedule."""
+
+    model: nn.Module
+    criterion: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+
+
+@dataclass(frozen=True)
+class Loaders:
+    """The training and the validation loader of one run."""
+
+    train: DataLoader
+    val: DataLoader
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What every checkpoint of one run records besides the weights, metrics and config: the
+    model's :class:`models.ModelSpec`, the essential ``settings`` a resume must match (model,
+    image size, classes, data) and further keys (``extra``: where the weights started, the
+    test set, the age group...)."""
+
+    spec: models.ModelSpec
+    settings: Mapping[str, Any]
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def settings_mismatch(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
@@ -453,17 +442,17 @@ def _settings_error(path: Path, diffs: Sequence[str]) -> ResumeError:
                        + ". Use the saved settings, or --force to start over.")
 
 
-def _finished_result(files: RunFiles, settings: Mapping[str, Any], opts: FitOptions,
+def _finished_result(files: RunFiles, settings: Mapping[str, Any], cfg: train_config.TrainConfig,
                      monitor_col: str) -> tuple[dict[str, Any] | None, bool]:
     """With --resume, a model already trained with these settings is not retrained: its
     result. Returns (that result or None, whether a finished model is being redone)."""
-    if not (opts.resume and files.best.exists()):
+    if not (cfg.resume and files.best.exists()):
         return None, False
     finished = load_checkpoint(files.best)
     if not finished.get("finished"):
         return None, False
     diffs = settings_mismatch(finished.get("settings", {}), settings)
-    if diffs and not opts.force:
+    if diffs and not cfg.force:
         raise _settings_error(files.best, diffs)
     if diffs:
         log(f"--force: {files.best} was trained with other settings ({'; '.join(diffs)}); starting over")
@@ -474,27 +463,27 @@ def _finished_result(files: RunFiles, settings: Mapping[str, Any], opts: FitOpti
                    finished["history"]), False
 
 
-def _restore_last(files: RunFiles, settings: Mapping[str, Any], opts: FitOptions, model: nn.Module,
-                  optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState, monitor_col: str) -> None:
+def _restore_last(files: RunFiles, settings: Mapping[str, Any], cfg: train_config.TrainConfig, learner: Learner,
+                  state: TrainState, monitor_col: str) -> None:
     """Continue an unfinished run from its ``last`` file (only with --resume and the same
     essential settings): weights, optimizer, schedule, scaler, early stopping, history, RNGs."""
     if not files.last.exists():
         return
     saved = load_checkpoint(files.last)
     diffs = settings_mismatch(saved.get("settings", {}), settings)
-    if not opts.resume:
+    if not cfg.resume:
         log(f"Found an unfinished run in {files.last} (epoch {saved['epoch']}); starting over "
             f"(pass --resume to continue it)")
         return
-    if diffs and not opts.force:
+    if diffs and not cfg.force:
         raise _settings_error(files.last, diffs)
     if diffs:
         log(f"--force: saved state in {files.last} has different settings ({'; '.join(diffs)}); starting over")
         return
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    if scheduler is not None and saved.get("scheduler") is not None:
-        scheduler.load_state_dict(saved["scheduler"])
+    learner.model.load_state_dict(saved["model"])
+    learner.optimizer.load_state_dict(saved["optimizer"])
+    if learner.scheduler is not None and saved.get("scheduler") is not None:
+        learner.scheduler.load_state_dict(saved["scheduler"])
     if saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
     state.stopper.load_state_dict(saved["early_stopping"])
@@ -503,32 +492,29 @@ def _restore_last(files: RunFiles, settings: Mapping[str, Any], opts: FitOptions
     state.start_epoch = int(saved["epoch"]) + 1
     set_rng_state(saved["rng"])
     if distributed.get_rank():  # ranks must not share augmentation streams
-        seed_everything(opts.seed + 1000 * state.start_epoch + distributed.get_rank())
+        seed_everything(cfg.seed + 1000 * state.start_epoch + distributed.get_rank())
     log(f"Resuming from epoch {state.start_epoch} (state of epoch {saved['epoch']} in {files.last}; "
         f"best {monitor_col} so far {_fmt(state.stopper.best)} at epoch {state.stopper.best_epoch})")
 
 
-def _wrap(model: nn.Module, device: torch.device, opts: FitOptions) -> nn.Module:
+def _wrap(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Module:
     """The model as trained: DDP under torchrun, compiled if asked (checkpoints keep ``model``)."""
     if distributed.is_dist():
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(model) if opts.compile else model
+    return torch.compile(model) if compile_model else model
 
 
-def _run_epoch(epoch: int, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, criterion: Callable,
-               optimizer: torch.optim.Optimizer, device: torch.device, state: TrainState, opts: FitOptions,
+def _run_epoch(epoch: int, model: nn.Module, loaders: Loaders, step: StepContext, state: TrainState,
                progress: bool) -> tuple[dict[str, Any], EvalResult, dict[str, float]]:
     """Train one epoch and validate: the history row, the validation result, the train stats."""
     t0 = time.perf_counter()
-    for loader in (train_loader, val_loader):
+    for loader in (loaders.train, loaders.val):
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-    lr = optimizer.param_groups[0]["lr"]
-    tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler=state.scaler, amp=opts.amp,
-                         accum_steps=opts.accum_steps, channels_last=opts.channels_last, grad_clip=opts.grad_clip,
-                         progress=progress, desc=f"epoch {epoch} train", scalars=state.scalars)
-    ev = evaluate(model, val_loader, criterion, device, amp=opts.amp, channels_last=opts.channels_last,
-                  progress=progress, desc=f"epoch {epoch} val")
+    lr = step.optimizer.param_groups[0]["lr"]
+    tr = train_one_epoch(model, loaders.train, step, progress=progress, desc=f"epoch {epoch} train",
+                         scalars=state.scalars)
+    ev = evaluate(model, loaders.val, step.criterion, step.compute, progress=progress, desc=f"epoch {epoch} val")
     vm = ev.metrics
     row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"], "train_f1": tr["f1"],
            "train_images": tr["n"], "val_loss": vm["loss"], "val_acc": vm["acc"], "val_f1": vm["f1"],
@@ -550,14 +536,15 @@ def _best_metrics(vm: Mapping[str, Any], tr: Mapping[str, Any]) -> dict[str, Any
 
 
 def _save_epoch(files: RunFiles, checkpoint: Callable[..., dict[str, Any]], epoch: int, is_best: bool,
-                vm: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState) -> None:
+                vm: Mapping[str, Any], learner: Learner, state: TrainState) -> None:
     """The best checkpoint (if this epoch is it), the metrics CSV and the resumable ``last`` state."""
     if is_best:
         save_checkpoint(files.best, checkpoint(epoch, state.best_metrics, finished=False))
     _write_history(state.history, files.metrics_csv)
     save_checkpoint(files.last, checkpoint(
-        epoch, vm, optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict() if scheduler is not None else None, scaler=state.scaler.state_dict(), early_stopping=state.stopper.state_dict(), rng=rng_state(),
+        epoch, vm, optimizer=learner.optimizer.state_dict(),
+        scheduler=learner.scheduler.state_dict() if learner.scheduler is not None else None,
+        scaler=state.scaler.state_dict(), early_stopping=state.stopper.state_dict(), rng=rng_state(),
         sampler_epoch=epoch, history=state.history, best_metrics=state.best_metrics))
 
 
@@ -576,76 +563,75 @@ def _log_epoch(epoch: int, row: Mapping[str, Any], ev: EvalResult, is_best: bool
 
 
 def _finish(files: RunFiles, epochs_run: int, stopped_early: bool, history: list[dict[str, Any]],
-            opts: FitOptions) -> None:
+            epochs_max: int) -> None:
     """Mark the best checkpoint finished (what --resume checks to not retrain) with the run's
     budget; the resumable state (optimizer etc., several times the model's size) goes."""
     if distributed.is_main():
         best = load_checkpoint(files.best)
         best.update(finished=True, epochs_run=epochs_run, stopped_early=stopped_early, history=history,
-                    epochs_max=opts.epochs, images_seen=images_seen(history))
+                    epochs_max=epochs_max, images_seen=images_seen(history))
         save_checkpoint(files.best, best)
         files.last.unlink(missing_ok=True)
     distributed.barrier()  # the best checkpoint exists for every rank after this
 
 
-def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, criterion: Callable,
-        optimizer: torch.optim.Optimizer, scheduler: Any, *, device: torch.device, files: RunFiles,
-        meta: Mapping[str, Any], settings: Mapping[str, Any], opts: FitOptions,
-        class_names: Sequence[str]) -> dict[str, Any]:
+def fit(learner: Learner, loaders: Loaders, cfg: train_config.TrainConfig, device: torch.device,
+        files: RunFiles, record: CheckpointRecord) -> dict[str, Any]:
     """Train with early stopping; save the best checkpoint and a resumable ``last`` state.
 
-    ``meta`` goes into every checkpoint (model name, classes, image size, normalisation,
-    config...). ``settings`` are the essential settings a resume must match (model, image
-    size, classes, data); a mismatch raises :class:`ResumeError` naming them, unless
-    ``opts.force``, which starts over. Returns best epoch, its val metrics, epochs run,
-    whether it stopped early, and the file paths.
+    ``cfg`` gives the epochs, the monitored metric, early stopping, precision, the resume
+    switches and the run folder (TensorBoard). ``record`` goes into every checkpoint; its
+    ``settings`` are the essential settings a resume must match: a mismatch raises
+    :class:`ResumeError` naming them, unless ``cfg.force``, which starts over. Returns best
+    epoch, its val metrics, epochs run, whether it stopped early, and the file paths.
     """
-    if opts.monitor not in MONITORS:
-        raise ValueError(f"unknown metric {opts.monitor!r} (known: {', '.join(MONITORS)})")
-    monitor_col, mode = MONITORS[opts.monitor]
-    settings = dict(settings)
-    progress = not opts.quiet and distributed.is_main()  # a bar on a terminal, else lines
-    state = TrainState(EarlyStopping(opts.patience, mode=mode, min_delta=opts.min_delta),
-                       torch.amp.GradScaler(device.type, enabled=opts.amp == "fp16"))
-    raw = model.to(device)
-    if opts.channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
-    done, redo = _finished_result(files, settings, opts, monitor_col)
+    if cfg.metric not in MONITORS:
+        raise ValueError(f"unknown metric {cfg.metric!r} (known: {', '.join(MONITORS)})")
+    monitor_col, mode = MONITORS[cfg.metric]
+    settings = dict(record.settings)
+    compute = Compute(device, resolve_amp(cfg.amp, device), cfg.channels_last)
+    progress = not cfg.quiet and distributed.is_main()  # a bar on a terminal, else lines
+    state = TrainState(EarlyStopping(cfg.patience, mode=mode, min_delta=cfg.min_delta),
+                       torch.amp.GradScaler(device.type, enabled=compute.amp == "fp16"))
+    raw = learner.model = learner.model.to(device)
+    if cfg.channels_last:
+        raw = learner.model = raw.to(memory_format=torch.channels_last)
+    done, redo = _finished_result(files, settings, cfg, monitor_col)
     if done is not None:
         distributed.barrier()
         return done
     if not redo:
-        _restore_last(files, settings, opts, raw, optimizer, scheduler, state, monitor_col)
-    train_model = _wrap(raw, device, opts)
-    if distributed.is_main() and opts.tensorboard_dir is not None:
-        state.scalars = logs.ScalarLog(opts.tensorboard_dir)
-        state.scalars.step = (state.start_epoch - 1) * len(train_loader)
+        _restore_last(files, settings, cfg, learner, state, monitor_col)
+    train_model = _wrap(raw, device, cfg.compile)
+    if distributed.is_main():
+        state.scalars = logs.ScalarLog(columns.RunDir(cfg.out_dir).tensorboard_dir / files.best.stem)
+        state.scalars.step = (state.start_epoch - 1) * len(loaders.train)
+    step = StepContext(learner.criterion, learner.optimizer, compute, state.scaler, cfg.accum_steps, cfg.grad_clip)
 
     def checkpoint(epoch: int, scores: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-        return make_checkpoint(raw, **meta, metrics=scores, epoch=epoch, settings=settings,
-                               monitor=opts.monitor, **extra)
+        return models.make_checkpoint(raw, record.spec, config=cfg, metrics=scores, epoch=epoch, **record.extra,
+                                      settings=settings, monitor=cfg.metric, **extra)
 
     epoch = saved_epoch = state.start_epoch - 1
     stopped_early = state.stopper.should_stop  # stopped, but interrupted before the finished marker
-    log(f"Training {meta.get('model_name', '')} on {device} (amp {opts.amp}) for up to {opts.epochs} epochs, "
-        f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images, best epoch by {monitor_col}")
+    log(f"Training {record.spec.model_name} on {device} (amp {compute.amp}) for up to {cfg.epochs} epochs, "
+        f"{len(loaders.train.dataset)} train / {len(loaders.val.dataset)} val images, best epoch by {monitor_col}")
     try:
-        for epoch in range(opts.epochs + 1 if stopped_early else state.start_epoch, opts.epochs + 1):
-            row, ev, tr = _run_epoch(epoch, train_model, train_loader, val_loader, criterion, optimizer, device,
-                                     state, opts, progress)
+        for epoch in range(cfg.epochs + 1 if stopped_early else state.start_epoch, cfg.epochs + 1):
+            row, ev, tr = _run_epoch(epoch, train_model, loaders, step, state, progress)
             state.history.append(row)
             value = float(row[monitor_col])
-            _step_scheduler(scheduler, value)
+            _step_scheduler(learner.scheduler, value)
             is_best = state.stopper.step(value, epoch)
             # every rank computed the same gathered metrics; rank 0's decision is the one
-            stop = distributed.broadcast_object(state.stopper.should_stop and epoch < opts.epochs)
+            stop = distributed.broadcast_object(state.stopper.should_stop and epoch < cfg.epochs)
             if is_best:
                 state.best_metrics = _best_metrics(ev.metrics, tr)
             if distributed.is_main():  # saved before the epoch is reported: a Ctrl-C after its Val line keeps it
-                _save_epoch(files, checkpoint, epoch, is_best, ev.metrics, optimizer, scheduler, state)
+                _save_epoch(files, checkpoint, epoch, is_best, ev.metrics, learner, state)
             saved_epoch = epoch
             state.scalars.epoch(epoch, scalar_values(row))
-            _log_epoch(epoch, row, ev, is_best, state.stopper, class_names)
+            _log_epoch(epoch, row, ev, is_best, state.stopper, record.spec.class_names)
             if stop:
                 stopped_early = True
                 log(f"Early stopping at epoch {epoch}: no {monitor_col} improvement for {state.stopper.bad_epochs} "
@@ -659,7 +645,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, crit
         raise
     finally:
         state.scalars.close()
-    _finish(files, epoch, stopped_early, state.history, opts)
+    _finish(files, epoch, stopped_early, state.history, cfg.epochs)
     log(f"Best epoch {state.stopper.best_epoch}: {monitor_col} {_fmt(state.stopper.best)} -> {files.best}")
     return _result(files, state.stopper.best_epoch, state.best_metrics, epoch, stopped_early, state.history)
 
@@ -688,75 +674,7 @@ def _result(files: RunFiles, best_epoch: int | None, best_metrics: Mapping[str, 
             "stopped_early": stopped_early, "images_seen": images_seen(history), "history": list(history)}
 
 
-# --------------------------------------------------------------------------- the recipe both trainers use
-def _seed_worker(worker_id: int) -> None:
-    # albumentations draws from its own generators, which forked workers would all copy
-    # unchanged: reseed them from the per-worker seed torch derives from its RNG
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(info.seed % 2**32)
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, sampler: str = "random", workers: int = 0,
-                seed: int = 0, device: torch.device = torch.device("cpu"), persistent: bool = True,
-                shard: bool = True) -> DataLoader:
-    """DataLoader for training (``sampler`` balanced|random) or evaluation (in order).
-
-    Under torchrun the samplers are the distributed ones (class-balanced:
-    :class:`distributed.DistributedBalancedSampler`; evaluation: ``DistributedSampler``
-    without shuffling, whose padding :func:`forward_all` removes again). ``shard=False``
-    gives an evaluation loader every row on every rank, for work one rank does alone
-    without gathering (Grad-CAM).
-    """
-    dist_on = distributed.is_dist()
-    if train and sampler == "balanced":
-        labels = dataset.get_labels()
-        s = (distributed.DistributedBalancedSampler(labels, seed=seed) if dist_on
-             else ImbalancedDatasetSampler(dataset, labels=labels))
-    elif train:
-        s = DistributedSampler(dataset, shuffle=True, seed=seed) if dist_on else RandomSampler(dataset)
-    else:
-        s = DistributedSampler(dataset, shuffle=False) if dist_on and shard else SequentialSampler(dataset)
-    transform = getattr(dataset, "transform", None)
-    if workers == 0 and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed + distributed.get_rank())
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=s, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=persistent and workers > 0,
-        prefetch_factor=4 if workers > 0 else None, worker_init_fn=_seed_worker,
-        # a last batch of one image breaks BatchNorm in training
-        drop_last=train and len(s) > batch_size,
-    )
-
-
-def make_criterion(loss: str, num_classes: int, focal_alpha: float | None = 0.25,
-                   focal_gamma: float = 2.0) -> nn.Module:
-    """``ce`` or ``focal``. For two classes (a two-logit softmax head) focal alpha is the
-    positive-class weight, i.e. exactly the binary sigmoid focal loss on the logit difference."""
-    if loss == "ce":
-        return nn.CrossEntropyLoss()
-    if loss != "focal":
-        raise ValueError(f"unknown loss {loss!r} (focal|ce)")
-    alpha: Any = focal_alpha
-    if num_classes == 2 and focal_alpha is not None:
-        alpha = (1.0 - focal_alpha, focal_alpha)
-    return FocalLoss(alpha=alpha, gamma=focal_gamma)
-
-
-def weights_origin(cfg: Any) -> dict[str, Any]:
-    """Where a model's initial weights come from when no checkpoint is given."""
-    if cfg.pretrained:
-        return {"kind": "pretrained", "source": str(cfg.pretrained_file or resolve_model_name(cfg.model))}
-    return {"kind": "random", "seed": int(cfg.seed)}
-
-
-def frame_fingerprint(df: pd.DataFrame, columns: Sequence[str]) -> str:
-    """Short identity of the rows a model trains on (for the resume check)."""
-    digest = hashlib.sha256(df[list(columns)].to_csv(index=False).encode()).hexdigest()
-    return f"{len(df)} rows, sha256 {digest[:16]}"
-
-
+# --------------------------------------------------------------------------- images checked before use
 def decode_pass(df: pd.DataFrame, img_size: int, *, cache_dir: str | Path | None, skip_bad: bool,
                 rejected_csv: str | Path | None, progress: bool = False) -> pd.DataFrame:
     """``tables.check_decodable`` before the first epoch or inference: rank 0 decodes
@@ -776,87 +694,3 @@ def decode_pass(df: pd.DataFrame, img_size: int, *, cache_dir: str | Path | None
         kept = df.drop(index=dropped)
         kept.attrs.update(df.attrs)
     return kept
-
-
-def train_classifier(cfg: Any, *, kind: str, train_df: pd.DataFrame, val_df: pd.DataFrame, target_col: str,
-                     class_names: Sequence[str], files: RunFiles, device: torch.device, age_bounds: Sequence[float],
-                     cache_dir: str | Path | None = None, extra_meta: Mapping[str, Any] | None = None,
-                     title: str = "", init_state: Mapping[str, torch.Tensor] | None = None,
-                     init_from: Mapping[str, Any] | None = None,
-                     images_checked: bool = False) -> dict[str, Any]:
-    """Build data, model, loss, optimizer and schedule from ``cfg`` (presets.resolve_config)
-    and :func:`fit` them. ``init_state`` (a state dict of the same architecture) replaces the
-    initial weights, and ``init_from`` says where it came from (stored as the checkpoint's
-    ``init``, so a comparison of models can state each one's training budget). Unless
-    ``images_checked`` (the caller ran :func:`decode_pass` on both frames at
-    ``cfg.img_size``), every image is decoded first; with ``cfg.skip_bad`` the ones that fail
-    are left out. Returns fit's result dict."""
-    seed_everything(cfg.seed + distributed.get_rank())
-    num_classes = len(class_names)
-    if not images_checked:
-        rejected = Path(cfg.out_dir) / columns.REJECTED_CSV
-        progress = not cfg.quiet and sys.stderr.isatty()
-        train_df, val_df = (decode_pass(df, cfg.img_size, cache_dir=cache_dir, skip_bad=cfg.skip_bad,
-                                        rejected_csv=rejected, progress=progress) for df in (train_df, val_df))
-    datasets = {}
-    for name, df, train in (("train", train_df, True), ("val", val_df, False)):
-        transform = build_transforms(cfg.img_size, train=train, mean=cfg.mean, std=cfg.std)
-        ds = WristDataset(df, target_col, transform, cfg.img_size, cache_dir=cache_dir)
-        bad = [i for i, label in enumerate(ds.labels) if label >= num_classes]
-        if bad:
-            raise DataError.at(ds.source, ds.rows[bad[0]], f"{target_col} is {ds.labels[bad[0]]}, expected "
-                                                           f"0..{num_classes - 1}")
-        datasets[name] = ds
-    amp = resolve_amp(cfg.amp, device)
-    train_loader = make_loader(datasets["train"], cfg.batch_size, train=True, sampler=cfg.sampler,
-                               workers=cfg.workers, seed=cfg.seed, device=device)
-    val_loader = make_loader(datasets["val"], cfg.batch_size, train=False, workers=cfg.workers,
-                             seed=cfg.seed, device=device)
-    model = create_model(cfg.model, num_classes=num_classes, in_chans=1, img_size=cfg.img_size,
-                         pretrained=cfg.pretrained, pretrained_file=cfg.pretrained_file,
-                         drop_path_rate=cfg.drop_path, grad_checkpointing=cfg.grad_checkpointing,
-                         fused_attn=cfg.fused_attn)
-    if init_state is not None:
-        model.load_state_dict(init_state)
-    model = model.to(device)  # before the optimizer, which picks fused AdamW for CUDA parameters
-    criterion = make_criterion(cfg.loss, num_classes, cfg.focal_alpha, cfg.focal_gamma)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                                mode=MONITORS[cfg.metric][1])
-    config = to_dict(cfg)
-    meta = {"model_name": cfg.model, "kind": kind, "class_names": list(class_names), "img_size": cfg.img_size,
-            "in_chans": 1, "mean": cfg.mean, "std": cfg.std, "age_bounds": list(age_bounds), "config": config,
-            "init": dict(init_from) if init_from is not None else weights_origin(cfg),
-            splits.TEST_SET_KEY: splits.recorded_test_sha256(getattr(cfg, "test_csv", None)), **dict(extra_meta or {})}
-    settings = {
-        "model": resolve_model_name(cfg.model), "img_size": int(cfg.img_size), "classes": list(class_names),
-        "train data": frame_fingerprint(train_df, ["image_path", target_col]),
-        "val data": frame_fingerprint(val_df, ["image_path", target_col]),
-    }
-    if distributed.is_main():
-        save_config(config, files.config_json)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"== {title or files.best.stem}: {cfg.model} ({n_params / 1e6:.2f}M parameters), "
-        f"{len(train_df)} train / {len(val_df)} val rows ==")
-    note = model_note(cfg)
-    if note:
-        log(note)
-    opts = FitOptions(epochs=cfg.epochs, monitor=cfg.metric, patience=cfg.patience, min_delta=cfg.min_delta,
-                      amp=amp, accum_steps=cfg.accum_steps, channels_last=cfg.channels_last,
-                      compile=cfg.compile, grad_clip=cfg.grad_clip, resume=cfg.resume, force=cfg.force,
-                      quiet=cfg.quiet, seed=cfg.seed,
-                      tensorboard_dir=columns.RunDir(cfg.out_dir).tensorboard_dir / files.best.stem)
-    return fit(model, train_loader, val_loader, criterion, optimizer, scheduler, device=device, files=files,
-               meta=meta, settings=settings, opts=opts, class_names=class_names)
-
-
-def inference_loader(df: pd.DataFrame, img_size: int, mean: float, std: float, *, batch_size: int,
-                     workers: int = 0, device: torch.device = torch.device("cpu"),
-                     cache_dir: str | Path | None = None, shard: bool = True) -> DataLoader:
-    """In-order loader over every row of ``df`` with the eval transform (labels -1), for
-    :func:`predict`; size and normalisation come from the checkpoint being applied. Under
-    torchrun (and ``shard``) each rank gets its share, which :func:`predict` gathers."""
-    ds = WristDataset(df, None, build_transforms(img_size, train=False, mean=mean, std=std), img_size,
-                      cache_dir=cache_dir)
-    return make_loader(ds, batch_size, train=False, workers=workers, device=device, persistent=False,
-                       shard=shard)

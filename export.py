@@ -55,6 +55,7 @@ import image_io
 import inference
 import models
 import presets
+import recipe
 import tables
 from config import print_config, to_dict
 from io_utils import write_json, write_text
@@ -88,7 +89,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- checks
 def parity_batch(lm: inference.LoadedModel, df: pd.DataFrame) -> torch.Tensor:
     """``df``'s images prepared as ``lm`` prescribes (size, normalisation), one batch."""
-    loader = inference.loader_for(lm, df, batch_size=max(len(df), 1), shard=False)
+    loader = inference.loader_for(lm, df, batch_size=max(len(df), 1), feed=recipe.Feed(shard=False))
     return next(iter(loader))[0].contiguous()
 
 

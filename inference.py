@@ -11,6 +11,7 @@ rank gets the same probabilities, in row order, as a single process would.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ import environment
 import errors
 import image_io
 import models
+import recipe
+import unified_dataset
 
 ROUTINGS = ("hard", "soft")
 
@@ -239,12 +242,15 @@ def fracture_prob(out: np.ndarray) -> np.ndarray:
     return out.reshape(-1)
 
 
-def loader_for(lm: LoadedModel, df: pd.DataFrame, *, batch_size: int = 32, workers: int = 0,
-               cache_dir: str | os.PathLike | None = None, shard: bool = True,
-               device: torch.device = torch.device("cpu")) -> DataLoader:
-    """``engine.inference_loader`` over ``df``, preparing images as ``lm``'s checkpoint prescribes."""
-    return engine.inference_loader(df, lm.img_size, lm.mean, lm.std, batch_size=batch_size, workers=workers,
-                                   cache_dir=cache_dir, shard=shard, device=device)
+def loader_for(lm: LoadedModel, df: pd.DataFrame, *, batch_size: int = 32,
+               cache_dir: str | os.PathLike | None = None, feed: recipe.Feed = recipe.Feed()) -> DataLoader:
+    """In-order loader over every row of ``df`` (labels -1) for :func:`engine.predict`, preparing
+    images as ``lm``'s checkpoint prescribes (size, normalisation, the eval transform). Under
+    torchrun (and ``feed.shard``) each rank gets its share, which :func:`engine.predict` gathers;
+    workers do not persist (one pass)."""
+    transform = unified_dataset.build_transforms(lm.img_size, train=False, mean=lm.mean, std=lm.std)
+    ds = unified_dataset.WristDataset(df, None, transform, lm.img_size, cache_dir=cache_dir)
+    return recipe.make_loader(ds, batch_size, train=False, feed=dataclasses.replace(feed, persistent=False))
 
 
 def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bool = False,
@@ -254,15 +260,16 @@ def model_probs(lm: LoadedModel, df: pd.DataFrame, device: torch.device, tta: bo
 
     ``amp``: off, bf16 or fp16 autocast (``engine.resolve_amp`` turns auto into one); the
     memory format is the checkpoint's (:func:`load_model`); ``loader_kw``: :func:`loader_for`'s
-    batch size, workers and cache. Under torchrun every rank must call this with the same
-    ``df``: the ranks share the work.
+    batch size and cache, and ``workers``. Under torchrun every rank must call this with the
+    same ``df``: the ranks share the work.
     """
     if len(df) == 0:
         return np.zeros((0, lm.num_classes)) if lm.num_classes > 2 else np.zeros(0)
     model = HFlipTTA(lm.model) if tta else lm.model
+    feed = recipe.Feed(workers=loader_kw.pop("workers", 0), device=device)
     # rank 0 shows progress: a bar on a terminal, a line every 30 s in a log (logs.Progress)
-    probs = np.asarray(engine.predict(model, loader_for(lm, df, device=device, **loader_kw), device, amp=amp,
-                                      channels_last=lm.channels_last, progress=distributed.is_main(),
+    probs = np.asarray(engine.predict(model, loader_for(lm, df, feed=feed, **loader_kw),
+                                      engine.Compute(device, amp, lm.channels_last), progress=distributed.is_main(),
                                       desc=f"{lm.name} on {len(df)} images"), float)
     if lm.num_classes > 2:
         return probs.reshape(len(df), lm.num_classes)
@@ -406,7 +413,7 @@ def cam_examples(lm: LoadedModel, df: pd.DataFrame, device: torch.device,
     full-size images add up."""
     if len(df) == 0:
         return
-    loader = loader_for(lm, df, batch_size=8, shard=False)
+    loader = loader_for(lm, df, batch_size=8, feed=recipe.Feed(shard=False))
     model = HFlipTTA(lm.model) if tta else lm.model
     paths = iter(df["image_path"].astype(str))
     for x, _ in loader:

@@ -53,6 +53,7 @@ import re
 import socket
 import threading
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 from urllib.parse import urlparse
@@ -68,13 +69,14 @@ from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint
 from torch import nn
 
 import environment
+import train_config
 from errors import CheckpointError, PretrainedWeightsError
 from io_utils import atomic_path, to_jsonable
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION", "CHECKPOINT_KEYS", "CHECKPOINT_KINDS", "CheckpointError",
-    "PretrainedWeightsError", "build_from_checkpoint", "create_model", "load_checkpoint",
-    "make_checkpoint", "model_state_dict", "resolve_model_name", "save_checkpoint", "to_jsonable",
+    "ModelSpec", "PretrainedWeightsError", "WeightsOptions", "build_from_checkpoint", "create_model",
+    "load_checkpoint", "make_checkpoint", "model_state_dict", "resolve_model_name", "save_checkpoint", "to_jsonable",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -317,39 +319,39 @@ def _hub_weights_overlay(name: str) -> Optional[dict]:
     return None
 
 
-def create_model(
-    name: str,
-    num_classes: int,
-    in_chans: int = 1,
-    img_size: Optional[int] = None,
-    pretrained: bool = False,
-    pretrained_file: Optional[PathLike] = None,
-    drop_path_rate: float = 0.0,
-    grad_checkpointing: bool = False,
-    fused_attn: bool = False,
-    **kwargs: Any,
-) -> nn.Module:
+@dataclass(frozen=True)
+class WeightsOptions:
+    """How weights start and run: pretrained (local cache or hub; fails fast offline) or from
+    ``pretrained_file`` (implies pretrained), stochastic depth, activation checkpointing (timm
+    ``set_grad_checkpointing``), fused attention (:func:`use_fused_attention`)."""
+
+    pretrained: bool = False
+    pretrained_file: Optional[PathLike] = None
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    fused_attn: bool = False
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 1, img_size: Optional[int] = None,
+                 weights: WeightsOptions = WeightsOptions(), **kwargs: Any) -> nn.Module:
     """Build timm model ``name`` (legacy names accepted) for ``num_classes`` classes.
 
     Args:
         name: timm name, optionally with a pretrained tag (``swin_large_patch4_window12_384.ms_in22k``).
         in_chans: input channels; 1 for radiographs (RGB pretrained stems are summed, see module doc).
         img_size: input size for models that fix it (Swin, ViT); ignored by CNNs.
-        pretrained: load pretrained weights (from the local cache or the hub; fails fast offline).
-        pretrained_file: load weights from this file instead; implies ``pretrained``.
-        drop_path_rate: stochastic depth rate (timm).
-        grad_checkpointing: trade compute for memory (timm ``set_grad_checkpointing``).
-        fused_attn: attention through ``scaled_dot_product_attention`` (see :func:`use_fused_attention`).
+        weights: pretrained weights, stochastic depth, checkpointing, fused attention (:class:`WeightsOptions`).
         **kwargs: passed to the timm model constructor (e.g. ``device="meta"``).
 
     Raises:
         ValueError: unknown model name. PretrainedWeightsError: weights asked for but unavailable
         or not fitting the architecture.
     """
+    pretrained, pretrained_file = weights.pretrained, weights.pretrained_file
     resolved = resolve_model_name(name)
     # drop_path_rate always passed: some timm constructors default to non-zero (Swin: 0.1)
     model_kwargs: dict[str, Any] = dict(
-        num_classes=int(num_classes), in_chans=int(in_chans), drop_path_rate=float(drop_path_rate), **kwargs
+        num_classes=int(num_classes), in_chans=int(in_chans), drop_path_rate=float(weights.drop_path_rate), **kwargs
     )
     if img_size is not None and _takes_img_size(resolved):
         model_kwargs["img_size"] = int(img_size) if isinstance(img_size, (int, np.integer)) else tuple(img_size)
@@ -382,9 +384,9 @@ def create_model(
             ) from exc
         if overlay:
             _check_pretrained_coverage(model, overlay["file"], resolved)
-    if grad_checkpointing:
+    if weights.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    if fused_attn:
+    if weights.fused_attn:
         use_fused_attention(model)
     return model
 
@@ -497,47 +499,51 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def make_checkpoint(
-    model: nn.Module | Mapping[str, torch.Tensor],
-    *,
-    model_name: str,
-    kind: str,
-    class_names: Sequence[str],
-    img_size: int,
-    in_chans: int,
-    mean: float | Sequence[float],
-    std: float | Sequence[float],
-    age_bounds: Sequence[float],
-    config: Any = None,
-    metrics: Optional[Mapping[str, Any]] = None,
-    epoch: int = 0,
-    model_kwargs: Optional[Mapping[str, Any]] = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """A checkpoint dict with every key of :data:`CHECKPOINT_KEYS` (``num_classes`` from ``class_names``).
+@dataclass(frozen=True)
+class ModelSpec:
+    """A checkpoint's model besides the weights: architecture (``model_kwargs``: extra
+    create_model kwargs to rebuild it), task, classes, expected input and age groups."""
+
+    model_name: str
+    kind: str
+    class_names: Sequence[str]
+    img_size: int
+    mean: float | Sequence[float]
+    std: float | Sequence[float]
+    age_bounds: Sequence[float]
+    in_chans: int = 1
+    model_kwargs: Optional[Mapping[str, Any]] = None
+
+
+def make_checkpoint(model: nn.Module | Mapping[str, torch.Tensor], spec: ModelSpec, *,
+                    config: train_config.TrainConfig | Mapping[str, Any] | None = None,
+                    metrics: Optional[Mapping[str, Any]] = None, epoch: int = 0, **extra: Any) -> dict[str, Any]:
+    """A checkpoint dict with every key of :data:`CHECKPOINT_KEYS` (``num_classes`` from
+    ``spec.class_names``); a :class:`train_config.TrainConfig` is recorded as its ``record()``.
 
     ``extra`` adds further keys, e.g. optimizer/scheduler/RNG state in a resumable ``last`` file.
     """
+    config = config.record() if isinstance(config, train_config.TrainConfig) else config
     ckpt = {
         "model": model if isinstance(model, Mapping) else model_state_dict(model),
-        "model_name": resolve_model_name(model_name),
-        "num_classes": len(class_names),
-        "class_names": [str(c) for c in class_names],
-        "img_size": img_size,
-        "in_chans": int(in_chans),
-        "mean": mean,
-        "std": std,
-        "age_bounds": age_bounds,
+        "model_name": resolve_model_name(spec.model_name),
+        "num_classes": len(spec.class_names),
+        "class_names": [str(c) for c in spec.class_names],
+        "img_size": spec.img_size,
+        "in_chans": int(spec.in_chans),
+        "mean": spec.mean,
+        "std": spec.std,
+        "age_bounds": spec.age_bounds,
         "config": {} if config is None else config,
         "metrics": dict(metrics or {}),
         "epoch": int(epoch),
         "versions": environment.versions(),
         "environment": {"lock": environment.lock_state(), "machine": environment.machine()},
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "kind": kind,
+        "kind": spec.kind,
     }
-    if model_kwargs:
-        ckpt[_MODEL_KWARGS_KEY] = dict(model_kwargs)
+    if spec.model_kwargs:
+        ckpt[_MODEL_KWARGS_KEY] = dict(spec.model_kwargs)
     ckpt.update(extra)
     return ckpt
 
@@ -649,12 +655,8 @@ def load_checkpoint(path: PathLike, expect: Optional[Mapping[str, Any]] = None) 
     return ckpt
 
 
-def build_from_checkpoint(
-    ckpt: Mapping[str, Any] | PathLike,
-    device: str | torch.device = "cpu",
-    source: Optional[str] = None,
-    fused_attn: bool = True,
-) -> nn.Module:
+def build_from_checkpoint(ckpt: Mapping[str, Any] | PathLike, device: str | torch.device = "cpu",
+                          source: Optional[str] = None, fused_attn: bool = True) -> nn.Module:
     """The checkpoint's model with its weights, on ``device``, in eval mode.
 
     ``ckpt`` is a dict from :func:`load_checkpoint` or a path (then loaded here). ``source``
@@ -673,7 +675,7 @@ def build_from_checkpoint(
         img_size = tuple(img_size)
     try:
         model = create_model(name, num_classes=num_classes, in_chans=ckpt.get("in_chans", 1), img_size=img_size,
-                             pretrained=False, fused_attn=fused_attn, **dict(ckpt.get(_MODEL_KWARGS_KEY) or {}))
+                             weights=WeightsOptions(fused_attn=fused_attn), **dict(ckpt.get(_MODEL_KWARGS_KEY) or {}))
     except Exception as exc:
         raise CheckpointError(f"{src}: cannot build model {name!r}: {_first_line(exc)}") from None
     desc = f"{name} (num_classes={num_classes}, in_chans={ckpt.get('in_chans')}, img_size={img_size})"

@@ -25,50 +25,27 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 import columns
 import environment
 import phantom
+import train_config
 
 # --------------------------------------------------------------------------- argument types
-# ``type=`` functions (and one Action) for the scripts' numeric and path options, so a bad
-# value is refused while the command line is parsed, before any work, in one line
-# (errors.run prints argparse's message as ``error: ...`` and exits 1).
-
-def _number(text: str, kind: Callable[[str], Any], what: str) -> Any:
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-    return value
-
-
-def _bounded(kind: Callable[[str], Any], what: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = _number(text, kind, what)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-
-    return parse
-
-
-positive_int = _bounded(int, "an integer >= 1", lambda v: v >= 1)
-non_negative_int = _bounded(int, "an integer >= 0", lambda v: v >= 0)
-finite_float = _bounded(float, "a finite number", lambda v: True)
-positive_float = _bounded(float, "a number > 0", lambda v: v > 0)
-non_negative_float = _bounded(float, "a number >= 0", lambda v: v >= 0)
-probability = _bounded(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
-drop_rate = _bounded(float, "a number in [0, 1)", lambda v: 0 <= v < 1)
-# held-out share of patients: a split needs both sides, and 1/frac folds
-split_fraction = _bounded(float, "a fraction in (0, 0.5]", lambda v: 0 < v <= 0.5)
+# The value parsers live with the training options they check (train_config.py); the
+# scripts' other options use them under these names.
+positive_int = train_config.positive_int
+non_negative_int = train_config.non_negative_int
+finite_float = train_config.finite_float
+positive_float = train_config.positive_float
+non_negative_float = train_config.non_negative_float
+probability = train_config.probability
+drop_rate = train_config.drop_rate
+split_fraction = train_config.split_fraction
 
 
 class AgeBoundsAction(argparse.Action):
@@ -77,7 +54,7 @@ class AgeBoundsAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Sequence[str] | str | None, option_string: str | None = None) -> None:
         texts = [values] if isinstance(values, str) else list(values or [])
-        bounds = [_number(t, float, "a number of years") if not isinstance(t, float) else t for t in texts]
+        bounds = [train_config.number_of_years(t) if not isinstance(t, float) else t for t in texts]
         shown = " ".join(f"{b:g}" for b in bounds)
         if any(not 0 < b <= columns.MAX_AGE for b in bounds):
             raise argparse.ArgumentError(self, f"each bound must be in (0, {columns.MAX_AGE:g}] years, got {shown}")
@@ -121,14 +98,8 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 
-# Grayscale normalisation. ImageNet's RGB statistics averaged over channels, so that
-# pretrained weights see inputs in the range they were trained on (models.py sums the
-# RGB stem over channels for in_chans=1).
-GRAY_MEAN = 0.449
-GRAY_STD = 0.226
-
-# Mixed-precision choices of every script (engine.resolve_amp turns auto into one of the others).
-AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
+# evaluate.py's --amp takes the same choices as the trainers'
+AMP_MODES = train_config.AMP_MODES
 
 # What both presets share: the design's loss, sampler and optimizer settings.
 _COMMON: dict[str, Any] = {
@@ -146,8 +117,8 @@ _COMMON: dict[str, Any] = {
     "compile": False,
     "accum_steps": 1,
     "grad_clip": None,
-    "mean": GRAY_MEAN,
-    "std": GRAY_STD,
+    "mean": train_config.GRAY_MEAN,
+    "std": train_config.GRAY_STD,
     "device": "auto",
     "seed": 42,
 }
@@ -206,57 +177,16 @@ STAGE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
 
 STAGES = ("age", "fracture")
 
-# (flag, dest, type, choices, help). Booleans get --x/--no-x.
-_OPTIONS: tuple[tuple[str, str, Any, tuple | None, str], ...] = (
-    ("--model", "model", str, None, "timm model name (legacy timm-0.4 names accepted)"),
-    ("--img-size", "img_size", positive_int, None, "square input size in pixels"),
-    ("--batch-size", "batch_size", positive_int, None, "images per optimizer micro-step and process"),
-    ("--epochs", "epochs", positive_int, None, "maximum number of epochs"),
-    ("--lr", "lr", positive_float, None, "AdamW learning rate"),
-    ("--weight-decay", "weight_decay", non_negative_float, None, "AdamW weight decay"),
-    ("--scheduler", "scheduler", str, ("plateau", "cosine"),
-     "learning-rate schedule: ReduceLROnPlateau on the monitored metric, or cosine"),
-    ("--warmup-epochs", "warmup_epochs", non_negative_int, None, "linear warm-up epochs (cosine only)"),
-    ("--patience", "patience", positive_int, None, "early stopping: epochs without improvement"),
-    ("--min-delta", "min_delta", non_negative_float, None, "early stopping: smallest change that counts"),
-    ("--metric", "metric", str, ("f1", "auroc", "acc", "loss"),
-     "validation metric for early stopping and the best checkpoint (f1 = binary F1 or macro-F1)"),
-    ("--sampler", "sampler", str, ("balanced", "random"), "class-balanced or plain shuffled sampling"),
-    ("--loss", "loss", str, ("focal", "ce"), "focal loss or (binary) cross-entropy"),
-    ("--focal-alpha", "focal_alpha", probability, None, "focal loss alpha (weight of the positive class)"),
-    ("--focal-gamma", "focal_gamma", non_negative_float, None, "focal loss gamma"),
-    ("--pretrained", "pretrained", bool, None, "start from pretrained weights (hub or --pretrained-file)"),
-    ("--pretrained-file", "pretrained_file", str, None, "local weights file (.safetensors/.pth)"),
-    ("--drop-path", "drop_path", drop_rate, None, "stochastic depth rate"),
-    ("--grad-checkpointing", "grad_checkpointing", bool, None, "activation checkpointing (saves memory)"),
-    ("--fused-attn", "fused_attn", bool, None,
-     "attention through scaled_dot_product_attention: the same function, and on an H100 Swin-L 384 "
-     "trains 8-17%% faster in a third less memory (timm leaves it off for Swin)"),
-    ("--workers", "workers", non_negative_int, None, "DataLoader worker processes per training process"),
-    ("--amp", "amp", str, AMP_MODES,
-     "mixed precision: auto = bf16 autocast on CUDA, off on CPU; fp16 uses a grad scaler"),
-    ("--channels-last", "channels_last", bool, None, "channels_last memory format"),
-    ("--compile", "compile", bool, None, "torch.compile the model"),
-    ("--accum-steps", "accum_steps", positive_int, None, "gradient accumulation steps"),
-    ("--grad-clip", "grad_clip", positive_float, None, "clip gradient norm to this value"),
-    ("--mean", "mean", finite_float, None, "input normalisation mean"),
-    ("--std", "std", positive_float, None, "input normalisation std"),
-    ("--device", "device", str, None, "auto, cpu, cuda or cuda:N"),
-    ("--seed", "seed", int, None, "random seed (python, numpy, torch)"),
-    ("--init-from-pooled", "init_from_pooled", bool, None,
-     "stage 4: start each age-group model from the pooled model's weights (trained first if missing)"),
-    ("--continue-epochs", "continue_epochs", positive_int, None,
-     "stage 4 with --init-from-pooled: epochs of the models that start from the pooled model's weights "
-     "(the group models and the control), without warm-up, as the weights are trained; unset: --epochs"),
-)
-TRAIN_KEYS: tuple[str, ...] = tuple(o[1] for o in _OPTIONS)
-# Options whose value is a path or a switch of the run, not a training hyper-parameter.
-RUN_KEYS: tuple[str, ...] = ("preset", "config", "quiet", "resume", "force")
+# (flag, dest, type, choices, help), one per field of train_config.TrainConfig. Booleans get --x/--no-x.
+_OPTIONS: tuple[tuple[str, str, Any, tuple | None, str], ...] = tuple(
+    ("--" + f.name.replace("_", "-"), f.name, f.metadata["parse"], f.metadata["choices"], f.metadata["help"])
+    for f in train_config.options())
+TRAIN_KEYS: tuple[str, ...] = train_config.TRAIN_KEYS
 
 
 def _help(dest: str, text: str) -> str:
     demo, paper = PRESETS["demo"][dest], PRESETS["paper"][dest]
-    return f"{text} [demo: {demo}, paper: {paper}]"
+    return f"{text} [demo: {demo}, paper: {paper}]".replace("%", "%%")
 
 
 def add_training_args(parser: argparse.ArgumentParser, resume_flags: bool = True) -> argparse.ArgumentParser:
@@ -316,11 +246,13 @@ def chosen_preset(args: argparse.Namespace, default: str = "demo") -> str:
     return default
 
 
-def resolve_config(args: argparse.Namespace, stage: str) -> argparse.Namespace:
-    """Merge preset < YAML < explicit flags into a new namespace for ``stage``.
+def resolve_config(args: argparse.Namespace, stage: str) -> train_config.TrainConfig:
+    """Merge preset < YAML < explicit flags into the typed config of ``stage``.
 
     ``stage`` is ``"age"`` or ``"fracture"`` (selects :data:`STAGE_OVERRIDES` and the YAML
-    section). Non-training attributes of ``args`` (paths etc.) are kept as they are.
+    section). The run's switches and folders are taken from ``args`` as they are (resolve
+    the path defaults first, :func:`resolve_paths`), and all of ``args`` is kept as the
+    config's ``command``, which the run records.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
@@ -347,24 +279,13 @@ def resolve_config(args: argparse.Namespace, stage: str) -> argparse.Namespace:
             cfg[key] = value
     if cfg.get("pretrained_file"):
         cfg["pretrained"] = True  # a local file is only given to be used
-    out = argparse.Namespace(**vars(args))
-    for key, value in cfg.items():
-        setattr(out, key, value)
-    out.preset = preset
+    run = {key: getattr(args, key) for key in train_config.RUN_FIELDS if hasattr(args, key)}
+    out = train_config.TrainConfig(**cfg, **run, preset=preset, command=dict(vars(args)))
     _check(out)
     return out
 
 
-def model_note(cfg: argparse.Namespace) -> str | None:
-    """A plain statement when the demo trains a CNN instead of a Swin (printed by the trainers)."""
-    if cfg.preset == "demo" and "swin" not in str(cfg.model):
-        return (f"note: the demo preset trains {cfg.model}, a small CNN, not a Swin: a tiny Swin trained "
-                f"from scratch learns the phantom too slowly for the CPU time budget. The paper preset "
-                f"trains Swin-L; the tests train swin_demo through this same code path.")
-    return None
-
-
-def _check(cfg: argparse.Namespace) -> None:
+def _check(cfg: train_config.TrainConfig) -> None:
     positive = ("img_size", "batch_size", "epochs", "accum_steps")
     for key in positive:
         if int(getattr(cfg, key)) < 1:
@@ -417,7 +338,8 @@ def add_data_args(parser: argparse.ArgumentParser, test_csv: bool = False) -> ar
 
 
 def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the path defaults that derive from --out-dir (in place; returns args)."""
+    """``args`` with the path defaults that derive from --out-dir filled in (a copy)."""
+    args = argparse.Namespace(**vars(args))
     run = columns.RunDir(args.out_dir)
     for key in ("train_csv", "val_csv", "test_csv"):
         if hasattr(args, key) and getattr(args, key) is None:

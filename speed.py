@@ -35,6 +35,7 @@ import image_io
 import io_utils
 import models
 import phantom
+import recipe
 import tables
 import unified_dataset
 from io_utils import write_json
@@ -311,8 +312,9 @@ def _build_model(args: argparse.Namespace, device: torch.device, channels_last: 
                  fused_attn: bool = False) -> torch.nn.Module:
     torch.manual_seed(args.seed)
     model = models.create_model(args.model, num_classes=args.num_classes, in_chans=1,
-                                img_size=args.img_size, pretrained=False,
-                                grad_checkpointing=args.grad_checkpointing, fused_attn=fused_attn)
+                                img_size=args.img_size,
+                                weights=models.WeightsOptions(grad_checkpointing=args.grad_checkpointing,
+                                                              fused_attn=fused_attn))
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -332,12 +334,13 @@ def _batch(args: argparse.Namespace, device: torch.device, batch: int,
 def _train_step_fn(model: torch.nn.Module, step_model: Callable, device: torch.device,
                    precision: str, num_classes: int, fused_opt: bool | None = None) -> Callable:
     """engine.train_step, the trainers' own, with the project's optimizer and focal loss."""
-    criterion = engine.make_criterion("focal", num_classes)
-    opt = engine.build_optimizer(model, lr=1e-5, weight_decay=0.05, fused=fused_opt)
+    criterion = recipe.make_criterion("focal", num_classes)
+    opt = recipe.build_optimizer(model, lr=1e-5, weight_decay=0.05, fused=fused_opt)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    context = engine.StepContext(criterion, opt, engine.Compute(device, _amp(precision)), scaler)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        engine.train_step(step_model, x, y, criterion, opt, scaler, device, amp=_amp(precision))
+        engine.train_step(step_model, x, y, context)
 
     return step
 
@@ -509,7 +512,7 @@ def bench_onnx(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
 
 def bench_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, spec: dict[str, Any],
               cache_dir: Path | None, batch: int) -> dict[str, Any]:
-    """Images/s of the training loop fed by the project's own DataLoader (engine.make_loader)."""
+    """Images/s of the training loop fed by the project's own DataLoader (recipe.make_loader)."""
     cl = spec["channels_last"]
     total = args.warmup + args.steps
     # the phantom is a few dozen images: repeat its rows so that one epoch (one loader
@@ -519,8 +522,8 @@ def bench_e2e(args: argparse.Namespace, device: torch.device, df: pd.DataFrame, 
     rows.attrs = dict(df.attrs)
     tf = unified_dataset.build_transforms(args.img_size, train=True, mean=args.mean, std=args.std)
     ds = unified_dataset.WristDataset(rows, "fracture", tf, args.img_size, cache_dir=cache_dir)
-    loader = engine.make_loader(ds, batch, train=True, sampler="random", workers=args.workers,
-                                seed=args.seed, device=device, persistent=False)
+    loader = recipe.make_loader(ds, batch, train=True, sampler="random", seed=args.seed,
+                                feed=recipe.Feed(workers=args.workers, device=device, persistent=False))
     cleanup(device)
     model = _build_model(args, device, cl, spec.get("fused_attn", False))
     model.train()

@@ -34,17 +34,18 @@ import numpy as np
 import pandas as pd
 
 import columns
+import config
 import distributed
 import engine
 import errors
 import inference
 import presets
+import recipe
 import splits
 import tables
-from config import print_config, to_dict
 from errors import DataError
 from io_utils import write_csv, write_json
-from presets import add_data_args, add_training_args, resolve_config, resolve_paths
+from presets import add_data_args, add_training_args
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -77,13 +78,14 @@ def write_predictions(csv_path: Path, probs: np.ndarray, rows: Sequence[int], n_
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = resolve_paths(resolve_config(args, "age"))
-    csvs = {"train": cfg.train_csv, "val": cfg.val_csv, "test": cfg.test_csv}
-    files = engine.RunFiles.from_stem(cfg.models_dir, columns.AGE_MODEL)
-    bounds, names = splits.recorded_age_groups(cfg.test_csv, args.age_bounds)
+    args = presets.resolve_paths(args)
+    cfg = presets.resolve_config(args, "age")
+    csvs = {"train": args.train_csv, "val": args.val_csv, "test": args.test_csv}
+    files = engine.RunFiles.from_stem(args.models_dir, columns.AGE_MODEL)
+    bounds, names = splits.recorded_age_groups(args.test_csv, args.age_bounds)
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
-            print_config(to_dict(cfg), "train_age_classifier.py")
+            config.print_config(config.to_dict(cfg.record()), "train_age_classifier.py")
         read = {split: tables.read_split_csv(path) for split, path in csvs.items()}
         for note in splits.check_splits({str(csvs[k]): df for k, df in read.items()}, csvs["test"]):
             engine.log(f"note: {note}")
@@ -93,10 +95,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             df, cfg.img_size, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
             rejected_csv=Path(cfg.out_dir) / columns.REJECTED_CSV,
             progress=not cfg.quiet and sys.stderr.isatty()) for split, df in read.items()}
-        result = engine.train_classifier(
-            cfg, kind="age", train_df=frames["train"], val_df=frames["val"], target_col="age_group",
-            class_names=names, files=files, device=info.device, age_bounds=bounds,
-            cache_dir=cfg.cache_dir, title="age-group classifier", images_checked=True)
+        task = recipe.Task("age", "age_group", class_names=names, age_bounds=bounds, title="age-group classifier")
+        result = recipe.train_classifier(cfg, task, recipe.Frames(frames["train"], frames["val"], checked=True),
+                                         files, info.device)
 
         age_model = inference.load_model(files.best, columns.AGE_MODEL, info.device, "age",
                                          num_classes=len(names))
@@ -120,8 +121,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "best_epoch": result["best_epoch"], "best_metrics": result["best_metrics"],
             "epochs_run": result["epochs_run"], "predicted_group_counts": counts,
         }
-        if info.is_main and cfg.result_json:
-            write_json(out, cfg.result_json)
+        if info.is_main and args.result_json:
+            write_json(out, args.result_json)
     return out
 
 

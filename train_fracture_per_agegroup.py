@@ -38,22 +38,25 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any, NamedTuple, Sequence
 
 import pandas as pd
 
 import columns
+import config
 import distributed
 import engine
 import errors
 import presets
+import recipe
 import splits
 import tables
-from config import print_config, to_dict
+import train_config
 from errors import DataError
 from io_utils import write_json
 from models import load_checkpoint, weights_sha256
-from presets import add_data_args, add_training_args, resolve_config, resolve_paths
+from presets import add_data_args, add_training_args
 
 CLASS_NAMES = ("no fracture", "fracture")
 TARGET = "fracture"
@@ -108,14 +111,14 @@ def _finished(path) -> bool:
     return path.is_file() and bool(load_checkpoint(path).get("finished"))
 
 
-def continued_from(ckpt_path, expect: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The weights of a finished checkpoint to continue from, and the ``init`` record that says
+def continued_from(ckpt_path, expect: dict[str, Any]) -> recipe.InitialWeights:
+    """The weights of a finished checkpoint to continue from, with the ``init`` record that says
     so (with that checkpoint's own budget, so evaluation can add it up)."""
     ckpt = load_checkpoint(ckpt_path, expect=expect)
     origin = {"kind": "checkpoint", "checkpoint": ckpt_path.name, "epochs_run": ckpt.get("epochs_run"),
               "best_epoch": ckpt.get("epoch"), "images_seen": ckpt.get("images_seen"), "init": ckpt.get("init"),
               "weights_sha256": weights_sha256(ckpt["model"])}
-    return ckpt["model"], origin
+    return recipe.InitialWeights(ckpt["model"], origin)
 
 
 class Job(NamedTuple):
@@ -139,37 +142,37 @@ def check_groups(groups: Sequence[int] | None, bounds: Sequence[float], names: S
                         f"({', '.join(names)}), with stage 1's --age-bounds {' '.join(f'{b:g}' for b in bounds)}")
 
 
-def plan_jobs(cfg: argparse.Namespace, train_all: pd.DataFrame, val_all: pd.DataFrame,
-              names: Sequence[str]) -> list[Job]:
+def plan_jobs(args: argparse.Namespace, cfg: train_config.TrainConfig, train_all: pd.DataFrame,
+              val_all: pd.DataFrame, names: Sequence[str]) -> list[Job]:
     """Every model this run trains, in training order; ``names``: the age groups' names."""
     pooled = Job(columns.POOLED_ROLE, "all age groups", None, train_all, val_all)
-    if cfg.pooled:
+    if args.pooled:
         return [pooled]
-    for path, df in ((cfg.train_csv, train_all), (cfg.val_csv, val_all)):
-        if cfg.group_column not in df.columns:
-            raise DataError.at(path, 1, f"no column {cfg.group_column!r}; run train_age_classifier.py "
+    for path, df in ((args.train_csv, train_all), (args.val_csv, val_all)):
+        if args.group_column not in df.columns:
+            raise DataError.at(path, 1, f"no column {args.group_column!r}; run train_age_classifier.py "
                                         f"first, or pass --group-column age_group")
-    groups = cfg.groups if cfg.groups is not None else range(len(names))
+    groups = args.groups if args.groups is not None else range(len(names))
     jobs = [Job(columns.group_role(g), f"age group {g} ({names[g]})", g,
-                rows_of_group(train_all, cfg.group_column, g), rows_of_group(val_all, cfg.group_column, g))
+                rows_of_group(train_all, args.group_column, g), rows_of_group(val_all, args.group_column, g))
             for g in groups]
     if not cfg.init_from_pooled:
         return jobs
-    if not _finished(model_files(cfg, columns.POOLED_ROLE).best):
+    if not _finished(model_files(args, columns.POOLED_ROLE).best):
         engine.log("group models start from the pooled model (--init-from-pooled): training it first")
         jobs.insert(0, pooled)
-    control = cfg.control if cfg.control is not None else cfg.groups is None
+    control = args.control if args.control is not None else args.groups is None
     if control:
         jobs.append(Job(columns.CONTROL_ROLE, "all age groups, continued from the pooled model like the group "
                         "models (equal-budget control)", None, train_all, val_all))
     return jobs
 
 
-def model_files(cfg: argparse.Namespace, role: str, seed_suffix: str = "") -> engine.RunFiles:
-    return engine.RunFiles.from_stem(cfg.models_dir, columns.fracture_model(role) + seed_suffix)
+def model_files(args: argparse.Namespace, role: str, seed_suffix: str = "") -> engine.RunFiles:
+    return engine.RunFiles.from_stem(args.models_dir, columns.fracture_model(role) + seed_suffix)
 
 
-def further_seed_jobs(cfg: argparse.Namespace, first: list[Job], seed: int) -> list[Job]:
+def further_seed_jobs(cfg: train_config.TrainConfig, first: list[Job], seed: int) -> list[Job]:
     """The models a further training seed retrains: those the evaluation compares. With
     --init-from-pooled the group models and the control both continue from the (first seed's)
     pooled model, so only they are retrained and the shared start costs nothing more; without
@@ -180,58 +183,59 @@ def further_seed_jobs(cfg: argparse.Namespace, first: list[Job], seed: int) -> l
             if job.group is not None or job.role in compared]
 
 
-def continuation_config(cfg: argparse.Namespace) -> argparse.Namespace:
+def continuation_config(cfg: train_config.TrainConfig) -> train_config.TrainConfig:
     """The settings of a model that continues the pooled model: ``--continue-epochs`` epochs and
     no warm-up (its weights are trained already); everything else as given."""
     epochs = cfg.continue_epochs if cfg.continue_epochs is not None else cfg.epochs
-    return argparse.Namespace(**{**vars(cfg), "epochs": epochs, "warmup_epochs": 0})
+    return dataclasses.replace(cfg, epochs=epochs, warmup_epochs=0)
 
 
-def train_job(cfg: argparse.Namespace, job: Job, device: Any, bounds: Sequence[float]) -> dict[str, Any]:
+def train_job(args: argparse.Namespace, cfg: train_config.TrainConfig, job: Job, device: Any,
+              bounds: Sequence[float]) -> dict[str, Any]:
     """Train one model (or find it finished) for the age ``bounds``; its result, or why it was skipped."""
-    reason = skip_reason(job.train, job.val, cfg.min_rows)
+    reason = skip_reason(job.train, job.val, args.min_rows)
     if reason:
         engine.log(f"== {job.label}: SKIPPED: {reason} ==")
         return {"skipped": reason, "train_rows": len(job.train), "val_rows": len(job.val)}
     if job.val[TARGET].nunique() < 2:
         engine.log(f"{job.label}: validation rows hold one class only; AUROC is undefined for it")
-    files = model_files(cfg, job.role, job.seed_suffix)
-    init, origin = None, None
+    files = model_files(args, job.role, job.seed_suffix)
+    init = None
     if job.role != columns.POOLED_ROLE and cfg.init_from_pooled:
-        init, origin = continued_from(model_files(cfg, columns.POOLED_ROLE).best,
-                                      {"kind": "fracture", "model_name": cfg.model, "img_size": cfg.img_size})
+        init = continued_from(model_files(args, columns.POOLED_ROLE).best,
+                              {"kind": "fracture", "model_name": cfg.model, "img_size": cfg.img_size})
         cfg = continuation_config(cfg)
-    result = engine.train_classifier(
-        cfg, kind="fracture", train_df=job.train, val_df=job.val, target_col=TARGET, class_names=CLASS_NAMES,
-        files=files, device=device, age_bounds=bounds, cache_dir=cfg.cache_dir,
-        extra_meta={"age_group": job.group, "group_column": cfg.group_column, "role": job.role},
-        title=f"fracture classifier, {job.label}", init_state=init, init_from=origin)
+    task = recipe.Task("fracture", TARGET, class_names=CLASS_NAMES, age_bounds=bounds,
+                       title=f"fracture classifier, {job.label}",
+                       extra_meta={"age_group": job.group, "group_column": args.group_column, "role": job.role})
+    result = recipe.train_classifier(cfg, task, recipe.Frames(job.train, job.val), files, device, init)
     result.pop("history")
     return {**result, "config": str(files.config_json), "train_rows": len(job.train), "val_rows": len(job.val)}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = resolve_paths(resolve_config(args, "fracture"))
-    bounds, names = splits.recorded_age_groups(cfg.test_csv, args.age_bounds)
-    check_groups(cfg.groups, bounds, names)
+    args = presets.resolve_paths(args)
+    cfg = presets.resolve_config(args, "fracture")
+    bounds, names = splits.recorded_age_groups(args.test_csv, args.age_bounds)
+    check_groups(args.groups, bounds, names)
     with distributed.session(cfg.device, cfg.out_dir) as info:
         if info.is_main:
-            print_config(to_dict(cfg), "train_fracture_per_agegroup.py")
-        train_all, val_all = tables.read_split_csv(cfg.train_csv), tables.read_split_csv(cfg.val_csv)
-        frames = {str(cfg.train_csv): train_all, str(cfg.val_csv): val_all,
-                  str(cfg.test_csv): tables.read_split_csv(cfg.test_csv, validate=False)}
-        for note in splits.check_splits(frames, cfg.test_csv):
+            config.print_config(config.to_dict(cfg.record()), "train_fracture_per_agegroup.py")
+        train_all, val_all = tables.read_split_csv(args.train_csv), tables.read_split_csv(args.val_csv)
+        frames = {str(args.train_csv): train_all, str(args.val_csv): val_all,
+                  str(args.test_csv): tables.read_split_csv(args.test_csv, validate=False)}
+        for note in splits.check_splits(frames, args.test_csv):
             engine.log(f"note: {note}")
-        first = plan_jobs(cfg, train_all, val_all, names)
-        models = {job.role: train_job(cfg, job, info.device, bounds) for job in first}
-        seeds = [cfg.seed + k for k in range(cfg.seeds)]
+        first = plan_jobs(args, cfg, train_all, val_all, names)
+        models = {job.role: train_job(args, cfg, job, info.device, bounds) for job in first}
+        seeds = [cfg.seed + k for k in range(args.seeds)]
         for seed in seeds[1:]:
-            cfg_seed = argparse.Namespace(**{**vars(cfg), "seed": seed})
             for job in further_seed_jobs(cfg, first, seed):
-                models[job.role + job.seed_suffix] = train_job(cfg_seed, job, info.device, bounds)
-        out = {"models": models, "group_column": cfg.group_column, "pooled": cfg.pooled, "seeds": seeds}
-        if info.is_main and cfg.result_json:
-            write_json(out, cfg.result_json)
+                models[job.role + job.seed_suffix] = train_job(args, dataclasses.replace(cfg, seed=seed), job,
+                                                               info.device, bounds)
+        out = {"models": models, "group_column": args.group_column, "pooled": args.pooled, "seeds": seeds}
+        if info.is_main and args.result_json:
+            write_json(out, args.result_json)
     return out
 
 

@@ -13,6 +13,8 @@
 - ``real_metadata`` (session): the real GRAZPEDWRI-DX ``dataset.csv`` loaded and
   validated without looking at images (only two of them are in ``../shared``).
 - ``damage_idat(path)``: corrupt a PNG's pixel data and leave everything else intact.
+- ``fit_config(out_dir, **changes)``: the demo preset's fracture config for ``engine.fit``
+  on tiny tensors: fp32, default memory format, quiet, writing under ``out_dir``.
 - ``write_png_bomb(path)``: a small PNG whose header claims 50000 x 50000 pixels.
 - ``assert_one_line(exc, file, row, *words)``: the error is one line naming file (and row).
 """
@@ -51,6 +53,19 @@ def damage_idat(path: Path) -> Path:
             return path
         pos += 12 + length
     raise ValueError(f"{path}: no IDAT chunk")
+
+
+def fit_config(out_dir: Path, **changes):
+    """The demo preset's fracture config with ``changes``, in fp32 and the default memory
+    format (the same numbers on every CPU), quiet, its run folder ``out_dir``."""
+    import argparse
+    import dataclasses
+
+    import presets
+
+    cfg = presets.resolve_config(argparse.Namespace(), "fracture")
+    return dataclasses.replace(cfg, **{"amp": "off", "channels_last": False, "quiet": True, "out_dir": out_dir,
+                                       **changes})
 
 
 def write_png_bomb(path: Path, width: int = 50_000, height: int = 50_000) -> Path:

@@ -14,12 +14,16 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 import engine
 import metrics
+import models
 import presets
+import recipe
+import train_config
+from conftest import fit_config
 from models import build_from_checkpoint, create_model, load_checkpoint
 
 CLASSES = ("neg", "pos")
-META = {"model_name": "cnn_demo", "kind": "fracture", "class_names": list(CLASSES), "img_size": 16,
-        "in_chans": 1, "mean": 0.5, "std": 0.25, "age_bounds": [8.0, 15.0], "config": {"test": True}}
+SPEC = models.ModelSpec(model_name="cnn_demo", kind="fracture", class_names=list(CLASSES), img_size=16, mean=0.5,
+                        std=0.25, age_bounds=[8.0, 15.0])
 SETTINGS = {"model": "cnn_demo", "img_size": 16, "classes": list(CLASSES), "train data": "synthetic"}
 
 
@@ -63,13 +67,13 @@ def _fit(tmp_path, epochs: int, *, train_ds=None, lr: float = 3e-3, patience: in
                 m.momentum = 0.0
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
     else:
-        opt = engine.build_optimizer(model, lr, 0.01)
-    sched = engine.build_scheduler(opt, "cosine", epochs, warmup_epochs=1)
+        opt = recipe.build_optimizer(model, lr, 0.01)
+    sched = recipe.build_scheduler(opt, "cosine", epochs, warmup_epochs=1)
     files = engine.RunFiles.from_stem(tmp_path, "m")
-    opts = engine.FitOptions(epochs=epochs, monitor="f1", patience=patience, resume=resume, force=force, quiet=True)
-    result = engine.fit(model, train_loader, val_loader, engine.make_criterion("focal", 2), opt, sched,
-                        device=torch.device("cpu"), files=files, meta=META, settings=settings or SETTINGS,
-                        opts=opts, class_names=CLASSES)
+    cfg = fit_config(tmp_path, epochs=epochs, metric="f1", patience=patience, resume=resume, force=force)
+    learner = engine.Learner(model, recipe.make_criterion("focal", 2), opt, sched)
+    result = engine.fit(learner, engine.Loaders(train_loader, val_loader), cfg, torch.device("cpu"), files,
+                        engine.CheckpointRecord(SPEC, settings or SETTINGS))
     return result, files
 
 
@@ -217,7 +221,7 @@ def test_focal_alpha_two_class_equals_binary_focal():
     z = torch.randn(32)
     y = torch.randint(0, 2, (32,))
     two_logits = torch.stack([torch.zeros(32), z], 1)
-    ours = engine.make_criterion("focal", 2, 0.25, 2.0)(two_logits, y)
+    ours = recipe.make_criterion("focal", 2, 0.25, 2.0)(two_logits, y)
     ref = sigmoid_focal_loss(z, y.float(), alpha=0.25, gamma=2.0, reduction="mean")
     assert float(ours) == pytest.approx(float(ref), rel=1e-5)
 
@@ -246,6 +250,24 @@ def test_config_precedence_preset_yaml_cli(tmp_path):
     assert argv == ["--epochs", "2", "--no-pretrained", "--quiet"]
 
 
+def test_each_training_option_is_one_typed_field_with_its_flag_help_and_preset_values():
+    actions = {a.dest: a for a in presets.add_training_args(argparse.ArgumentParser())._actions}
+    for f in train_config.options():
+        action = actions[f.name]
+        assert action.option_strings[0] == "--" + f.name.replace("_", "-")
+        assert action.help.replace("%%", "%").startswith(f.metadata["help"]), f.name
+        assert all(f.name in presets.PRESETS[p] for p in presets.PRESETS), f.name
+    assert all(set(values) == set(train_config.TRAIN_KEYS) for values in presets.PRESETS.values())
+    # a value the field's parser refuses is refused on the command line
+    with pytest.raises(SystemExit):
+        _parse(["--drop-path", "1.0"])
+    # the record: every command-line key, the effective training values and the preset
+    args = _parse(["--epochs", "2"])
+    record = presets.resolve_config(args, "fracture").record()
+    assert set(record) == set(vars(args)) | {"preset"}
+    assert (record["epochs"], record["metric"], record["preset"], record["resume"]) == (2, "auroc", "demo", False)
+
+
 def test_fused_adamw_takes_the_same_steps_as_the_default():
     # the fused kernel is what build_optimizer picks on CUDA; on the CPU it is asked for
     # explicitly (torch >= 2.4 has it there too) to check that timm passes the flag through
@@ -260,7 +282,7 @@ def test_fused_adamw_takes_the_same_steps_as_the_default():
         torch.manual_seed(1)
         model = create_model("cnn_demo", num_classes=2)
         start = flat(model)
-        opt = engine.build_optimizer(model, lr=1e-2, weight_decay=0.05, fused=fused)
+        opt = recipe.build_optimizer(model, lr=1e-2, weight_decay=0.05, fused=fused)
         assert bool(opt.defaults.get("fused")) is bool(fused)
         for _ in range(3):
             torch.nn.functional.cross_entropy(model(x), y).backward()

@@ -89,9 +89,10 @@ def test_routed_models_note_a_checkpoint_from_other_versions(tmp_path: Path) -> 
     models_dir.mkdir()
 
     def save(stem: str, kind: str, names: list[str], **extra) -> None:
-        model = models.create_model("cnn_demo", num_classes=len(names), in_chans=1, pretrained=False)
-        ckpt = models.make_checkpoint(model, model_name="cnn_demo", kind=kind, class_names=names, img_size=32,
-                                      in_chans=1, mean=0.5, std=0.25, age_bounds=columns.AGE_BOUNDS, **extra)
+        model = models.create_model("cnn_demo", num_classes=len(names), in_chans=1)
+        spec = models.ModelSpec(model_name="cnn_demo", kind=kind, class_names=names, img_size=32, mean=0.5,
+                                std=0.25, age_bounds=columns.AGE_BOUNDS)
+        ckpt = models.make_checkpoint(model, spec, **extra)
         models.save_checkpoint(models_dir / f"{stem}.pt", ckpt)
 
     save(columns.AGE_MODEL, "age", list(columns.AGE_GROUP_NAMES))

@@ -104,9 +104,9 @@ def _save_ckpt(path: Path, kind: str, n_classes: int, seed: int, arch: str = "cn
     model = models.create_model(arch, num_classes=n_classes, in_chans=1, img_size=IMG)
     names = ["0-7 y", "8-14 y", "15-19 y"] if kind == "age" else (
         ["fracture"] if n_classes == 1 else ["no fracture", "fracture"])
-    ckpt = models.make_checkpoint(model, model_name=arch, kind=kind, class_names=names,
-                                  img_size=IMG, in_chans=1, mean=0.449, std=0.226,
-                                  age_bounds=[8.0, 15.0], metrics={"val_f1": 0.5}, epoch=1)
+    spec = models.ModelSpec(model_name=arch, kind=kind, class_names=names, img_size=IMG, mean=0.449, std=0.226,
+                            age_bounds=[8.0, 15.0])
+    ckpt = models.make_checkpoint(model, spec, metrics={"val_f1": 0.5}, epoch=1)
     return models.save_checkpoint(path, ckpt)
 
 
@@ -486,9 +486,8 @@ def _probe_ckpt(path: Path, name: str, kind: str, classes: list[str], logit: flo
     model = models.create_model(name, num_classes=len(classes))
     if logit is not None:
         model.logit.data.fill_(logit)
-    models.save_checkpoint(path, models.make_checkpoint(
-        model, model_name=name, kind=kind, class_names=classes, img_size=48, in_chans=1, mean=0.5, std=0.25,
-        age_bounds=[8.0, 15.0]))
+    models.save_checkpoint(path, models.make_checkpoint(model, models.ModelSpec(
+        model_name=name, kind=kind, class_names=classes, img_size=48, mean=0.5, std=0.25, age_bounds=[8.0, 15.0])))
 
 
 def test_evaluate_hard_routing_follows_the_predicted_group(tmp_path):

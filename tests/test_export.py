@@ -41,9 +41,9 @@ def _save_ckpt(path: Path, arch: str, kind: str, n_classes: int, seed: int, age_
     names = ["0-7 y", "8-14 y", "15-19 y"] if kind == "age" else (
         ["fracture"] if n_classes == 1 else ["no fracture", "fracture"])
     extra = {} if age_group is None else {"age_group": age_group}
-    models.save_checkpoint(path, models.make_checkpoint(
-        model, model_name=arch, kind=kind, class_names=names, img_size=IMG, in_chans=1, mean=0.449, std=0.226,
-        age_bounds=[8.0, 15.0], metrics={"val_f1": 0.5}, epoch=1, **extra))
+    spec = models.ModelSpec(model_name=arch, kind=kind, class_names=names, img_size=IMG, mean=0.449, std=0.226,
+                            age_bounds=[8.0, 15.0])
+    models.save_checkpoint(path, models.make_checkpoint(model, spec, metrics={"val_f1": 0.5}, epoch=1, **extra))
 
 
 @pytest.fixture(scope="module")

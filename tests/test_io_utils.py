@@ -153,9 +153,9 @@ def test_full_disk_keeps_the_previous_file(small_disk):
     assert sorted(p.name for p in disk.iterdir()) == [columns.TEST_CSV, "filler"]  # no temp file left
     (disk / "filler").unlink()
     _fill(disk)  # again, now with room for the checkpoint's first bytes only
-    ckpt = models.make_checkpoint(models.create_model("cnn_demo", num_classes=2), model_name="cnn_demo",
-                                  kind="fracture", class_names=["no", "yes"], img_size=32, in_chans=1,
-                                  mean=0.5, std=0.25, age_bounds=[8.0, 15.0])
+    ckpt = models.make_checkpoint(models.create_model("cnn_demo", num_classes=2), models.ModelSpec(
+        model_name="cnn_demo", kind="fracture", class_names=["no", "yes"], img_size=32, mean=0.5, std=0.25,
+        age_bounds=[8.0, 15.0]))
     with pytest.raises(DiskFullError, match="m.pt: no space left on device"):
         models.save_checkpoint(disk / "m.pt", ckpt)
     assert sorted(p.name for p in disk.iterdir()) == [columns.TEST_CSV, "filler"]

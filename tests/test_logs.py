@@ -9,8 +9,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+import columns
 import engine
 import logs
+import models
+import recipe
+from conftest import fit_config
 from models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,15 +34,16 @@ def _fit(out: Path, epochs: int, resume: bool = False) -> dict:
     engine.seed_everything(0)
     model = create_model("cnn_demo", num_classes=2)
     train = _data(48, 0)
-    opt = engine.build_optimizer(model, 3e-3, 0.01)
-    opts = engine.FitOptions(epochs=epochs, patience=10, resume=resume, tensorboard_dir=out / "tb" / "m")
-    meta = {"model_name": "cnn_demo", "kind": "fracture", "class_names": ["neg", "pos"], "img_size": 16,
-            "in_chans": 1, "mean": 0.5, "std": 0.25, "age_bounds": [8.0, 15.0], "config": {}}
-    return engine.fit(model, DataLoader(train, batch_size=16, sampler=RandomSampler(train)),
-                      DataLoader(_data(32, 1), batch_size=16), engine.make_criterion("focal", 2), opt,
-                      engine.build_scheduler(opt, "cosine", epochs), device=torch.device("cpu"),
-                      files=engine.RunFiles.from_stem(out, "m"), meta=meta,
-                      settings={"model": "cnn_demo"}, opts=opts, class_names=["neg", "pos"])
+    opt = recipe.build_optimizer(model, 3e-3, 0.01)
+    cfg = fit_config(out, epochs=epochs, metric="f1", patience=10, resume=resume, quiet=False)
+    spec = models.ModelSpec(model_name="cnn_demo", kind="fracture", class_names=["neg", "pos"], img_size=16,
+                            mean=0.5, std=0.25, age_bounds=[8.0, 15.0])
+    learner = engine.Learner(model, recipe.make_criterion("focal", 2), opt,
+                             recipe.build_scheduler(opt, "cosine", epochs))
+    loaders = engine.Loaders(DataLoader(train, batch_size=16, sampler=RandomSampler(train)),
+                             DataLoader(_data(32, 1), batch_size=16))
+    return engine.fit(learner, loaders, cfg, torch.device("cpu"), engine.RunFiles.from_stem(out, "m"),
+                      engine.CheckpointRecord(spec, {"model": "cnn_demo"}))
 
 
 def _scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -84,7 +89,7 @@ def test_fit_prints_progress_lines_and_writes_tensorboard_scalars(tmp_path, caps
     assert {"epoch 1 train", "epoch 2 train", "epoch 1 val", "epoch 2 val"} <= {f["desc"] for f in found}
     assert all(f["loss"] for f in found if f["desc"].endswith("train"))
 
-    scalars = _scalars(tmp_path / "tb" / "m")
+    scalars = _scalars(columns.RunDir(tmp_path).tensorboard_dir / "m")
     for tag in ("train/loss", "val/loss", "val/f1", "val/auroc", "train/acc", "lr", "train/images_per_s"):
         assert [step for step, _ in scalars[tag]] == [1, 2], tag
     history = result["history"]

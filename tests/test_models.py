@@ -75,7 +75,7 @@ def test_demo_models_forward_and_size(name):
 def test_swin_demo_forward_backward_on_64px():
     torch.manual_seed(0)
     model = models.create_model("swin_demo", num_classes=2, in_chans=1, img_size=64,
-                                drop_path_rate=0.1, grad_checkpointing=True)
+                                weights=models.WeightsOptions(drop_path_rate=0.1, grad_checkpointing=True))
     assert isinstance(model, SwinTransformer)
     # windows divide every stage's map at 64 px: 16x16, 8x8, 4x4 tokens
     assert [stage.blocks[0].window_size for stage in model.layers] == [(8, 8), (8, 8), (4, 4)]
@@ -118,7 +118,8 @@ def test_fused_attention_is_the_same_function():
     torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)
     assert g0.abs().max() > 0
-    built = models.create_model("swin_demo", num_classes=2, img_size=128, fused_attn=True)
+    built = models.create_model("swin_demo", num_classes=2, img_size=128,
+                                weights=models.WeightsOptions(fused_attn=True))
     assert all(b.fused_attn for b in built.modules() if hasattr(b, "fused_attn"))
     assert models.use_fused_attention(models.create_model("cnn_demo", num_classes=2)) == 0
 
@@ -136,13 +137,15 @@ def test_local_pretrained_file_round_trip(tmp_path, fmt):
     else:
         torch.save(source.state_dict(), path)
 
-    same = models.create_model("swin_demo", num_classes=1000, in_chans=3, img_size=64, pretrained_file=path)
+    same = models.create_model("swin_demo", num_classes=1000, in_chans=3, img_size=64,
+                                weights=models.WeightsOptions(pretrained_file=path))
     for (k, a), (_, b) in zip(source.state_dict().items(), same.state_dict().items()):
         assert torch.equal(a, b), k
 
     # grayscale + new head: timm sums the RGB stem kernels, so the features equal those of the
     # RGB network on the gray image replicated to 3 channels; the 1000-class head is dropped
-    gray = models.create_model("swin_demo", num_classes=2, in_chans=1, img_size=64, pretrained_file=path).eval()
+    gray = models.create_model("swin_demo", num_classes=2, in_chans=1, img_size=64,
+                                weights=models.WeightsOptions(pretrained_file=path)).eval()
     stem = "patch_embed.proj.0.weight"
     torch.testing.assert_close(gray.state_dict()[stem], source.state_dict()[stem].sum(1, keepdim=True))
     assert gray.head.fc.weight.shape == (2, 128)
@@ -156,9 +159,11 @@ def test_pretrained_file_of_another_architecture_refused(tmp_path):
     path = tmp_path / "cnn.pth"
     torch.save(models.create_model("cnn_demo", num_classes=2).state_dict(), path)
     with pytest.raises(PretrainedWeightsError, match=r"cnn\.pth: only 0% of the weights of 'swin_demo'"):
-        models.create_model("swin_demo", num_classes=2, img_size=64, pretrained_file=path)
+        models.create_model("swin_demo", num_classes=2, img_size=64,
+                            weights=models.WeightsOptions(pretrained_file=path))
     with pytest.raises(PretrainedWeightsError, match="not found"):
-        models.create_model("swin_demo", num_classes=2, img_size=64, pretrained_file=tmp_path / "missing.pth")
+        models.create_model("swin_demo", num_classes=2, img_size=64,
+                            weights=models.WeightsOptions(pretrained_file=tmp_path / "missing.pth"))
 
 
 def _assert_howto(message: str) -> None:
@@ -170,7 +175,7 @@ def _assert_howto(message: str) -> None:
 def test_missing_weights_offline_fail_fast():
     start = time.monotonic()
     with pytest.raises(PretrainedWeightsError) as info:
-        models.create_model(LEGACY, num_classes=2, img_size=384, pretrained=True)
+        models.create_model(LEGACY, num_classes=2, img_size=384, weights=models.WeightsOptions(pretrained=True))
     # refused before any model is built: 0.01-0.02 s measured at load 11 on 2 cores; the 10 s
     # bound (500x) only tells an immediate refusal from a wait on the network
     assert time.monotonic() - start < 10
@@ -189,7 +194,7 @@ def test_missing_weights_unreachable_hub_fail_fast(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     start = time.monotonic()
     with pytest.raises(PretrainedWeightsError, match=f"cannot connect to 127.0.0.1:{port}") as info:
-        models.create_model(LEGACY, num_classes=2, img_size=384, pretrained=True)
+        models.create_model(LEGACY, num_classes=2, img_size=384, weights=models.WeightsOptions(pretrained=True))
     # 0.02 s measured at load 11; 10 s (500x) is far below huggingface_hub's retries and
     # timeouts, which are what this guards against
     assert time.monotonic() - start < 10
@@ -210,14 +215,14 @@ def test_cached_hub_weights_used_offline():
     (repo / "refs" / "main").write_text(commit)
     safetensors.torch.save_file(source.state_dict(), repo / "snapshots" / commit / "model.safetensors")
 
-    loaded = models.create_model(name, num_classes=1000, in_chans=3, pretrained=True)
+    loaded = models.create_model(name, num_classes=1000, in_chans=3, weights=models.WeightsOptions(pretrained=True))
     for (k, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
 
 
 def test_demo_model_has_no_hub_weights():
     with pytest.raises(PretrainedWeightsError, match="no pretrained weights for model 'swin_demo'.*--no-pretrained"):
-        models.create_model("swin_demo", num_classes=2, img_size=64, pretrained=True)
+        models.create_model("swin_demo", num_classes=2, img_size=64, weights=models.WeightsOptions(pretrained=True))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -226,9 +231,10 @@ def test_demo_model_has_no_hub_weights():
 def _tiny_checkpoint(num_classes: int = 2, **overrides):
     torch.manual_seed(0)
     model = models.create_model("swin_demo", num_classes=num_classes, in_chans=1, img_size=32).eval()
+    spec = models.ModelSpec(model_name="swin_demo", kind="fracture", class_names=[f"c{i}" for i in range(num_classes)],
+                            img_size=32, mean=0.5, std=0.25, age_bounds=(8.0, 15.0))
     ckpt = models.make_checkpoint(
-        model, model_name="swin_demo", kind="fracture", class_names=[f"c{i}" for i in range(num_classes)],
-        img_size=32, in_chans=1, mean=0.5, std=0.25, age_bounds=(8.0, 15.0),
+        model, spec,
         config={"out_dir": Path("/some/where"), "lr": np.float32(1e-3), "groups": (0, 2), "epochs": np.int64(3)},
         metrics={"val_f1": np.float64(0.75), "cm": np.array([[3, 1], [0, 4]])}, epoch=np.int64(4),
     )

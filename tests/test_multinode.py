@@ -37,6 +37,7 @@ import columns
 import engine
 import evaluate
 import models
+import recipe
 import tables
 import unified_dataset
 
@@ -150,9 +151,9 @@ def _save_age_classifier(models_dir: Path) -> None:
     """A seeded, untrained age classifier: evaluation needs one; its quality is irrelevant here."""
     torch.manual_seed(0)
     net = models.create_model("cnn_demo", num_classes=3, in_chans=1, img_size=32)
-    ckpt = models.make_checkpoint(net, model_name="cnn_demo", kind="age",
-                                  class_names=list(columns.AGE_GROUP_NAMES), img_size=32, in_chans=1,
-                                  mean=0.449, std=0.226, age_bounds=list(columns.AGE_BOUNDS), metrics={}, epoch=1)
+    spec = models.ModelSpec(model_name="cnn_demo", kind="age", class_names=list(columns.AGE_GROUP_NAMES),
+                            img_size=32, mean=0.449, std=0.226, age_bounds=list(columns.AGE_BOUNDS))
+    ckpt = models.make_checkpoint(net, spec, metrics={}, epoch=1)
     models.save_checkpoint(models_dir / (columns.AGE_MODEL + columns.CHECKPOINT_SUFFIX), ckpt)
 
 
@@ -167,9 +168,9 @@ def _single_process_val_metrics(ckpt_path: Path, val_csv: Path, cache_dir: Path)
     cfg, cpu = ckpt["config"], torch.device("cpu")
     if cfg["channels_last"]:  # the precision and layout the trainer validated with
         model = model.to(memory_format=torch.channels_last)
-    criterion = engine.make_criterion(cfg["loss"], 2, cfg["focal_alpha"], cfg["focal_gamma"])
-    return engine.evaluate(model, engine.make_loader(ds, 8, train=False), criterion, cpu,
-                           amp=engine.resolve_amp(cfg["amp"], cpu), channels_last=cfg["channels_last"]).metrics
+    criterion = recipe.make_criterion(cfg["loss"], 2, cfg["focal_alpha"], cfg["focal_gamma"])
+    compute = engine.Compute(cpu, engine.resolve_amp(cfg["amp"], cpu), cfg["channels_last"])
+    return engine.evaluate(model, recipe.make_loader(ds, 8, train=False), criterion, compute).metrics
 
 
 def test_readme_documents_the_two_node_commands_this_test_runs():
