@@ -103,7 +103,7 @@ def _split(rng: np.random.Generator, true: np.ndarray, pred: np.ndarray, patient
            "pooled_continued": np.clip(pooled * 0.9 + 0.05, 0.01, 0.99) if control else None}
     df = pd.DataFrame({"image_path": [f"img{i}.png" for i in range(n)], "patient_id": patients,
                        "study_number": studies, "age": [AGES[g] for g in true], "age_group": true,
-                       "fracture": y})
+                       "fracture": y, "gender": ["M" if int(p[1:]) < 8 else "F" for p in patients]})
     return systems.Split(df, y, true, inf, systems.system_probs(inf, true))
 
 
@@ -143,7 +143,7 @@ def scored():
     routed = _routed(control=True)
     notes: list[str] = []
     result, extra = evaluate.score(_args(), routed, val, test, notes)
-    return SimpleNamespace(result=result, extra=extra, val=val, test=test, routed=routed)
+    return SimpleNamespace(result=result, extra=extra, val=val, test=test, routed=routed, notes=notes)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -214,6 +214,39 @@ def test_age_group_rows_are_picked_by_the_true_group(scored):
         assert entry["n"] == rows.sum(), name
         assert entry["auroc"] == pytest.approx(roc_auc_score(scored.test.y[rows],
                                                              scored.test.out.prob["hard"][rows])), name
+
+
+def test_sex_subset_has_every_metric_on_its_own_rows_and_a_small_one_is_listed(scored):
+    male = scored.test.df["gender"].to_numpy() == "M"  # 8 patients of 4 images; the 16 female images are too few
+    entry = scored.result["systems"]["pooled"]["sex M"]
+    assert entry["n"] == male.sum() == 32 and entry["n_patients"] == 8
+    assert entry["auroc"] == pytest.approx(roc_auc_score(scored.test.y[male], scored.test.out.prob["pooled"][male]))
+    t = scored.result["thresholds"]["pooled"]["value"]
+    pred = scored.test.out.prob["pooled"][male] >= t
+    assert entry["specificity"] == pytest.approx((~pred[scored.test.y[male] == 0]).mean())
+    assert "sex M" in scored.result["subsets"] and "sex F" not in scored.result["subsets"]
+    assert "subset sex F: fewer than 30 images, so it is listed, not scored" in scored.notes
+    # the AUROC-only subgroup of the same column scores the one and lists the other
+    assert "auroc" in scored.result["subgroups"]["gender"]["M"]
+    assert scored.result["subgroups"]["gender"]["F"]["too_small"] == "fewer than 30 images"
+
+
+def test_every_subset_comes_from_the_one_specification():
+    n = 90
+    df = pd.DataFrame({"gender": ["M"] * 50 + ["F"] * 39 + ["O"], "cast": [1] * 20 + [0] * 70,
+                       "projection": ["1"] * 60 + ["2"] * 30})
+    true = np.arange(n) % 3
+    y = (np.arange(n) % 2 == 0).astype(int)
+    y[60:] = 1  # projection 2: fractures only
+    found = {s.name: s for s in systems.build_subsets(systems.TestRows(df, true, NAMES), y)}
+    full = [s.name for s in found.values() if s.spec.full]
+    assert full == ["overall", *[f"age {name}" for name in NAMES], "cast", "no cast", "sex F", "sex M", "sex O"]
+    np.testing.assert_array_equal(found["sex F"].mask, df["gender"].eq("F"))
+    np.testing.assert_array_equal(found[f"age {NAMES[1]}"].mask, true == 1)
+    assert found["sex O"].too_small == "fewer than 30 images" and found["sex M"].too_small is None
+    assert "sex O" not in systems.full_masks(found.values()) and "cast" in systems.full_masks(found.values())
+    by_value = {(s.spec.kind, s.name): s.too_small for s in found.values() if not s.spec.full}
+    assert by_value[("projection", "1")] is None and by_value[("projection", "2")] == "one class only"
 
 
 def test_bootstrap_resamples_patients_not_images(scored):
