@@ -255,10 +255,11 @@ def model_rows(models: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def subset_kinds(sep: str) -> str:
-    """The kinds of subset scored with every metric, e.g. "true age group, cast and sex"."""
-    kinds = [s.kind for s in systems.SUBSETS if s.full and s.kind != "overall"]
-    return ", ".join(kinds[:-1]) + sep + kinds[-1] if len(kinds) > 1 else "".join(kinds)
+def subset_titles(full: bool, sep: str = ", ", last: str = " and ") -> str:
+    """The titles of the kinds of subset scored with every metric (``full``; the whole test set
+    aside) or by AUROC only, e.g. "true age group, cast and sex"."""
+    titles = [s.title for s in systems.SUBSETS if s.full == full and s.kind != "overall"]
+    return sep.join(titles[:-1]) + last + titles[-1] if len(titles) > 1 else "".join(titles)
 
 
 # --------------------------------------------------------------------------- summary and checklist sections
@@ -378,7 +379,7 @@ CHECKLIST = (
      "The Answer in detail; Paired differences; Training budgets"),
     ("CLAIM: robustness to training randomness", "Training seeds"),
     ("CLAIM / TRIPOD+AI: subgroup performance (age, sex, device, projection, cast, initial vs follow-up)",
-     f"By {subset_kinds(' and ')}; Subgroups"),
+     f"By {subset_titles(True)}; Subgroups"),
     ("CLAIM: failure analysis", "Error analysis"),
     ("CLAIM: explainability (saliency maps)", "Error analysis; Figures (Grad-CAM)"),
     ("TRIPOD+AI: calibration (plot, slope, intercept) and recalibration", "Calibration"),
@@ -481,13 +482,13 @@ def write_report(report_dir: Path, result: Mapping[str, Any], summary: str, figu
                   markdown_table(metric_rows(agg["systems"], agg["thresholds"],
                                              keys=("auroc", "sensitivity", "specificity", "f1"))),
                   markdown_table(comparison_rows(agg["comparisons"], ("auroc", "sensitivity", "specificity")))]
-    lines += [f"## By {subset_kinds(' and ')}", "",
+    lines += [f"## By {subset_titles(True)}", "",
               "A group's numbers come from the images whose TRUE age is in that group, whichever model the system "
               "sent them to. Cast images are an easy shortcut (a cast goes with a fracture most of the time), so the "
               "no-cast rows are the harder test.", "",
               markdown_table(subset_rows(sysres, [k for k in result["subsets"] if k != "overall"]))]
     if result["subgroups"]:
-        lines += ["## Subgroups: device, projection, sex, initial exam vs follow-up", "",
+        lines += [f"## Subgroups: {subset_titles(False, last=', ')}", "",
                   f"AUROC with 95% CI per subset; subsets under {systems.MIN_SUBSET_IMAGES} images or with one class "
                   "are listed, not scored. "
                   "Sex from `gender`; an empty `initial_exam` means a follow-up exam.",
@@ -566,7 +567,7 @@ def print_summary(result: Mapping[str, Any], summary: str) -> None:
     print(text_table([{"system": s, "thr": threshold_text(s, agg["thresholds"]),
                        **{k: fmt_ci(r[k], r["ci"].get(k)) for k in ("auroc", "sensitivity", "specificity")}}
                       for s, r in agg["systems"].items()]))
-    print(f"\n== AUROC by {subset_kinds(' / ')} ==")
+    print(f"\n== AUROC by {subset_titles(True, ' / ', ' / ')} ==")
     subs = [k for k in result["subsets"] if k != "overall"]
     print(text_table([{"system": s, **{k: fmt_ci(r[k]["auroc"], r[k]["ci"].get("auroc")) for k in subs}}
                       for s, r in sysres.items() if systems.SYSTEMS[s].base is None]))

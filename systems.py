@@ -137,7 +137,8 @@ class TestRows:
 class Subset:
     """One kind of subset of the test rows.
 
-    ``masks`` gives name -> row mask, or None when the CSV lacks what it needs. ``full``: every
+    ``kind`` names it in ``metrics.json`` and ``title`` in the report's headings. ``masks`` gives
+    name -> row mask, or None when the CSV lacks what it needs. ``full``: every
     metric of every system (``metrics.json`` ``systems[s][name]``), else AUROC of the base
     systems only (``subgroups[kind][value]``). A subset under ``min_images`` (or, AUROC only,
     with one class) is listed, not scored. ``compare``: also the paired differences per
@@ -145,6 +146,7 @@ class Subset:
     """
 
     kind: str
+    title: str
     masks: Callable[[TestRows], dict[str, np.ndarray] | None]
     full: bool = False
     min_images: int = 0
@@ -180,14 +182,14 @@ def by_column(column: str, prefix: str = "") -> Callable[[TestRows], dict[str, n
 
 MIN_SUBSET_IMAGES = 30
 SUBSETS: tuple[Subset, ...] = (
-    Subset("overall", _everything, full=True, figure="roc"),
-    Subset("true age group", _true_age_groups, full=True, compare=True, figure="roc"),
-    Subset("cast", _cast, full=True, figure="roc_cast"),
-    Subset("sex", by_column("gender", "sex "), full=True, min_images=MIN_SUBSET_IMAGES),
-    Subset("device_manufacturer", by_column("device_manufacturer"), min_images=MIN_SUBSET_IMAGES),
-    Subset("projection", by_column("projection"), min_images=MIN_SUBSET_IMAGES),
-    Subset("gender", by_column("gender"), min_images=MIN_SUBSET_IMAGES),
-    Subset("initial_exam", by_column("initial_exam"), min_images=MIN_SUBSET_IMAGES),
+    Subset("overall", "whole test set", _everything, full=True, figure="roc"),
+    Subset("age group", "true age group", _true_age_groups, full=True, compare=True, figure="roc"),
+    Subset("cast", "cast", _cast, full=True, figure="roc_cast"),
+    Subset("sex", "sex", by_column("gender", "sex "), full=True, min_images=MIN_SUBSET_IMAGES),
+    Subset("device_manufacturer", "device", by_column("device_manufacturer"), min_images=MIN_SUBSET_IMAGES),
+    Subset("projection", "projection", by_column("projection"), min_images=MIN_SUBSET_IMAGES),
+    Subset("gender", "sex", by_column("gender"), min_images=MIN_SUBSET_IMAGES),
+    Subset("initial_exam", "initial exam vs follow-up", by_column("initial_exam"), min_images=MIN_SUBSET_IMAGES),
 )
 
 
