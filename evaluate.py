@@ -76,6 +76,7 @@ import calibration
 import cohort
 import columns
 import conclusion
+import config
 import distributed
 import engine
 import environment
@@ -83,6 +84,7 @@ import errors
 import evidence
 import figures
 import inference
+import io_utils
 import metrics
 import presets
 import recalibration
@@ -91,9 +93,6 @@ import scoring
 import splits
 import systems
 import unified_dataset
-from config import print_config, save_config, to_dict
-from io_utils import to_jsonable, write_csv, write_json
-from presets import AMP_MODES
 
 N_CONFIDENT_ERRORS = 10
 SCRIPT = "evaluate"
@@ -317,7 +316,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=presets.non_negative_int, default=0)
     p.add_argument("--device", default="auto",
                    help="auto, cpu, cuda or cuda:N (under torchrun, cuda means each rank's local GPU)")
-    p.add_argument("--amp", choices=AMP_MODES, default="off",
+    p.add_argument("--amp", choices=presets.AMP_MODES, default="off",
                    help="mixed-precision inference (auto: bf16 on CUDA, off on the CPU)")
     p.add_argument("--result-json", type=Path, default=None,
                    help="also write the returned summary as JSON (used by run_all_training.py)")
@@ -492,7 +491,7 @@ def describe_run(ev: Evaluation, val: systems.Split, test: systems.Split, world_
     """What was evaluated, how, and with which models (the head of ``metrics.json``)."""
     args, routed = ev.args, ev.routed
     return {
-        "inputs": {k: str(v) for k, v in ev.paths.items()}, "config": to_dict(args),
+        "inputs": {k: str(v) for k, v in ev.paths.items()}, "config": config.to_dict(args),
         "environment": environment.describe(),
         "device": str(ev.device), "world_size": world_size,
         "n_test_images": int(len(test.df)), "n_test_patients": int(pd.unique(test.patients).size),
@@ -514,7 +513,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     paths = _paths(args)
     with distributed.session(args.device, paths["out"]) as info:
         if info.is_main:
-            print_config(to_dict(args), SCRIPT)
+            config.print_config(config.to_dict(args), SCRIPT)
         sharded = f", sharded over {info.world_size} processes" if info.distributed else ""
         routed, val, test, left_out, notes = load_and_infer(args, paths, info.device, sharded)
         # The rest (bootstrap, figures, Grad-CAM) is rank 0's alone and may outlast the
@@ -570,15 +569,16 @@ def write_outputs(ev: Evaluation, result: dict[str, Any], test: systems.Split, r
     the short Answer ``summary``), metrics.json."""
     args, paths, routed = ev.args, ev.paths, ev.routed
     run, thr = columns.RunDir(paths["out"]), rows.thresholds
-    written: dict[str, Any] = {"test_predictions": write_csv(
+    written: dict[str, Any] = {"test_predictions": io_utils.write_csv(
         predictions_frame(args, test, thr, rows.calibrated, routed), run.predictions_csv)}
-    written["thresholds"] = write_json({
+    written["thresholds"] = io_utils.write_json({
         "thresholds": result["thresholds"], "method": result["threshold_method"], "val_csv": str(paths["val_csv"]),
         "models": inference.weights_by_file(inference.loaded_models(routed)),
         "note": "chosen on validation by evaluate.py; read by predict.py"},
         paths["models_dir"] / columns.THRESHOLDS_JSON)
-    written["calibration"] = write_json(calibration_file(calibration.calibration_params(result["calibration"]), routed),
-                                        paths["models_dir"] / columns.CALIBRATION_JSON)
+    params = calibration.calibration_params(result["calibration"])
+    written["calibration"] = io_utils.write_json(calibration_file(params, routed),
+                                                 paths["models_dir"] / columns.CALIBRATION_JSON)
     report_dir = paths["report_dir"]
     figs = figures.make_figures(report_dir, test, rows, result["age_classifier"],
                                 histories(routed, args.history_pattern))
@@ -598,17 +598,17 @@ def write_outputs(ev: Evaluation, result: dict[str, Any], test: systems.Split, r
     result["wall_time_s"] = time.perf_counter() - ev.t0
     written["report"] = report.write_report(report_dir, result, summary, figs)
     written["figures"] = list(figs.values())
-    save_config(result["config"], report_dir / (SCRIPT + columns.CONFIG_SUFFIX))
+    config.save_config(result["config"], report_dir / (SCRIPT + columns.CONFIG_SUFFIX))
     result["wall_time_s"] = time.perf_counter() - ev.t0
-    written["metrics"] = write_json(result, run.metrics_json)
-    written["summary"] = to_jsonable(nan_as_none=True, obj={
+    written["metrics"] = io_utils.write_json(result, run.metrics_json)
+    written["summary"] = io_utils.to_jsonable(nan_as_none=True, obj={
         s: {k: [r["overall"][k], *r["overall"]["ci"].get(k, [None, None])]
             for k in ("auroc", "f1", "sensitivity", "specificity")}
         for s, r in result["systems"].items()})
     written["conclusion"] = result["conclusion"]
     written["wall_time_s"] = result["wall_time_s"]
     if args.result_json:
-        write_json(written, args.result_json)
+        io_utils.write_json(written, args.result_json)
     return written
 
 

@@ -23,11 +23,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
+import io_utils  # noqa: E402
 import metrics  # noqa: E402
 import recalibration  # noqa: E402
 import scoring  # noqa: E402
 import systems  # noqa: E402
-from io_utils import atomic_write  # noqa: E402
 
 _FALLBACK_COLORS = ["tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
 _DPI = 110
@@ -42,8 +42,8 @@ def _color(name: str, i: int) -> str:
 def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
     """Save ``fig`` as PNG atomically and close it."""
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI,
-                                                          bbox_inches="tight"))
+        return io_utils.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI,
+                                                                   bbox_inches="tight"))
     finally:
         plt.close(fig)
 

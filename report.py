@@ -13,8 +13,8 @@ import pandas as pd
 
 import columns
 import evidence
+import io_utils
 import systems
-from io_utils import write_text
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -537,7 +537,7 @@ def write_report(report_dir: Path, result: Mapping[str, Any], summary: str, figu
         lines += [f"### {CAPTIONS.get(key, key)}", "", figure_link(path, report_dir, key), ""]
     lines += ["## Models", "", markdown_table(model_rows(result["models"]))]
     lines += environment_lines(result.get("environment"))
-    return write_text("\n".join(lines), report_dir / columns.REPORT_MD)
+    return io_utils.write_text("\n".join(lines), report_dir / columns.REPORT_MD)
 
 
 def environment_lines(env: Mapping[str, Any] | None) -> list[str]:
