@@ -147,8 +147,8 @@ def further_seeds(routed: inference.RoutedModels, models_dir: Path, n_seeds: int
             notes.append(f"training seed {seed}: no model for age group(s) {missing} (run stage 4 with --seeds "
                          f"{n_seeds}); this seed is left out of the Answer")
             continue
-        found.append((seed, replace(routed, groups=groups, pooled=load(columns.POOLED_ROLE, routed.pooled),
-                                    pooled_continued=load(columns.CONTROL_ROLE, routed.pooled_continued))))
+        pooled = {key: load(key, getattr(routed, key)) for key in systems.POOLED_MODELS}
+        found.append((seed, replace(routed, groups=groups, **pooled)))
     return found
 
 
@@ -179,7 +179,7 @@ def calibration_file(params: Mapping[str, Any], routed: inference.RoutedModels) 
     """calibration.json: the parameters and the checkpoint each model key was fitted for."""
     serving = {calibration.AGE_KEY: routed.age, **{f"agegroup{g}": routed.model_for_group(g)
                                                    for g in range(routed.n_groups)},
-               "pooled": routed.pooled, "pooled_continued": routed.pooled_continued}
+               **{key: getattr(routed, key) for key in systems.POOLED_MODELS}}
     checkpoints = {k: calibration.file_digest(lm.path) for k, lm in serving.items()
                    if lm is not None and lm.path is not None and k in params["models"]}
     return {**params, "checkpoints": checkpoints,

@@ -24,8 +24,9 @@ GROUP_MODELS = "group models"  # System.models of the routed systems: one model 
 class System:
     """One compared system.
 
-    ``models``: ``GROUP_MODELS`` for a routed system, else the one model it uses (the key of
-    :func:`evaluate.infer`'s output, of ``inference.RoutedModels`` and of calibration.json).
+    ``models``: ``GROUP_MODELS`` for a routed system, else the one model it uses: its key in
+    :func:`evaluate.infer`'s output, ``inference.RoutedModels`` and calibration.json, and its
+    checkpoint role (``columns.POOLED_ROLE``, ``columns.CONTROL_ROLE``).
     ``routing``: how a routed system picks the model (``inference.combine_routes``'s mode) and
     ``group_by`` which group's threshold then applies. ``base``: for a per-group-threshold
     variant the system whose probabilities it shares. ``reference``: a pooled system the
