@@ -24,7 +24,9 @@ GROUP_MODELS = "group models"  # System.models of the routed systems: one model 
 class System:
     """One compared system.
 
-    ``models``: ``GROUP_MODELS`` for a routed system, else the one model it uses: its key in
+    ``label``: its row in the tables; ``name`` and ``short``: how sentences name it; ``summary``:
+    its row label in the report's summary table (None: not there); ``color``: its colour in every
+    figure (None: a fallback). ``models``: ``GROUP_MODELS`` for a routed system, else the one model it uses: its key in
     :func:`evaluate.infer`'s output, ``inference.RoutedModels`` and calibration.json, and its
     checkpoint role (``columns.POOLED_ROLE``, ``columns.CONTROL_ROLE``).
     ``routing``: how a routed system picks the model (``inference.combine_routes``'s mode) and
