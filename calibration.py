@@ -37,10 +37,6 @@ AGE_KEY = "age_classifier"
 _EPS = 1e-7
 
 
-def identity() -> dict[str, float]:
-    return {"a": 1.0, "b": 0.0}
-
-
 def from_temperatures(temperatures: Mapping[str, float], method: str) -> dict[str, Any]:
     """``{"method", "models": {key: {"a": 1/T, "b": 0}}}`` from one temperature per model key."""
     return {"method": method, "models": {k: {"a": 1.0 / float(t), "b": 0.0} for k, t in temperatures.items()}}

@@ -318,7 +318,7 @@ def model_card(system: Mapping[str, Any], metrics: Mapping[str, Any] | None, out
             lines += [f"Aggregated by the {how} probability ({a.get('n_studies')} studies):", "",
                       *_system_rows(a.get("systems", {}), ("auroc", "f1", "sensitivity", "specificity")), ""]
     hard = (m.get("systems") or {}).get("hard", {})
-    subs = [k for k in hard if k.startswith("age ") or k in ("cast", "no cast")]
+    subs = [k for k in m.get("subsets", []) if k != "overall" and k in hard]
     if subs:
         lines += ["### Subgroups (routed system, hard)", "", "| subset | n | AUROC | sensitivity | specificity |",
                   "|---|---|---|---|---|"]

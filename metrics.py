@@ -20,6 +20,7 @@ Conventions:
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -44,6 +45,25 @@ import columns
 BINARY_METRICS: tuple[str, ...] = (
     "accuracy", "f1", "sensitivity", "specificity", "ppv", "npv", "auroc", "auprc", "brier",
 )
+
+
+
+@dataclass(frozen=True)
+class BootstrapSpec:
+    """A patient bootstrap: resamples, seed, and 1 - the confidence level of its intervals."""
+
+    n_boot: int = 1000
+    seed: int = 0
+    alpha: float = 0.05
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How an operating threshold is chosen (:func:`choose_threshold`)."""
+
+    method: str = "youden"
+    target_sensitivity: float = 0.95
+
 
 # Large enough that numpy does the work, small enough that a chunk of resample weights
 # (chunk x n_images float64) stays around 100 MB on a full-size test set.
@@ -133,12 +153,6 @@ def choose_threshold(
     if not np.isfinite(t):  # roc_curve's first point predicts nothing positive
         t = float(np.nextafter(p.max(), np.inf))
     return t
-
-
-def youden_curve(y_true: Iterable, prob: Iterable) -> tuple[np.ndarray, np.ndarray]:
-    """Thresholds and Youden's J along the ROC curve (for plots and tests)."""
-    fpr, tpr, thr = roc_curve(_as_binary(y_true), np.asarray(prob, float), drop_intermediate=False)
-    return thr, tpr - fpr
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -291,51 +305,47 @@ def bootstrap_binary_metrics(
     prob: Iterable,
     patient_ids: Iterable,
     threshold: float | np.ndarray,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
+    boot: BootstrapSpec = BootstrapSpec(),
 ) -> dict[str, Any]:
     """:func:`binary_metrics` plus ``ci``: metric -> [lo, hi] from a patient bootstrap."""
     y = _as_binary(y_true)
     point = binary_metrics(y, prob, threshold)
     point["n_patients"] = int(columns.patient_ids(patient_ids).nunique())
     point["ci"], point["n_boot_valid"] = {}, {}
-    if len(y) == 0 or n_boot <= 0:
+    if len(y) == 0 or boot.n_boot <= 0:
         return point
-    samples = bootstrap_samples(y, [prob], [threshold], patient_ids, n_boot, seed)[0]
+    samples = bootstrap_samples(y, [prob], [threshold], patient_ids, boot.n_boot, boot.seed)[0]
     for k in BINARY_METRICS:
-        lo, hi, n_ok = _percentile_ci(samples[k], alpha)
+        lo, hi, n_ok = _percentile_ci(samples[k], boot.alpha)
         point["ci"][k] = [lo, hi] if np.isfinite(point[k]) else [float("nan")] * 2
         point["n_boot_valid"][k] = n_ok
-    point.update(n_boot=n_boot, seed=seed, alpha=alpha)
+    point.update(n_boot=boot.n_boot, seed=boot.seed, alpha=boot.alpha)
     return point
 
 
 def paired_bootstrap_difference(
     y_true: Iterable,
-    prob_a: Iterable,
-    prob_b: Iterable,
+    probs: Sequence[Iterable],
+    thresholds: Sequence[float | np.ndarray],
     patient_ids: Iterable,
-    threshold_a: float | np.ndarray,
-    threshold_b: float | np.ndarray,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
+    boot: BootstrapSpec = BootstrapSpec(),
 ) -> dict[str, dict[str, float]]:
-    """Metric(a) - metric(b) on the same images, with a paired patient-bootstrap interval.
+    """Metric(a) - metric(b) on the same images, with a paired patient-bootstrap interval;
+    ``probs`` and ``thresholds`` are a's and b's, in that order.
 
     Returns metric -> {"diff", "lo", "hi", "se", "p_le_0"}: ``se`` is the standard deviation
     of the resampled differences and ``p_le_0`` the fraction of resamples in which a did not
     beat b (a one-sided bootstrap p-value for "a > b"). Thresholds may be per row.
     """
     y = _as_binary(y_true)
+    (prob_a, prob_b), (threshold_a, threshold_b) = probs, thresholds
     ma, mb = binary_metrics(y, prob_a, threshold_a), binary_metrics(y, prob_b, threshold_b)
     sa, sb = bootstrap_samples(y, [prob_a, prob_b], [threshold_a, threshold_b], patient_ids,
-                               n_boot, seed)
+                               boot.n_boot, boot.seed)
     out = {}
     for k in BINARY_METRICS:
         d = sa[k] - sb[k]
-        lo, hi, _ = _percentile_ci(d, alpha)
+        lo, hi, _ = _percentile_ci(d, boot.alpha)
         ok = d[np.isfinite(d)]
         out[k] = {"diff": float(ma[k] - mb[k]), "lo": lo, "hi": hi,
                   "se": float(ok.std(ddof=1)) if ok.size > 1 else float("nan"),
@@ -383,8 +393,7 @@ def choose_group_thresholds(
     groups: Iterable,
     n_groups: int,
     fallback: float,
-    method: str = "youden",
-    target_sensitivity: float = 0.95,
+    rule: ThresholdRule = ThresholdRule(),
 ) -> tuple[dict[int, float], list[int]]:
     """One threshold per group, each chosen (:func:`choose_threshold`) on that group's rows.
 
@@ -402,7 +411,7 @@ def choose_group_thresholds(
     for k in range(n_groups):
         mask = g == k
         if 0 < y[mask].sum() < mask.sum():
-            out[k] = choose_threshold(y[mask], p[mask], method, target_sensitivity)
+            out[k] = choose_threshold(y[mask], p[mask], rule.method, rule.target_sensitivity)
         else:
             out[k] = float(fallback)
             fell_back.append(k)

@@ -13,11 +13,14 @@ cross-validated log loss over patient folds of the validation set, and the winne
 on all of it. Calibration slope and intercept (:func:`slope_intercept`) are the usual
 logistic recalibration summaries (Van Calster et al. 2019): slope of ``y ~ logit(p)``, and
 the intercept of ``y ~ offset(logit(p))`` (calibration-in-the-large).
+
+Stage 5 (:func:`calibrate`) fits and chooses the recalibration of every model on its
+validation rows and reports each system's calibration on test before and after.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import scipy.optimize
@@ -25,13 +28,16 @@ import scipy.special
 import sklearn.model_selection
 
 import calibration
+import inference
 import metrics
+import systems
 
 METHODS = ("temperature", "prior", "platt")
 # The class-balanced sampler draws each class equally often: the prevalence the models train at.
 BALANCED_PREVALENCE = 0.5
 _EPS = 1e-7
 CV_FOLDS = 5
+ECE_BINS = 10  # equal-width bins of the expected calibration error
 
 
 # The map and the logit are calibration.py's, the ones predict.py applies.
@@ -128,3 +134,91 @@ def slope_intercept(y: Iterable[int], prob: Iterable[float]) -> dict[str, float]
     slope, _ = _fit_logistic(yy, z, fit_slope=True, fit_intercept=True)
     _, intercept = _fit_logistic(yy, z, fit_slope=False, fit_intercept=True)
     return {"slope": slope, "intercept": intercept}
+
+
+# --------------------------------------------------------------------------- per model, stage 5
+METHOD_NAMES = {"temperature": "temperature scaling", "prior": "prior-shift correction",
+                "platt": "Platt (logistic) recalibration"}
+
+
+def _recalibrated(inf: Mapping[str, Any], params: Mapping[str, Mapping[str, float]], n_groups: int,
+                  age_temperature: float) -> dict[str, Any]:
+    """The models' outputs (:func:`evaluate.infer`) with each model's probabilities mapped by
+    its ``{"a", "b"}``."""
+    return {
+        "age_probs": calibration.apply_calibration({"models": {calibration.AGE_KEY: {"a": 1.0 / age_temperature}}},
+                                                   calibration.AGE_KEY, inf["age_probs"]),
+        "group_probs": np.stack([calibration.apply_binary(inf["group_probs"][:, g], params[f"agegroup{g}"])
+                                 for g in range(n_groups)], 1),
+        **{key: calibration.apply_binary(inf[key], params[key])
+           for key in systems.POOLED_MODELS if inf.get(key) is not None},
+    }
+
+
+def _model_rows(val: systems.Split, n_groups: int) -> dict[str, np.ndarray]:
+    """Each fracture model's validation rows: a group's model those routed to it (the images
+    it decides in hard routing), the pooled models all."""
+    pred = val.inf["age_probs"].argmax(1)
+    rows = {f"agegroup{g}": pred == g for g in range(n_groups)}
+    for key in systems.POOLED_MODELS:
+        if val.inf.get(key) is not None:
+            rows[key] = np.ones(len(val.y), bool)
+    return rows
+
+
+def _model_probs(inf: Mapping[str, Any], key: str) -> np.ndarray:
+    return inf["group_probs"][:, int(key.removeprefix("agegroup"))] if key.startswith("agegroup") else inf[key]
+
+
+def calibration_summary(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    """ECE, Brier, calibration slope and intercept of one set of probabilities."""
+    return {"ece": metrics.expected_calibration_error(y, prob, ECE_BINS),
+            "brier": float(np.mean((prob - y) ** 2)), **slope_intercept(y, prob)}
+
+
+def calibrate(val: systems.Split, test: systems.Split, routed: inference.RoutedModels
+              ) -> tuple[dict[str, Any], systems.SplitOutputs, dict[str, systems.SplitOutputs]]:
+    """Recalibration per model, fitted on validation, applied to test.
+
+    Per fracture model three maps of the logit (METHODS: temperature, prior-shift
+    correction, Platt) are fitted on its validation rows (:func:`_model_rows`) and the one with
+    the lowest cross-validated log loss over patient folds is chosen; the age classifier gets a
+    temperature on the true groups (its argmax, so hard routing, is unchanged by it). Returns
+    ``chosen`` (method per model) and ``params`` ({"a", "b"} per model: calibrated =
+    sigmoid(a * logit(p) + b)), every method's parameters, and per system the test ECE, Brier
+    score, calibration slope and intercept before and after each method and the chosen one;
+    the test probabilities of the chosen recalibration, and those of each method.
+    """
+    age_t = metrics.fit_temperature(val.true_group, val.inf["age_probs"])
+    patients = val.patients
+    choices = {}
+    for key, rows in _model_rows(val, routed.n_groups).items():
+        choices[key] = choose_method(val.y[rows], _model_probs(val.inf, key)[rows], patients[rows])
+    chosen = {"age_classifier": "temperature", **{k: c.method for k, c in choices.items()}}
+    params = {"age_classifier": {"a": 1.0 / age_t, "b": 0.0}, **{k: c.params for k, c in choices.items()}}
+    outputs = {m: systems.system_probs(_recalibrated(test.inf, {k: c.candidates[m] for k, c in choices.items()},
+                                                     routed.n_groups, age_t), test.true_group)
+               for m in METHODS}
+    after = systems.system_probs(_recalibrated(test.inf, params, routed.n_groups, age_t), test.true_group)
+    per_system = {}
+    for s, prob in test.out.prob.items():
+        per_system[s] = {"before": calibration_summary(test.y, prob),
+                          **{m: calibration_summary(test.y, outputs[m].prob[s]) for m in METHODS},
+                          "chosen": calibration_summary(test.y, after.prob[s])}
+        # the keys the report and older readers use
+        per_system[s].update(ece_before=per_system[s]["before"]["ece"], ece_after=per_system[s]["chosen"]["ece"],
+                             brier_before=per_system[s]["before"]["brier"],
+                             brier_after=per_system[s]["chosen"]["brier"])
+    age = {"ece_before": metrics.top_label_calibration_error(test.true_group, test.inf["age_probs"], ECE_BINS),
+           "ece_after": metrics.top_label_calibration_error(
+               test.true_group, metrics.apply_temperature(test.inf["age_probs"], age_t), ECE_BINS)}
+    result = {"method": "per model the best of temperature scaling, prior-shift correction and Platt recalibration "
+                        "(lowest cross-validated log loss over patient folds of validation), fitted on validation",
+              "form": "calibrated = sigmoid(a * logit(p_raw) + b)", "n_bins": ECE_BINS,
+              "chosen": chosen, "params": params,
+              "candidates": {k: c.candidates for k, c in choices.items()},
+              "cv_log_loss": {k: c.cv_log_loss for k, c in choices.items()},
+              "temperatures": {"age_classifier": age_t,
+                               **{k: 1.0 / c.candidates["temperature"]["a"] for k, c in choices.items()}},
+              "systems": per_system, "age_classifier": age}
+    return result, after, outputs

@@ -1,390 +1,20 @@
-"""Figures (PNG, matplotlib Agg) and Markdown helpers for the evaluation report.
-
-Every figure is written atomically through :mod:`io_utils`, so a report directory never
-holds a half-written PNG. Functions take plain arrays and DataFrames, not models, so they
-can be reused for any run's CSVs.
+"""The evaluation report: renders ``metrics.json``'s numbers as report.md (tables, the
+Answer's text from conclusion.py, links to the figures) and as the terminal summary. It
+decides nothing: every number, verdict and sentence of conclusion comes in ``result``.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
-
-import columns  # noqa: E402
-import evidence  # noqa: E402
-import metrics  # noqa: E402
-from io_utils import atomic_write, write_text  # noqa: E402
-
-# One colour per system, the same in every figure.
-SYSTEM_COLORS = {
-    "hard": "tab:blue", "soft": "tab:green", "oracle": "tab:purple", "pooled": "tab:orange",
-    "pooled_continued": "tab:red",
-}
-_FALLBACK_COLORS = ["tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
-_DPI = 110
-
-
-def _color(name: str, i: int) -> str:
-    return SYSTEM_COLORS.get(name, _FALLBACK_COLORS[i % len(_FALLBACK_COLORS)])
-
-
-def save_figure(fig: plt.Figure, path: str | os.PathLike) -> Path:
-    """Save ``fig`` as PNG atomically and close it."""
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI,
-                                                          bbox_inches="tight"))
-    finally:
-        plt.close(fig)
-
-
-def _grid(n: int, max_cols: int) -> tuple[int, int]:
-    cols = min(n, max_cols)
-    return math.ceil(n / cols), cols
-
-
-# --------------------------------------------------------------------------- ROC
-def plot_roc_panels(
-    panels: Mapping[str, Mapping[str, tuple]],
-    path: str | os.PathLike,
-    title: str = "ROC curves",
-) -> Path:
-    """ROC curves of several systems per panel (e.g. overall and per age group).
-
-    ``panels``: panel title -> system name -> ``(y_true, prob)`` or ``(y_true, prob,
-    threshold)``; a threshold is drawn as the system's operating point. A panel whose labels
-    hold one class only says so instead of drawing a curve.
-    """
-    rows, cols = _grid(max(len(panels), 1), 2 if len(panels) == 4 else 3)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.4 * rows), squeeze=False)
-    for ax, (ptitle, systems) in zip(axes.flat, panels.items()):
-        ax.plot([0, 1], [0, 1], ls=":", color="0.6", lw=1)
-        n_info = ""
-        for i, (name, spec) in enumerate(systems.items()):
-            y, p = np.asarray(spec[0]).astype(int), np.asarray(spec[1], float)
-            n_info = f"n={y.size}, pos={int(y.sum())}"
-            if not 0 < y.sum() < y.size:
-                ax.text(0.5, 0.5, "one class only:\nno ROC curve", ha="center", va="center",
-                        transform=ax.transAxes, color="0.3")
-                break
-            fpr, tpr, _ = roc_curve(y, p)
-            color = _color(name, i)
-            ax.plot(fpr, tpr, color=color, lw=1.8,
-                    label=f"{name} (AUC {roc_auc_score(y, p):.3f})")
-            if len(spec) > 2 and spec[2] is not None:
-                pred = p >= spec[2]
-                sens = (pred & (y == 1)).sum() / max((y == 1).sum(), 1)
-                fpr_t = (pred & (y == 0)).sum() / max((y == 0).sum(), 1)
-                ax.plot([fpr_t], [sens], "o", color=color, ms=6, mec="k", mew=0.6)
-        ax.set_title(f"{ptitle}  ({n_info})", fontsize=10)
-        ax.set_xlabel("1 - specificity (FPR)")
-        ax.set_ylabel("sensitivity (TPR)")
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.set_aspect("equal")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right", fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle(f"{title}  (dots: operating point at the validation threshold)", fontsize=11)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------- confusion
-def plot_confusion_matrices(
-    matrices: Mapping[str, Any],
-    path: str | os.PathLike,
-    class_names: Sequence[str] | Mapping[str, Sequence[str]] = ("no fracture", "fracture"),
-    title: str | None = None,
-    max_cols: int = 4,
-) -> Path:
-    """Annotated confusion matrices (rows true, columns predicted), count and row %.
-
-    ``class_names`` is one list for all panels or a mapping panel -> list.
-    """
-    rows, cols = _grid(max(len(matrices), 1), max_cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
-    for ax, (name, cm) in zip(axes.flat, matrices.items()):
-        cm = np.asarray(cm, dtype=float)
-        names = class_names[name] if isinstance(class_names, Mapping) else class_names
-        row_sum = cm.sum(1, keepdims=True)
-        frac = np.divide(cm, row_sum, out=np.zeros_like(cm), where=row_sum > 0)
-        ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-        for i in range(cm.shape[0]):
-            for j in range(cm.shape[1]):
-                ax.text(j, i, f"{int(cm[i, j])}\n{100 * frac[i, j]:.0f}%", ha="center",
-                        va="center", fontsize=9, color="white" if frac[i, j] > 0.55 else "black")
-        ax.set_xticks(range(len(names)), names, fontsize=8, rotation=20)
-        ax.set_yticks(range(len(names)), names, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(name, fontsize=10)
-    for ax in list(axes.flat)[len(matrices):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------- training
-_METRIC_HINTS = ("acc", "f1", "auroc", "auc", "sens", "spec", "prec", "recall", "ppv", "npv")
-# The metric that the trainers early-stop on, in order of preference, for the best-epoch mark.
-_BEST_PRIORITY = ("val_macro_f1", "val_f1", "val_auroc", "val_acc", "val_accuracy")
-
-
-def _base(col: str) -> str:
-    low = col.lower()
-    for prefix in ("train_", "val_", "valid_", "test_"):
-        if low.startswith(prefix):
-            return low[len(prefix):]
-    return low
-
-
-def read_history(source: str | os.PathLike | pd.DataFrame) -> pd.DataFrame:
-    """A per-epoch metrics table from a CSV path or DataFrame (numeric columns only)."""
-    df = source.copy() if isinstance(source, pd.DataFrame) else pd.read_csv(source)
-    num = df.apply(pd.to_numeric, errors="coerce")
-    keep = [c for c in num.columns if num[c].notna().any()]
-    num = num[keep]
-    if "epoch" not in num.columns:
-        num.insert(0, "epoch", np.arange(1, len(num) + 1))
-    return num
-
-
-def plot_training_curves(
-    histories: Mapping[str, str | os.PathLike | pd.DataFrame],
-    path: str | os.PathLike,
-    title: str = "Training curves",
-) -> Path:
-    """Loss and metric curves per model: one row per model, loss left, metrics right.
-
-    Tolerant to missing columns: every ``*loss*`` column is a loss, every column whose
-    name mentions acc/f1/auroc/... is a metric; train columns dashed, val solid. The best
-    epoch of the early-stopping metric (val macro-F1, F1, AUROC or accuracy) is marked.
-    """
-    n = max(len(histories), 1)
-    fig, axes = plt.subplots(n, 2, figsize=(11, 3.0 * n), squeeze=False)
-    for (name, src), (ax_l, ax_m) in zip(histories.items(), axes):
-        try:
-            h = read_history(src)
-        except Exception as exc:  # a missing or unreadable history must not lose the report
-            ax_l.text(0.5, 0.5, f"{name}: no history ({type(exc).__name__})", ha="center",
-                      transform=ax_l.transAxes)
-            ax_l.axis("off")
-            ax_m.axis("off")
-            continue
-        ep = h["epoch"]
-        losses = [c for c in h.columns if "loss" in c.lower()]
-        mets = [c for c in h.columns if c != "epoch" and c not in losses
-                and any(t in c.lower() for t in _METRIC_HINTS)]
-        bases: dict[str, str] = {}
-        for c in losses + mets:  # train_x and val_x share a colour: dashed train, solid val
-            bases.setdefault(_base(c), f"C{len(bases) % 10}")
-        for ax, cols in ((ax_l, losses), (ax_m, mets)):
-            for c in cols:
-                ax.plot(ep, h[c], ls="--" if c.lower().startswith("train") else "-",
-                        marker=".", color=bases[_base(c)], label=c)
-        monitored = [c for c in _BEST_PRIORITY if c in h.columns and h[c].notna().any()]
-        if monitored:
-            m = monitored[0]
-            best = int(h[m].idxmax())
-            ax_m.axvline(ep[best], color="0.5", ls=":", lw=1)
-            ax_m.text(0.02, 0.03, f"best {m} {h[m][best]:.3f} (epoch {ep[best]})",
-                      transform=ax_m.transAxes, fontsize=8, color="0.3")
-        ax_l.set_title(f"{name}: loss", fontsize=10)
-        ax_m.set_title(f"{name}: metrics", fontsize=10)
-        ax_m.set_ylim(-0.02, 1.02)
-        for ax in (ax_l, ax_m):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="best", ncol=2)
-        if not losses:
-            ax_l.text(0.5, 0.5, "no loss columns", ha="center", transform=ax_l.transAxes)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------- calibration
-def plot_calibration(
-    curves: Mapping[str, tuple],
-    path: str | os.PathLike,
-    n_bins: int = 10,
-    title: str = "Calibration (reliability) on the test set",
-    after: Mapping[str, tuple] | None = None,
-) -> Path:
-    """Reliability diagram (quantile bins) with the probability histogram below; legend
-    entries give each system's ECE (``n_bins`` equal-width bins) and Brier score.
-
-    ``curves``: system -> ``(y_true, prob)``. ``after``: the same after calibration (e.g.
-    temperature scaling), drawn as a second column so before and after sit side by side.
-    """
-    columns = [("before calibration" if after else "", curves)] + ([("after recalibration", after)]
-                                                                   if after else [])
-    fig, axes = plt.subplots(2, len(columns), figsize=(5.6 * len(columns), 6.6), sharex=True, squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 1]})
-    for col, (label, sets) in enumerate(columns):
-        ax, axh = axes[0, col], axes[1, col]
-        ax.plot([0, 1], [0, 1], ls=":", color="0.5", lw=1, label="perfectly calibrated")
-        for i, (name, (y, p)) in enumerate(sets.items()):
-            y, p = np.asarray(y).astype(int), np.asarray(p, float)
-            color = _color(name, i)
-            if 0 < y.sum() < y.size:
-                bins = max(2, min(n_bins, y.size // 10))
-                frac_pos, mean_pred = calibration_curve(y, p, n_bins=bins, strategy="quantile")
-                ece = metrics.expected_calibration_error(y, p, n_bins)
-                brier = float(np.mean((p - y) ** 2))
-                ax.plot(mean_pred, frac_pos, marker="o", ms=4, color=color,
-                        label=f"{name} (ECE {ece:.3f}, Brier {brier:.3f})")
-            axh.hist(p, bins=20, range=(0, 1), histtype="step", color=color, lw=1.5, label=name)
-        ax.set_ylabel("observed fracture rate")
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-        ax.set_title(f"{title}: {label}" if label else title, fontsize=10)
-        axh.set_xlabel("predicted fracture probability")
-        axh.set_ylabel("images")
-        axh.grid(alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_reliability_per_system(panels: Mapping[str, Mapping[str, tuple]], path: str | os.PathLike,
-                                n_bins: int = 10, title: str = "Reliability per system (test set)") -> Path:
-    """One reliability diagram per system (``panels``: system -> curve label -> ``(y, prob)``,
-    e.g. raw and each recalibration), quantile bins; the legend gives each curve's ECE."""
-    rows, cols = _grid(max(len(panels), 1), 3)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.4 * rows), squeeze=False)
-    for ax, (system, curves) in zip(axes.flat, panels.items()):
-        ax.plot([0, 1], [0, 1], ls=":", color="0.5", lw=1)
-        for i, (label, (y, p)) in enumerate(curves.items()):
-            y, p = np.asarray(y).astype(int), np.asarray(p, float)
-            if not 0 < y.sum() < y.size:
-                continue
-            frac_pos, mean_pred = calibration_curve(y, p, n_bins=max(2, min(n_bins, y.size // 10)),
-                                                    strategy="quantile")
-            ece = metrics.expected_calibration_error(y, p, n_bins)
-            ax.plot(mean_pred, frac_pos, marker="o", ms=3, color=f"C{i}", label=f"{label} (ECE {ece:.3f})")
-        ax.set_title(system, fontsize=10)
-        ax.set_xlabel("predicted fracture probability")
-        ax.set_ylabel("observed fracture rate")
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------- decision curve, flow
-def plot_decision_curve(curve: Mapping[str, Sequence[float]], path: str | os.PathLike,
-                        title: str = "Decision curve (test set, calibrated probabilities)") -> Path:
-    """Net benefit over threshold probabilities per system, with treat-all and treat-none."""
-    t = np.asarray(curve["threshold"], float)
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    systems = [k for k in curve if k not in ("threshold", "treat_all", "treat_none")]
-    for i, name in enumerate(systems):
-        ax.plot(t, curve[name], color=_color(name, i), lw=1.8, label=name)
-    ax.plot(t, curve["treat_all"], color="0.3", ls="--", lw=1.2, label="treat all")
-    ax.plot(t, curve["treat_none"], color="0.6", ls=":", lw=1.2, label="treat none")
-    top = max(max(curve[n]) for n in systems + ["treat_all"]) if systems else 1.0
-    ax.set_ylim(-0.05, max(top, 0.05) * 1.1)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("threshold probability")
-    ax.set_ylabel("net benefit (per image)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_flow(flow: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """A STARD-style flow diagram: source rows, exclusions, then the test set and the pool's
-    train and validation partitions, with what each step set aside beside it."""
-    flags = ", ".join(f"{k} {v}" for k, v in flow["excluded_by_flag"].items()) or "no flag"
-    part = {k: flow[k] for k in ("train", "val", "test")}
-    pool = part["train"]["images"] + part["val"]["images"] + flow["set_aside_unreadable_pool"]
-    boxes = [  # (x, y, text)
-        (0.5, 0.92, f"Source CSV\n{flow['source_rows']:,} images"),
-        (0.5, 0.66, f"Eligible\n{flow['after_exclusions']:,} images"),
-        (0.22, 0.40, f"Test set (fixed)\n{part['test']['images']:,} images\n{part['test']['patients']:,} patients"),
-        (0.72, 0.40, f"Pool\n{pool:,} images"),
-        (0.56, 0.10, f"Train\n{part['train']['images']:,} images\n{part['train']['patients']:,} patients"),
-        (0.88, 0.10, f"Validation\n{part['val']['images']:,} images\n{part['val']['patients']:,} patients"),
-    ]
-    edges = [(0, 1), (1, 2), (1, 3), (3, 4), (3, 5)]
-    notes = [(0.62, 0.79, f"set aside, unreadable: {flow['set_aside_unreadable']}\n"
-                          f"excluded: {flow['excluded']} ({flags})"),
-             (0.80, 0.40, f"set aside in the\npool split: {flow['set_aside_unreadable_pool']}"),
-             (0.02, 0.02, f"not accounted for: {flow['not_accounted']}")]
-    fig, ax = plt.subplots(figsize=(8.5, 6.0))
-    ax.axis("off")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    for a, b in edges:
-        ax.annotate("", xy=(boxes[b][0], boxes[b][1] + 0.07), xytext=(boxes[a][0], boxes[a][1] - 0.07),
-                    arrowprops={"arrowstyle": "->", "color": "0.4"})
-    for x, y, text in boxes:
-        ax.text(x, y, text, ha="center", va="center", fontsize=9,
-                bbox={"boxstyle": "round", "facecolor": "#e8f0fa", "edgecolor": "0.4"})
-    for x, y, text in notes:
-        ax.text(x, y, text, ha="left", va="center", fontsize=8, color="0.25")
-    ax.set_title("Patient flow", fontsize=11)
-    return save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------- Grad-CAM
-def plot_cam_grid(
-    items: Sequence[Mapping[str, Any]],
-    path: str | os.PathLike,
-    title: str = "Grad-CAM examples",
-) -> Path:
-    """A grid: per example the image (top) and the Grad-CAM overlay (bottom).
-
-    Each item: ``image`` (HxW float in [0, 1], the original image in its display window),
-    ``cam`` (HxW in [0, 1], the same size), ``caption`` (above the column) and ``overlay``
-    (text written on the overlay, e.g. the predicted age group, probability and threshold).
-    """
-    n = max(len(items), 1)
-    fig, axes = plt.subplots(2, n, figsize=(2.9 * n, 7.0), squeeze=False)
-    for j, item in enumerate(items):
-        img = np.asarray(item["image"], float)
-        axes[0, j].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[0, j].set_title(item.get("caption", ""), fontsize=8)
-        axes[1, j].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[1, j].imshow(np.asarray(item["cam"], float), cmap="jet", alpha=0.4, vmin=0, vmax=1)
-        if item.get("overlay"):
-            axes[1, j].text(0.02, 0.98, item["overlay"], transform=axes[1, j].transAxes, va="top", ha="left",
-                            fontsize=7, color="white", bbox={"facecolor": "black", "alpha": 0.6, "pad": 2})
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    if items:
-        axes[0, 0].set_ylabel("image", fontsize=9)
-        axes[1, 0].set_ylabel("Grad-CAM", fontsize=9)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return save_figure(fig, path)
+import columns
+import evidence
+import io_utils
+import systems
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -432,15 +62,7 @@ def figure_link(path: str | os.PathLike, report_dir: str | os.PathLike, alt: str
     return f"![{alt}]({Path(rel).as_posix()})"
 
 
-def existing(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """The paths that exist (helper for optional figures)."""
-    return [Path(p) for p in paths if Path(p).exists()]
-
-
 # --------------------------------------------------------------------------- the report's text
-SYSTEM_NAMES = {"pooled": "the plain pooled model",
-                "pooled_continued": "the pooled model continued like the group models"}
-SHORT_NAMES = {"pooled": "the plain pooled model", "pooled_continued": "the pooled, continued model"}
 PROJECTIONS = {"1": "1 (AP/PA)", "2": "2 (lateral)", "3": "3 (oblique)"}
 TABLE_METRICS = ("auroc", "auprc", "f1", "sensitivity", "specificity", "ppv", "npv", "accuracy")
 CAPTIONS = {
@@ -468,26 +90,8 @@ def fmt_diff(c: Mapping[str, float], level: int = 95) -> str:
     return f"{pm(c['diff'])} ({level}% CI {pm(c['lo'])} to {pm(c['hi'])})"
 
 
-def _count(n: Any) -> str:
-    return f"{int(n):,}" if n is not None else "not recorded"
-
-
-def describe_init(init: Mapping[str, Any] | None) -> str:
-    """Where a model's weights started, in words."""
-    if not init:
-        return "an unrecorded start"
-    kind = init.get("kind")
-    if kind == "random":
-        return f"random weights (seed {init.get('seed')})"
-    if kind == "pretrained":
-        return f"pretrained weights ({init.get('source')})"
-    if kind == "checkpoint":
-        return (f"{init.get('checkpoint')} ({init.get('epochs_run')} epochs, "
-                f"{_count(init.get('images_seen'))} training images)")
-    return str(dict(init))
-
-
-def _epochs(models: Sequence[Mapping[str, Any]]) -> str:
+def epochs_text(models: Sequence[Mapping[str, Any]]) -> str:
+    """Epochs run / cap of each model, e.g. ``4/4, 3/4``."""
     return ", ".join(f"{m['epochs_run']}/{m['epochs_max']}" for m in models)
 
 
@@ -509,123 +113,12 @@ def budget_rows(result: Mapping[str, Any]) -> list[dict[str, str]]:
                 else "no: " + "; ".join(eq["differences"][key]))
         rows.append({"system": "hard / soft / oracle (routed)" if key == "routed" else key,
                      "models": ", ".join(m["model"] for m in b["models"]),
-                     "initialisation": describe_init(b["init"]) if b["init"] else "mixed",
-                     "epochs run / cap": _epochs(b["models"]),
-                     "training images (own)": _count(b["images_seen"]),
-                     "incl. initialisation": _count(_with_init(b)),
+                     "initialisation": evidence.describe_init(b["init"]) if b["init"] else "mixed",
+                     "epochs run / cap": epochs_text(b["models"]),
+                     "training images (own)": evidence.count_text(b["images_seen"]),
+                     "incl. initialisation": evidence.count_text(_with_init(b)),
                      "same budget as routed": same})
     return rows
-
-
-def _routed_budget_sentence(result: Mapping[str, Any], reference: str) -> str:
-    b, r = result["budgets"]["routed"], result["budgets"][reference]
-    sched = r["models"][0]["schedule"]
-    return (f"Equal training budget: both start from {describe_init(b['init'])} and train for up to "
-            f"{r['epochs_max']} epochs with the same settings ({sched.get('scheduler')} schedule, lr "
-            f"{sched.get('lr')}, batch {sched.get('batch_size')}, {sched.get('sampler')} sampling, "
-            f"{sched.get('loss')} loss); the routed system's {len(b['models'])} group models ran "
-            f"{_epochs(b['models'])} epochs and saw {_count(b['images_seen'])} training images in all; "
-            f"{SHORT_NAMES[reference]} ran {_epochs(r['models'])} epochs and saw {_count(r['images_seen'])}.")
-
-
-VERDICT_SENTENCES = {
-    evidence.HELPED: "Routing helped: the interval excludes 0 and every training seed agrees.",
-    evidence.HURT: "Routing hurt: the interval excludes 0 and every training seed agrees.",
-    evidence.NO_EVIDENCE: ("No evidence of a difference: every seed has the same sign, but the interval includes 0; "
-                           "the smallest AUROC difference this test set and these seeds could detect is about "
-                           "{mdd:.3f} (80% power, two-sided {level}% level, test sample and seed spread)."),
-    evidence.INCONSISTENT: ("Inconsistent across training seeds: the seeds disagree in sign, so the run draws no "
-                            "conclusion (the smallest detectable AUROC difference, test sample and seed spread, "
-                            "is about {mdd:.3f})."),
-    evidence.ONE_SEED: ("One training seed: the interval covers the test sample, not training, so the run draws "
-                        "no conclusion (train with --seeds 3 or more)."),
-}
-
-
-def seed_sentence(seeds: Mapping[str, Any], level: int = 95) -> str:
-    """Each seed's difference, their mean and the interval over test sample and seeds."""
-    per = ", ".join(f"{pm(s['diff'])} (seed {s['seed']})" for s in seeds["per_seed"])
-    if len(seeds["per_seed"]) < 2:
-        return f"Hard-routed minus control AUROC on one training seed: {per}."
-    return (f"Over {len(seeds['per_seed'])} training seeds the differences are {per}; mean {pm(seeds['mean'])} "
-            f"({level}% CI {pm(seeds['lo'])} to {pm(seeds['hi'])}, covering the test sample and the training seeds: "
-            f"patient-bootstrap SE {seeds['se_test']:.3f}, seed SD {seeds['seed_sd']:.3f}).")
-
-
-def answer(result: Mapping[str, Any], group_column: str | None = None) -> str:
-    """The report's first paragraph: routing against one pooled model, stated as strongly as
-    the comparison allows. "Helped"/"hurt" only for an equal-budget comparison whose interval
-    over test sample and training seeds excludes 0 with every seed agreeing in sign
-    (:func:`evidence.verdict`); otherwise the numbers, and why they cannot settle the question."""
-    systems, comps = result["systems"], result["comparisons"]
-    level = int(round(100 * (1 - result["alpha"])))
-    reference = result["equal_budget"]["reference"]
-    why = result["equal_budget"]["differences"]
-    boot = f"paired patient bootstrap, {result['n_boot']} resamples"
-    a = systems["hard"]["overall"]
-    parts = []
-    if reference:
-        r = systems[reference]["overall"]
-        d = comps[f"hard_minus_{reference}"]["auroc"]
-        seeds = result["seeds"]
-        first = seeds["per_seed"][0]["seed"]
-        parts.append(f"Routing by predicted age group vs one pooled model at an equal training budget: hard-routed "
-                     f"AUROC {fmt_ci(a['auroc'], a['ci'].get('auroc'))} vs {SYSTEM_NAMES[reference]} "
-                     f"{fmt_ci(r['auroc'], r['ci'].get('auroc'))} (training seed {first}); difference "
-                     f"{fmt_diff(d, level)}, {boot}.")
-        parts.append(seed_sentence(seeds, level))
-        parts.append(VERDICT_SENTENCES[seeds["verdict"]].format(mdd=seeds["min_detectable"], level=100 - level))
-        parts.append(_routed_budget_sentence(result, reference))
-        study = result["study_level"]["aggregations"]["max"]
-        sd = study["comparisons"].get(f"hard_minus_{reference}")
-        if sd is not None:
-            sa, sr = study["systems"]["hard"], study["systems"][reference]
-            parts.append(f"Per study ({study['n_studies']} studies, max of the image probabilities): AUROC "
-                         f"{fmt_ci(sa['auroc'], sa['ci'].get('auroc'))} vs "
-                         f"{fmt_ci(sr['auroc'], sr['ci'].get('auroc'))}, difference {fmt_diff(sd['auroc'], level)}.")
-    else:
-        parts.append("This run has no pooled system trained on the same budget as the routed one, so it cannot "
-                     "tell whether routing by age group beats one pooled model.")
-        if "pooled" in systems:
-            d = comps["hard_minus_pooled"]["auroc"]
-            p = systems["pooled"]["overall"]
-            parts.append(f"Hard-routed AUROC {fmt_ci(a['auroc'], a['ci'].get('auroc'))} vs pooled "
-                         f"{fmt_ci(p['auroc'], p['ci'].get('auroc'))} (difference {fmt_diff(d, level)}, {boot}) is NOT "
-                         f"an equal-budget comparison ({'; '.join(why.get('pooled', []))}): the difference may come "
-                         f"from the extra training alone. Train the equal-budget control (stage 4 trains it with "
-                         f"--init-from-pooled unless --no-control) to separate the two.")
-    if reference != "pooled" and "pooled" in systems and "hard_minus_pooled" in comps and reference:
-        p = systems["pooled"]["overall"]
-        parts.append(f"For reference, the plain pooled model (not an equal budget: {'; '.join(why.get('pooled', []))}) "
-                     f"has AUROC {fmt_ci(p['auroc'], p['ci'].get('auroc'))}; hard-routed minus plain pooled "
-                     f"{fmt_diff(comps['hard_minus_pooled']['auroc'], level)}.")
-    pg = comps.get("hard_per_group_minus_hard")
-    if pg is not None:
-        parts.append(f"Per-group thresholds (one per group model, chosen on the validation images routed to it) "
-                     f"change the hard-routed F1 by {fmt_diff(pg['f1'], level)}, sensitivity by "
-                     f"{pm(pg['sensitivity']['diff'])} and specificity by {pm(pg['specificity']['diff'])}.")
-    parts.append(_routing_errors(result, group_column, level))
-    return " ".join(parts)
-
-
-def _routing_errors(result: Mapping[str, Any], group_column: str | None, level: int) -> str:
-    mis, age = result["misrouted"], result["age_classifier"]
-    oh = result["comparisons"]["oracle_minus_hard"]
-    d = oh["auroc"]
-    text = (f"Routing errors: the age classifier sends {mis['n']} of {mis['n_total']} test images "
-            f"({100 * mis['fraction']:.1f}%) to another group's model (test macro-F1 {age['macro_f1']:.3f}). "
-            f"Routing by the true group instead (oracle minus hard): AUROC {fmt_diff(d, level)}, F1 "
-            f"{fmt_diff(oh['f1'], level)}.")
-    if d["lo"] > 0:
-        return text + f" By AUROC, the routing errors cost about {d['diff']:.3f}."
-    if d["hi"] < 0 and group_column in (None, "age_group_label"):
-        return text + (" By AUROC the oracle is worse: the group models were trained on the images the age "
-                       "classifier routed to them (age_group_label), so they fit its routing better than the "
-                       "true groups.")
-    if d["hi"] < 0:
-        return text + f" By AUROC the oracle is worse than hard routing (group models trained on {group_column})."
-    return text + (" By AUROC, the routing errors have no measurable cost at this test-set size (threshold "
-                   "metrics such as F1 also depend on how well each validation threshold transfers).")
 
 
 def threshold_text(system: str, thresholds: Mapping[str, Any]) -> str:
@@ -635,10 +128,10 @@ def threshold_text(system: str, thresholds: Mapping[str, Any]) -> str:
     return f"{t['value']:.3f}"
 
 
-def metric_rows(systems: Mapping[str, Any], thresholds: Mapping[str, Any], subset: str = "overall",
+def metric_rows(scored: Mapping[str, Any], thresholds: Mapping[str, Any], subset: str = "overall",
                 keys: Sequence[str] = TABLE_METRICS) -> list[dict[str, str]]:
     rows = []
-    for s, res in systems.items():
+    for s, res in scored.items():
         m = res[subset] if subset in res else res
         rows.append({"system": res.get("description", s), "n": f"{m['n']} ({m['n_patients']} pat.)",
                      "threshold": threshold_text(s, thresholds),
@@ -646,10 +139,10 @@ def metric_rows(systems: Mapping[str, Any], thresholds: Mapping[str, Any], subse
     return rows
 
 
-def subset_rows(systems: Mapping[str, Any], keys: Sequence[str]) -> list[dict[str, str]]:
+def subset_rows(scored: Mapping[str, Any], keys: Sequence[str]) -> list[dict[str, str]]:
     rows = []
     for sub in keys:
-        for s, res in systems.items():
+        for s, res in scored.items():
             m = res[sub]
             rows.append({"subset": sub, "system": s, "n": m["n"],
                          "fracture rate": f"{m['prevalence']:.2f}" if m["n"] else "n/a",
@@ -756,55 +249,29 @@ def model_rows(models: Mapping[str, Any]) -> list[dict[str, Any]]:
     for role, info in models.items():
         b = info["budget"]
         rows.append({"role": role, "file": info["path"], "model": info["model_name"], "img_size": info["img_size"],
-                     "initialisation": describe_init(b["init"]),
+                     "initialisation": evidence.describe_init(b["init"]),
                      "epochs run / cap (best)": f"{b['epochs_run']}/{b['epochs_max']} ({b['best_epoch']})",
-                     "training images": _count(b["images_seen"])})
+                     "training images": evidence.count_text(b["images_seen"])})
     return rows
 
 
+def subset_titles(full: bool, sep: str = ", ", last: str = " and ") -> str:
+    """The titles of the kinds of subset scored with every metric (``full``; the whole test set
+    aside) or by AUROC only, e.g. "true age group, cast and sex"."""
+    titles = [s.title for s in systems.SUBSETS if s.full == full and s.kind != "overall"]
+    return sep.join(titles[:-1]) + last + titles[-1] if len(titles) > 1 else "".join(titles)
+
+
 # --------------------------------------------------------------------------- summary and checklist sections
-SUMMARY_SYSTEMS = (("hard", "routed (hard)"), ("pooled_continued", "equal-budget control"),
-                   ("pooled", "plain pooled"), ("oracle", "oracle routing"))
-SHORT_VERDICTS = {
-    evidence.HELPED: "Routing helped.",
-    evidence.HURT: "Routing hurt.",
-    evidence.NO_EVIDENCE: "No evidence of a difference (smallest detectable difference about {mdd:.3f}).",
-    evidence.INCONSISTENT: "Inconsistent across training seeds: no conclusion.",
-    evidence.ONE_SEED: "One training seed only: no conclusion about routing.",
-}
-
-
-def scope_sentence(result: Mapping[str, Any]) -> str:
-    if result.get("flow", {}).get("phantom"):
-        return "Synthetic phantom data: this run shows the method, not clinical performance."
-    return "Internal validation on one centre's data, with no external test set."
-
-
-def summary_answer(result: Mapping[str, Any]) -> str:
-    """The Answer in at most three sentences."""
-    seeds = result.get("seeds")
-    if not seeds:
-        comp = result["comparisons"].get("hard_minus_pooled", {}).get("auroc")
-        diff = f" (hard-routed minus plain pooled AUROC {pm(comp['diff'])})" if comp else ""
-        return (f"This run has no pooled system of the routed system's training budget, so it cannot say whether "
-                f"routing by age group beats one pooled model{diff}. {scope_sentence(result)}")
-    level = int(round(100 * (1 - result["alpha"])))
-    per = ", ".join(pm(x["diff"]) for x in seeds["per_seed"])
-    first = (f"Hard routing by predicted age group minus the equal-budget pooled control, test AUROC over "
-             f"{len(seeds['per_seed'])} training seed(s): {per}; mean {pm(seeds['mean'])} ({level}% CI "
-             f"{pm(seeds['lo'])} to {pm(seeds['hi'])}, test sample and training seeds).")
-    return f"{first} {SHORT_VERDICTS[seeds['verdict']].format(mdd=seeds['min_detectable'])} {scope_sentence(result)}"
-
-
 def summary_rows(result: Mapping[str, Any]) -> list[dict[str, str]]:
     """Routed, control, plain pooled and oracle per image and per study (max)."""
     study = result["study_level"]["aggregations"]["max"]["systems"]
     rows = []
-    for key, label in SUMMARY_SYSTEMS:
+    for key in systems.SUMMARY_SYSTEMS:
         if key not in result["systems"]:
             continue
         im, st = result["systems"][key]["overall"], study[key]
-        rows.append({"system": label, "image AUROC": fmt_ci(im["auroc"], im["ci"].get("auroc")),
+        rows.append({"system": systems.SYSTEMS[key].summary, "image AUROC": fmt_ci(im["auroc"], im["ci"].get("auroc")),
                      "image sens. / spec.": f"{im['sensitivity']:.3f} / {im['specificity']:.3f}",
                      "study AUROC": fmt_ci(st["auroc"], st["ci"].get("auroc")),
                      "study sens. / spec.": f"{st['sensitivity']:.3f} / {st['specificity']:.3f}"})
@@ -912,7 +379,7 @@ CHECKLIST = (
      "The Answer in detail; Paired differences; Training budgets"),
     ("CLAIM: robustness to training randomness", "Training seeds"),
     ("CLAIM / TRIPOD+AI: subgroup performance (age, sex, device, projection, cast, initial vs follow-up)",
-     "By true age group and by cast; Subgroups"),
+     f"By {subset_titles(True)}; Subgroups"),
     ("CLAIM: failure analysis", "Error analysis"),
     ("CLAIM: explainability (saliency maps)", "Error analysis; Figures (Grad-CAM)"),
     ("TRIPOD+AI: calibration (plot, slope, intercept) and recalibration", "Calibration"),
@@ -926,8 +393,10 @@ CHECKLIST = (
 )
 
 
-def summary_lines(result: Mapping[str, Any], figures: Mapping[str, Path], report_dir: Path) -> list[str]:
-    lines = ["## Summary", "", summary_answer(result), "",
+def summary_lines(result: Mapping[str, Any], summary: str, figures: Mapping[str, Path],
+                  report_dir: Path) -> list[str]:
+    """The Summary section: the short Answer (``summary``), the key systems' table and the ROC."""
+    lines = ["## Summary", "", summary, "",
              markdown_table(summary_rows(result)),
              "Image level at the validation threshold; study level: max of the images' probabilities, threshold "
              "chosen on validation studies. 95% CIs by patient bootstrap; first training seed's models.", ""]
@@ -967,15 +436,16 @@ def checklist_lines(result: Mapping[str, Any], figures: Mapping[str, Path], repo
     return lines
 
 
-def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[str, Path]) -> Path:
-    """report.md: the Answer, the tables, and links to the figures."""
+def write_report(report_dir: Path, result: Mapping[str, Any], summary: str, figures: Mapping[str, Path]) -> Path:
+    """report.md: the Answer (``result["conclusion"]``, and ``summary`` in short), the tables,
+    and links to the figures."""
     sysres, thr = result["systems"], result["thresholds"]
     age = result["age_classifier"]
     names = age["names"]
     study = result["study_level"]
     lines = [
         "# Evaluation: age-routed fracture detection on the fixed test set", "",
-        *summary_lines(result, figures, report_dir),
+        *summary_lines(result, summary, figures, report_dir),
         "## The Answer in detail", "", result["conclusion"], "",
         f"Test set: `{result['inputs']['test_csv']}`: {result['n_test_images']} images of "
         f"{result['n_test_patients']} patients, fracture rate {result['test_prevalence']:.2f}. "
@@ -1012,14 +482,15 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
                   markdown_table(metric_rows(agg["systems"], agg["thresholds"],
                                              keys=("auroc", "sensitivity", "specificity", "f1"))),
                   markdown_table(comparison_rows(agg["comparisons"], ("auroc", "sensitivity", "specificity")))]
-    lines += ["## By true age group and by cast", "",
+    lines += [f"## By {subset_titles(True)}", "",
               "A group's numbers come from the images whose TRUE age is in that group, whichever model the system "
               "sent them to. Cast images are an easy shortcut (a cast goes with a fracture most of the time), so the "
               "no-cast rows are the harder test.", "",
               markdown_table(subset_rows(sysres, [k for k in result["subsets"] if k != "overall"]))]
     if result["subgroups"]:
-        lines += ["## Subgroups: device, projection, sex, initial exam vs follow-up", "",
-                  "AUROC with 95% CI per subset; subsets under 30 images or with one class are listed, not scored. "
+        lines += [f"## Subgroups: {subset_titles(False, last=', ')}", "",
+                  f"AUROC with 95% CI per subset; subsets under {systems.MIN_SUBSET_IMAGES} images or with one class "
+                  "are listed, not scored. "
                   "Sex from `gender`; an empty `initial_exam` means a follow-up exam.",
                   "", markdown_table(subgroup_rows(result["subgroups"]))]
     lines += ["## Paired differences (same patient resamples)", "",
@@ -1066,7 +537,7 @@ def write_report(report_dir: Path, result: Mapping[str, Any], figures: Mapping[s
         lines += [f"### {CAPTIONS.get(key, key)}", "", figure_link(path, report_dir, key), ""]
     lines += ["## Models", "", markdown_table(model_rows(result["models"]))]
     lines += environment_lines(result.get("environment"))
-    return write_text("\n".join(lines), report_dir / columns.REPORT_MD)
+    return io_utils.write_text("\n".join(lines), report_dir / columns.REPORT_MD)
 
 
 def environment_lines(env: Mapping[str, Any] | None) -> list[str]:
@@ -1084,8 +555,8 @@ def environment_lines(env: Mapping[str, Any] | None) -> list[str]:
             "", markdown_table([{"package": k, "version": v} for k, v in env["versions"].items()]), ""]
 
 
-def print_summary(result: Mapping[str, Any]) -> None:
-    """The side-by-side tables on the terminal, then the Answer."""
+def print_summary(result: Mapping[str, Any], summary: str) -> None:
+    """The side-by-side tables on the terminal, then the Answer (and ``summary``, in short)."""
     sysres, thr = result["systems"], result["thresholds"]
     print("\n== Fracture detection on the test set, per image (95% CI, patient bootstrap) ==")
     print(text_table([{"system": s, "thr": threshold_text(s, thr),
@@ -1096,10 +567,10 @@ def print_summary(result: Mapping[str, Any]) -> None:
     print(text_table([{"system": s, "thr": threshold_text(s, agg["thresholds"]),
                        **{k: fmt_ci(r[k], r["ci"].get(k)) for k in ("auroc", "sensitivity", "specificity")}}
                       for s, r in agg["systems"].items()]))
-    print("\n== AUROC by true age group / cast ==")
+    print(f"\n== AUROC by {subset_titles(True, ' / ', ' / ')} ==")
     subs = [k for k in result["subsets"] if k != "overall"]
     print(text_table([{"system": s, **{k: fmt_ci(r[k]["auroc"], r[k]["ci"].get("auroc")) for k in subs}}
-                      for s, r in sysres.items() if not s.endswith("_per_group")]))
+                      for s, r in sysres.items() if systems.SYSTEMS[s].base is None]))
     print("\n== Calibration (test ECE before -> after the recalibration chosen on validation) ==")
     print(text_table(calibration_rows(result["calibration"])))
     age = result["age_classifier"]
@@ -1108,5 +579,5 @@ def print_summary(result: Mapping[str, Any]) -> None:
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"\n{result['conclusion']}")
-    print(f"\nSummary: {summary_answer(result)}")
+    print(f"\nSummary: {summary}")
     print(f"evaluation wall time: {result['wall_time_s']:.1f} s")

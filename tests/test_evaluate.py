@@ -28,6 +28,7 @@ import inference
 import metrics
 import models
 import predict
+import systems
 import tables
 from errors import DataError
 
@@ -431,13 +432,13 @@ def test_evaluate_end_to_end(run_dir):
     # validation images each group model decided
     val = tables.read_split_csv(run_dir / columns.VAL_CSV)
     true_val = val["age_group"].to_numpy()
-    val_out = evaluate.system_probs(evaluate.infer(routed, val, device), true_val)
+    val_out = systems.system_probs(evaluate.infer(routed, val, device), true_val)
     for s, prob in val_out.prob.items():
         t = metrics.choose_threshold(val["fracture"], prob)
         assert res["systems"][s]["threshold"] == pytest.approx(t)
         np.testing.assert_allclose(pred[f"threshold_{s}"], t)
     per, _ = metrics.choose_group_thresholds(val["fracture"], val_out.prob["hard"], val_out.group["hard"], 3,
-                                       res["systems"]["hard"]["threshold"])
+                                             res["systems"]["hard"]["threshold"])
     saved = {int(k): v for k, v in res["thresholds"]["hard_per_group"]["values"].items()}
     assert saved == pytest.approx(per)
     np.testing.assert_allclose(pred["threshold_hard_per_group"], [per[g] for g in pred.age_group_label])
@@ -584,7 +585,7 @@ def test_evaluate_under_torchrun_matches_one_process(run_dir, tmp_path):
 # --------------------------------------------------------------------------- the Answer
 def _answer_inputs(diff: float, lo: float, hi: float, reference: str | None,
                    seed_diffs: tuple[float, ...] | None = None) -> dict:
-    """The slice of metrics.json that report.answer reads, with a chosen hard-minus-pooled result
+    """The slice of metrics.json that conclusion.answer reads, with a chosen hard-minus-pooled result
     (and per training seed ``seed_diffs``, by default three seeds of the same difference)."""
     import evidence
 
@@ -620,9 +621,9 @@ def _answer_inputs(diff: float, lo: float, hi: float, reference: str | None,
 
 @pytest.mark.parametrize("reference", [None, "pooled", "pooled_continued"])
 def test_answer_says_helped_only_for_an_equal_budget_comparison(reference):
-    import report
+    import conclusion
 
-    clear_win = report.answer(_answer_inputs(0.08, 0.05, 0.11, reference))
+    clear_win = conclusion.answer(_answer_inputs(0.08, 0.05, 0.11, reference))
     if reference is None:
         assert "helped" not in clear_win and "hurt" not in clear_win
         assert "NOT an equal-budget comparison" in clear_win and "2,000 vs 1,000" in clear_win
@@ -630,16 +631,16 @@ def test_answer_says_helped_only_for_an_equal_budget_comparison(reference):
         assert "Routing helped:" in clear_win and "equal training budget" in clear_win
         assert "+0.080 (seed 42), +0.080 (seed 43), +0.080 (seed 44)" in clear_win
         assert "Equal training budget: both start from random weights (seed 42)" in clear_win
-    clear_loss = report.answer(_answer_inputs(-0.08, -0.11, -0.05, reference))
+    clear_loss = conclusion.answer(_answer_inputs(-0.08, -0.11, -0.05, reference))
     assert ("Routing hurt:" in clear_loss) == (reference is not None)
-    unsure = report.answer(_answer_inputs(0.01, -0.02, 0.04, reference))
+    unsure = conclusion.answer(_answer_inputs(0.01, -0.02, 0.04, reference))
     assert "helped" not in unsure and "hurt" not in unsure
     if reference is not None:
         assert "No evidence of a difference" in unsure
         assert "could detect is about 0.050" in unsure
     # a clear difference on the first seed that other seeds do not share is no finding
-    mixed = report.answer(_answer_inputs(-0.08, -0.11, -0.05, reference, (-0.08, 0.01, -0.03)))
+    mixed = conclusion.answer(_answer_inputs(-0.08, -0.11, -0.05, reference, (-0.08, 0.01, -0.03)))
     assert "hurt" not in mixed
     assert ("Inconsistent across training seeds" in mixed) == (reference is not None)
-    one = report.answer(_answer_inputs(-0.08, -0.11, -0.05, reference, (-0.08,)))
+    one = conclusion.answer(_answer_inputs(-0.08, -0.11, -0.05, reference, (-0.08,)))
     assert "hurt" not in one

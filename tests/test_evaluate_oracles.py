@@ -21,7 +21,12 @@ from torch import nn
 
 import columns
 import evaluate
+import evidence
 import inference
+import metrics
+import recalibration
+import scoring
+import systems
 import test_evaluate  # its _probe_ckpt registers and saves the routing_probe_* models
 
 NAMES = ("0-7 y", "8-14 y", "15-19 y")
@@ -89,7 +94,7 @@ def _routed(control: bool = False) -> inference.RoutedModels:
 
 
 def _split(rng: np.random.Generator, true: np.ndarray, pred: np.ndarray, patients: list[str],
-           studies: list[int], y: np.ndarray, pooled: np.ndarray, control: bool = False) -> evaluate.Split:
+           studies: list[int], y: np.ndarray, pooled: np.ndarray, control: bool = False) -> systems.Split:
     n = len(true)
     age_probs = np.full((n, 3), 0.1)
     age_probs[np.arange(n), pred] = 0.8
@@ -98,8 +103,8 @@ def _split(rng: np.random.Generator, true: np.ndarray, pred: np.ndarray, patient
            "pooled_continued": np.clip(pooled * 0.9 + 0.05, 0.01, 0.99) if control else None}
     df = pd.DataFrame({"image_path": [f"img{i}.png" for i in range(n)], "patient_id": patients,
                        "study_number": studies, "age": [AGES[g] for g in true], "age_group": true,
-                       "fracture": y})
-    return evaluate.Split(df, y, true, inf, evaluate.system_probs(inf, true))
+                       "fracture": y, "gender": ["M" if int(p[1:]) < 8 else "F" for p in patients]})
+    return systems.Split(df, y, true, inf, systems.system_probs(inf, true))
 
 
 def _table(seed: int, n_patients: int, misrouted: tuple[int, ...]) -> tuple:
@@ -138,7 +143,7 @@ def scored():
     routed = _routed(control=True)
     notes: list[str] = []
     result, extra = evaluate.score(_args(), routed, val, test, notes)
-    return SimpleNamespace(result=result, extra=extra, val=val, test=test, routed=routed)
+    return SimpleNamespace(result=result, extra=extra, val=val, test=test, routed=routed, notes=notes)
 
 
 # --------------------------------------------------------------------------- thresholds
@@ -165,7 +170,7 @@ def test_per_group_thresholds_use_the_validation_rows_each_group_model_decided(s
         assert per[g] == pytest.approx(youden_oracle(scored.val.y[rows], prob[rows])), g
 
 
-def _study_table(split: evaluate.Split, system: str) -> pd.DataFrame:
+def _study_table(split: systems.Split, system: str) -> pd.DataFrame:
     frame = pd.DataFrame({"patient": split.df["patient_id"], "study": split.df["study_number"],
                           "y": split.y, "p": split.out.prob[system]})
     return frame.groupby(["patient", "study"], sort=False).agg(y=("y", "max"), p=("p", "max")).reset_index()
@@ -189,13 +194,13 @@ def test_study_thresholds_are_chosen_on_validation_studies(scored):
 def test_study_outputs_key_on_patient_and_study_number():
     df = pd.DataFrame({"patient_id": ["A", "A", "A", "A", "B", "B"], "study_number": [1, 1, 2, 2, 1, 1]})
     y = np.array([0, 0, 1, 0, 0, 1])
-    out = evaluate.SplitOutputs(prob={"pooled": np.array([0.1, 0.3, 0.9, 0.2, 0.4, 0.6])}, group={})
-    studies, agg = evaluate.study_outputs(df, y, out, "study_number", "max")
+    out = systems.SplitOutputs(prob={"pooled": np.array([0.1, 0.3, 0.9, 0.2, 0.4, 0.6])}, group={})
+    studies, agg = scoring.study_outputs(df, y, out, "study_number", "max")
     assert studies[["patient_id", "fracture"]].values.tolist() == [["A", 0], ["A", 1], ["B", 1]]
     np.testing.assert_allclose(agg.prob["pooled"], [0.3, 0.9, 0.6])
-    _, mean = evaluate.study_outputs(df, y, out, "study_number", "mean")
+    _, mean = scoring.study_outputs(df, y, out, "study_number", "mean")
     np.testing.assert_allclose(mean.prob["pooled"], [0.2, 0.55, 0.5])
-    one, _ = evaluate.study_outputs(df, y, out, None, "max")  # no study column: one study per patient
+    one, _ = scoring.study_outputs(df, y, out, None, "max")  # no study column: one study per patient
     assert len(one) == 2
 
 
@@ -211,6 +216,39 @@ def test_age_group_rows_are_picked_by_the_true_group(scored):
                                                              scored.test.out.prob["hard"][rows])), name
 
 
+def test_sex_subset_has_every_metric_on_its_own_rows_and_a_small_one_is_listed(scored):
+    male = scored.test.df["gender"].to_numpy() == "M"  # 8 patients of 4 images; the 16 female images are too few
+    entry = scored.result["systems"]["pooled"]["sex M"]
+    assert entry["n"] == male.sum() == 32 and entry["n_patients"] == 8
+    assert entry["auroc"] == pytest.approx(roc_auc_score(scored.test.y[male], scored.test.out.prob["pooled"][male]))
+    t = scored.result["thresholds"]["pooled"]["value"]
+    pred = scored.test.out.prob["pooled"][male] >= t
+    assert entry["specificity"] == pytest.approx((~pred[scored.test.y[male] == 0]).mean())
+    assert "sex M" in scored.result["subsets"] and "sex F" not in scored.result["subsets"]
+    assert "subset sex F: fewer than 30 images, so it is listed, not scored" in scored.notes
+    # the AUROC-only subgroup of the same column scores the one and lists the other
+    assert "auroc" in scored.result["subgroups"]["gender"]["M"]
+    assert scored.result["subgroups"]["gender"]["F"]["too_small"] == "fewer than 30 images"
+
+
+def test_every_subset_comes_from_the_one_specification():
+    n = 90
+    df = pd.DataFrame({"gender": ["M"] * 50 + ["F"] * 39 + ["O"], "cast": [1] * 20 + [0] * 70,
+                       "projection": ["1"] * 60 + ["2"] * 30})
+    true = np.arange(n) % 3
+    y = (np.arange(n) % 2 == 0).astype(int)
+    y[60:] = 1  # projection 2: fractures only
+    found = {s.name: s for s in systems.build_subsets(systems.TestRows(df, true, NAMES), y)}
+    full = [s.name for s in found.values() if s.spec.full]
+    assert full == ["overall", *[f"age {name}" for name in NAMES], "cast", "no cast", "sex F", "sex M", "sex O"]
+    np.testing.assert_array_equal(found["sex F"].mask, df["gender"].eq("F"))
+    np.testing.assert_array_equal(found[f"age {NAMES[1]}"].mask, true == 1)
+    assert found["sex O"].too_small == "fewer than 30 images" and found["sex M"].too_small is None
+    assert "sex O" not in systems.full_masks(found.values()) and "cast" in systems.full_masks(found.values())
+    by_value = {(s.spec.kind, s.name): s.too_small for s in found.values() if not s.spec.full}
+    assert by_value[("projection", "1")] is None and by_value[("projection", "2")] == "one class only"
+
+
 def test_bootstrap_resamples_patients_not_images(scored):
     assert list(scored.test.patients) == scored.test.df["patient_id"].tolist()
     overall = scored.result["systems"]["hard"]["overall"]
@@ -224,11 +262,11 @@ def test_paired_differences_are_a_minus_b_with_their_sign():
     y = np.array([0, 0, 0, 1, 1, 1, 0, 1, 0, 1, 0, 1])
     good = np.where(y == 1, 0.9, 0.1) + np.linspace(0, 0.05, 12)
     bad = np.array([0.8, 0.3, 0.6, 0.4, 0.2, 0.7, 0.5, 0.45, 0.9, 0.1, 0.35, 0.55])
-    out = evaluate.SplitOutputs(prob={"hard": good, "pooled": bad}, group={})
+    out = systems.SplitOutputs(prob={"hard": good, "pooled": bad}, group={})
     patients = np.array([f"P{i // 2}" for i in range(12)])
     thr = {"hard": 0.5, "pooled": 0.5}
-    found = evaluate.compare_systems(y, out, thr, patients, [("hard", "pooled")], {"n_boot": 200, "seed": 0,
-                                                                                   "alpha": 0.05})
+    data = scoring.Labelled(y, out, patients)
+    found = scoring.compare_systems(data, thr, [("hard", "pooled")], metrics.BootstrapSpec(200, 0, 0.05))
     d = found["hard_minus_pooled"]
     expected = roc_auc_score(y, good) - roc_auc_score(y, bad)
     assert expected > 0.3
@@ -239,8 +277,7 @@ def test_paired_differences_are_a_minus_b_with_their_sign():
     # per-row thresholds follow the rows of the mask they are given
     mask = np.arange(12) < 8
     thr_rows = {"hard": np.full(12, 0.5), "pooled": np.full(12, 0.5)}
-    part = evaluate.compare_systems(y, out, thr_rows, patients, [("hard", "pooled")], {"n_boot": 50, "seed": 0,
-                                                                                       "alpha": 0.05}, mask)
+    part = scoring.compare_systems(data, thr_rows, [("hard", "pooled")], metrics.BootstrapSpec(50, 0, 0.05), mask)
     assert part["hard_minus_pooled"]["auroc"]["diff"] == pytest.approx(
         roc_auc_score(y[mask], good[mask]) - roc_auc_score(y[mask], bad[mask]))
 
@@ -255,21 +292,21 @@ def test_score_reports_routing_minus_pooled(scored):
 # --------------------------------------------------------------------------- equal budgets
 def _budget(init: dict, images: int, served_by_pooled: tuple = (), **schedule) -> dict:
     lm = _lm("m", init, images, **schedule)
-    b = evaluate.model_budget(lm)
+    b = evidence.model_budget(lm)
     return {"models": [b], "groups_served_by_pooled": list(served_by_pooled), "init": init, "images_seen": images,
             "epochs_max": b["epochs_max"]}
 
 
 def test_two_random_starts_with_other_seeds_are_not_the_same_start():
     a = _budget({"kind": "random", "seed": 1}, 1000)
-    assert evaluate.budget_differences(a, _budget({"kind": "random", "seed": 1}, 1000)) == []
-    why = evaluate.budget_differences(a, _budget({"kind": "random", "seed": 2}, 1000))
+    assert evidence.budget_differences(a, _budget({"kind": "random", "seed": 1}, 1000)) == []
+    why = evidence.budget_differences(a, _budget({"kind": "random", "seed": 2}, 1000))
     assert len(why) == 1 and "start from different weights" in why[0] and "seed 2" in why[0]
     other_ckpt = _budget({"kind": "checkpoint", "checkpoint": "other.pt"}, 1000)
     same_ckpt = _budget({"kind": "checkpoint", "checkpoint": "fracture_classifier_pooled.pt"}, 1000)
     ckpt = _budget({"kind": "checkpoint", "checkpoint": "fracture_classifier_pooled.pt"}, 1000)
-    assert evaluate.budget_differences(ckpt, same_ckpt) == []
-    assert evaluate.budget_differences(ckpt, other_ckpt)
+    assert evidence.budget_differences(ckpt, same_ckpt) == []
+    assert evidence.budget_differences(ckpt, other_ckpt)
 
 
 # The tolerance is relative to the larger count: 1,110 vs 1,000 differ by 9.9 % of 1,110.
@@ -278,7 +315,7 @@ def test_two_random_starts_with_other_seeds_are_not_the_same_start():
 def test_images_seen_within_ten_percent_only(other, equal):
     init = {"kind": "random", "seed": 1}
     a = _budget(init, 1000)
-    why = evaluate.budget_differences(a, _budget(init, other))
+    why = evidence.budget_differences(a, _budget(init, other))
     assert (why == []) == equal, why
     if not equal:
         assert f"{other:,}" in why[0]
@@ -288,7 +325,7 @@ def test_images_seen_within_ten_percent_only(other, equal):
                                         ("focal_gamma", 1.0), ("epochs", 5), ("scheduler", "plateau")])
 def test_other_settings_are_not_the_same_budget(key, value):
     init = {"kind": "random", "seed": 1}
-    why = evaluate.budget_differences(_budget(init, 1000), _budget(init, 1000, **{key: value}))
+    why = evidence.budget_differences(_budget(init, 1000), _budget(init, 1000, **{key: value}))
     assert len(why) == 1 and key in why[0]
 
 
@@ -320,9 +357,9 @@ def _calibration_case():
     return inf(val_p, true_val), inf(test_p, true_test), y_val, y_test, true_val, true_test
 
 
-def _calibration_split(inf: dict, y: np.ndarray, true: np.ndarray) -> evaluate.Split:
+def _calibration_split(inf: dict, y: np.ndarray, true: np.ndarray) -> systems.Split:
     df = pd.DataFrame({"patient_id": [f"P{i // 2}" for i in range(len(y))]})  # two images a patient
-    return evaluate.Split(df=df, y=y, true_group=true, inf=inf, out=evaluate.system_probs(inf, true))
+    return systems.Split(df=df, y=y, true_group=true, inf=inf, out=systems.system_probs(inf, true))
 
 
 def _sigmoid_map(p: np.ndarray, ab: dict) -> np.ndarray:
@@ -333,7 +370,7 @@ def _sigmoid_map(p: np.ndarray, ab: dict) -> np.ndarray:
 def test_recalibrations_are_fitted_on_validation_and_ece_is_before_and_after():
     inf_val, inf_test, y_val, y_test, true_val, true_test = _calibration_case()
     val, test = _calibration_split(inf_val, y_val, true_val), _calibration_split(inf_test, y_test, true_test)
-    result, after, by_method = evaluate.calibrate(val, test, SimpleNamespace(n_groups=3))
+    result, after, by_method = recalibration.calibrate(val, test, SimpleNamespace(n_groups=3))
     temps = result["temperatures"]
     expected = temperature_oracle(y_val, inf_val["pooled"])
     on_test = temperature_oracle(y_test, inf_test["pooled"])

@@ -54,7 +54,7 @@ def _toy_seed_runs(shifts, n_pat=120, seed=0):
 
 def test_across_seeds_reports_each_seed_and_a_consistent_gain():
     y, patients, runs = _toy_seed_runs([1.5, 1.5, 1.5])
-    got = evidence.across_seeds(y, patients, runs, {"n_boot": 200, "seed": 0, "alpha": 0.05})
+    got = evidence.across_seeds(y, patients, runs, metrics.BootstrapSpec(200, 0, 0.05))
     assert [s["seed"] for s in got["per_seed"]] == [0, 1, 2]
     for s, run in zip(got["per_seed"], runs):
         a = metrics.binary_metrics(y, run.routed)["auroc"]
@@ -67,7 +67,7 @@ def test_across_seeds_reports_each_seed_and_a_consistent_gain():
 
 def test_across_seeds_one_seed_gives_no_verdict_word():
     y, patients, runs = _toy_seed_runs([1.5])
-    got = evidence.across_seeds(y, patients, runs, {"n_boot": 200, "seed": 0, "alpha": 0.05})
+    got = evidence.across_seeds(y, patients, runs, metrics.BootstrapSpec(200, 0, 0.05))
     assert got["verdict"] == evidence.ONE_SEED
     assert got["lo"] == got["per_seed"][0]["lo"]
 

@@ -2,6 +2,8 @@
 operating threshold comes from validation data."""
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -73,9 +75,9 @@ def test_weighted_metrics_equal_sklearn_on_duplicated_rows():
 
 def test_bootstrap_deterministic_and_contains_point():
     df = _data()
-    a = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=300, seed=7)
-    b = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=300, seed=7)
-    c = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=300, seed=8)
+    a = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, metrics.BootstrapSpec(300, 7))
+    b = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, metrics.BootstrapSpec(300, 7))
+    c = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, metrics.BootstrapSpec(300, 8))
     assert a["ci"] == b["ci"]
     assert a["ci"]["auroc"] != c["ci"]["auroc"]
     for k in ("accuracy", "f1", "sensitivity", "specificity", "auroc", "auprc"):
@@ -104,7 +106,7 @@ def test_generic_bootstrap_resamples_whole_patients():
         assert rows.patient_id.nunique() <= 30
     # same seed, same interval; generic and vectorised paths draw the same resamples
     assert metrics.patient_bootstrap_ci(df, metric, n_boot=50, seed=1) == (point, lo, hi)
-    fast = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, n_boot=50, seed=1)
+    fast = metrics.bootstrap_binary_metrics(df.y, df.prob, df.patient_id, 0.5, metrics.BootstrapSpec(50, 1))
     assert fast["ci"]["auroc"] == pytest.approx([lo, hi])
 
 
@@ -133,17 +135,20 @@ def test_sensitivity_target_threshold():
         metrics.choose_threshold([1, 1], [0.2, 0.3])
 
 
+def threshold_from_validation(val_y: Sequence[int], val_prob: Sequence[float], test_y: Sequence[int],
+                              test_prob: Sequence[float]) -> tuple[float, dict[str, Any]]:
+    """The threshold chosen on validation data, and the test metrics at it, unchanged."""
+    thr = metrics.choose_threshold(val_y, val_prob)
+    return thr, metrics.binary_metrics(test_y, test_prob, thr)
+
+
 def test_threshold_comes_from_validation_not_test():
     val = _data(n_pat=60, seed=10)
     test = _data(n_pat=60, seed=11, shift=0.25)  # shifted scores: its own optimum differs
     t_val = metrics.choose_threshold(val.y, val.prob)
     t_test = metrics.choose_threshold(test.y, test.prob)
     assert t_val != pytest.approx(t_test)
-    # the evaluation's helper applies the validation threshold unchanged to test
-    import evaluate
-
-    thr, test_metrics = evaluate.threshold_from_validation(
-        val.y, val.prob, test.y, test.prob, method="youden")
+    thr, test_metrics = threshold_from_validation(val.y, val.prob, test.y, test.prob)
     assert thr == pytest.approx(t_val)
     assert test_metrics["threshold"] == pytest.approx(t_val)
     assert test_metrics["f1"] == pytest.approx(metrics.binary_metrics(test.y, test.prob, t_val)["f1"])
@@ -151,8 +156,8 @@ def test_threshold_comes_from_validation_not_test():
 
 def test_paired_difference_of_a_system_with_itself_is_zero():
     df = _data()
-    d = metrics.paired_bootstrap_difference(df.y, df.prob, df.prob, df.patient_id, 0.5, 0.5,
-                                      n_boot=100, seed=0)
+    d = metrics.paired_bootstrap_difference(df.y, [df.prob, df.prob], [0.5, 0.5], df.patient_id,
+                                            metrics.BootstrapSpec(100, 0))
     assert d["auroc"]["diff"] == 0 and d["auroc"]["lo"] == 0 and d["auroc"]["hi"] == 0
 
 
@@ -242,14 +247,15 @@ def test_expected_calibration_error_by_hand():
 def test_min_detectable_difference_from_the_bootstrap_spread():
     df = _data(n_pat=80, seed=4)
     other = np.clip(df.prob + np.random.default_rng(1).normal(0, 0.1, len(df)), 0, 1)
-    d = metrics.paired_bootstrap_difference(df.y, df.prob, other, df.patient_id, 0.5, 0.5, n_boot=300, seed=0)
+    d = metrics.paired_bootstrap_difference(df.y, [df.prob, other], [0.5, 0.5], df.patient_id,
+                                            metrics.BootstrapSpec(300, 0))
     se = d["auroc"]["se"]
     assert se > 0
     assert metrics.min_detectable_difference(se) == pytest.approx(2.8016 * se, rel=1e-3)
     # a bigger test set (each patient twice, as distinct patients) narrows it
     twice = pd.concat([df, df.assign(patient_id=df.patient_id + "b")])
-    d2 = metrics.paired_bootstrap_difference(twice.y, twice.prob, np.concatenate([other, other]), twice.patient_id,
-                                       0.5, 0.5, n_boot=300, seed=0)
+    d2 = metrics.paired_bootstrap_difference(twice.y, [twice.prob, np.concatenate([other, other])], [0.5, 0.5],
+                                             twice.patient_id, metrics.BootstrapSpec(300, 0))
     assert d2["auroc"]["se"] < se
 
 

@@ -12,6 +12,7 @@ import torch
 
 import columns
 import evaluate
+import evidence
 import inference
 import models
 import predict
@@ -72,7 +73,7 @@ def test_a_control_continued_from_an_earlier_pooled_model_is_not_equal_budget(fr
         routed = inference.RoutedModels(age=None, groups={g: load(f"agegroup{g}") for g in range(3)},
                                         pooled=load("pooled"), pooled_continued=load("pooled_continued"),
                                         age_bounds=(8.0, 15.0))
-        return evaluate.equal_budget_reference(evaluate.system_budgets(routed))
+        return evidence.equal_budget_reference(evidence.system_budgets(routed))
 
     reference, _ = budgets()
     assert reference == "pooled_continued"

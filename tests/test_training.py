@@ -154,7 +154,7 @@ def test_group_models_start_from_the_pooled_model(fresh_splits: Path, capsys):
 
 
 def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_splits: Path):
-    import evaluate
+    import evidence
     import inference
 
     base = ["--out-dir", str(fresh_splits), "--img-size", "32", "--epochs", "2", "--continue-epochs", "1",
@@ -185,16 +185,16 @@ def test_control_continues_the_pooled_model_on_the_group_models_budget(fresh_spl
                                     pooled=load("fracture_classifier_pooled"),
                                     pooled_continued=load("fracture_classifier_pooled_continued"),
                                     age_bounds=(8.0, 15.0))
-    budgets = evaluate.system_budgets(routed)
+    budgets = evidence.system_budgets(routed)
     assert budgets["routed"]["images_seen"] == sum(
         load_checkpoint(models / f"fracture_classifier_agegroup{g}.pt")["images_seen"] for g in range(3))
-    reference, why = evaluate.equal_budget_reference(budgets)
+    reference, why = evidence.equal_budget_reference(budgets)
     assert reference == "pooled_continued", why
     assert any("different weights" in w for w in why["pooled"])  # the plain pooled model is not comparable
 
     # the same run with another learning rate for the control is no longer an equal budget
     routed.pooled_continued.meta["config"]["lr"] = 1.0
-    reference, why = evaluate.equal_budget_reference(evaluate.system_budgets(routed))
+    reference, why = evidence.equal_budget_reference(evidence.system_budgets(routed))
     assert reference is None
     # one reason for the three group models that differ alike, not one each
     assert [w for w in why["pooled_continued"] if "other settings" in w] == [
