@@ -264,9 +264,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable,
                     scaler: torch.amp.GradScaler | None = None, amp: str = "off", accum_steps: int = 1,
                     channels_last: bool = False, grad_clip: float | None = None,
                     progress: bool = False, desc: str = "train",
-                    scalars: logs.ScalarLog | None = None) -> dict[str, float]:
+                    scalars: logs.ScalarLog | None = None,
+                    on_first: Callable[[logs.Progress], None] | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns loss, acc, f1, n, seconds, images_per_s (all ranks).
-    ``scalars`` receives each step's loss (TensorBoard)."""
+    ``scalars`` receives each step's loss (TensorBoard); ``on_first`` is called once after
+    the first few steps (:class:`logs.Progress`)."""
     model.train()
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     n_batches = len(loader)
@@ -276,6 +278,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, criterion: Callable,
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     bar = _progress(loader, progress, desc)
+    bar.on_first, bar.first_steps = on_first, min(bar.first_steps, max(n_batches, 1))
     for i, (x, y) in enumerate(bar):
         x, y = _to_device(x, y, device, channels_last)
         step_now = (i + 1) % accum_steps == 0 or i + 1 == n_batches
@@ -525,7 +528,8 @@ def _run_epoch(epoch: int, model: nn.Module, train_loader: DataLoader, val_loade
     lr = optimizer.param_groups[0]["lr"]
     tr = train_one_epoch(model, train_loader, criterion, optimizer, device, scaler=state.scaler, amp=opts.amp,
                          accum_steps=opts.accum_steps, channels_last=opts.channels_last, grad_clip=opts.grad_clip,
-                         progress=progress, desc=f"epoch {epoch} train", scalars=state.scalars)
+                         progress=progress, desc=f"epoch {epoch} train", scalars=state.scalars,
+                         on_first=_eta_note(opts.epochs - epoch + 1) if progress and epoch == state.start_epoch else None)
     ev = evaluate(model, val_loader, criterion, device, amp=opts.amp, channels_last=opts.channels_last,
                   progress=progress, desc=f"epoch {epoch} val")
     vm = ev.metrics
@@ -533,6 +537,18 @@ def _run_epoch(epoch: int, model: nn.Module, train_loader: DataLoader, val_loade
            "train_images": tr["n"], "val_loss": vm["loss"], "val_acc": vm["acc"], "val_f1": vm["f1"],
            "val_auroc": vm["auroc"], "seconds": time.perf_counter() - t0, "images_per_s": tr["images_per_s"]}
     return row, ev, tr
+
+
+def _eta_note(epochs_left: int) -> Callable[[logs.Progress], None]:
+    """The one line that projects this model's training from its first steps, so a slow run
+    (Swin-L on a CPU: an epoch can take an hour) says early how long it will take."""
+    def note(bar: logs.Progress) -> None:
+        per_step, _ = bar.estimate()
+        epoch_s = per_step * (bar.total or bar.steps)
+        log(f"estimate from the first {bar.steps} steps: {per_step:.2f} s per step, "
+            f"{logs.format_seconds(epoch_s)} per epoch's training, up to "
+            f"{logs.format_seconds(epoch_s * epochs_left)} for {epochs_left} epoch(s) (validation not included)")
+    return note
 
 
 def _step_scheduler(scheduler: Any, value: float) -> None:
@@ -564,7 +580,7 @@ def _log_epoch(epoch: int, row: Mapping[str, Any], ev: EvalResult, is_best: bool
                class_names: Sequence[str]) -> None:
     vm = ev.metrics
     log(f"[Epoch {epoch}] Train Loss {_fmt(row['train_loss'])} | Acc {_fmt(row['train_acc'])} | F1 "
-        f"{_fmt(row['train_f1'])} | lr {row['lr']:.3g} | {row['images_per_s']:.1f} img/s")
+        f"{_fmt(row['train_f1'])} | lr {row['lr']:.3g} | {logs.format_rate(row['images_per_s'])}")
     log(f"[Epoch {epoch}] Val Loss {_fmt(vm['loss'])} | Acc {_fmt(vm['acc'])} | F1 {_fmt(vm['f1'])}"
         f" | AUROC {_fmt(vm['auroc'])} | n {vm['n']}"
         + (" | new best" if is_best else f" | best {_fmt(stopper.best)} at epoch {stopper.best_epoch}"))
