@@ -50,6 +50,11 @@ def damage_idat(path: Path) -> Path:
     raise ValueError(f"{path}: no IDAT chunk")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: runs for many minutes (the paper preset on the CPU); "
+                                       "`make test` skips these, `make test-slow` runs them")
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """On 2 shared cores, intra-op threads fighting other processes make tiny models
