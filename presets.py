@@ -191,7 +191,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "workers": min(8, io_utils.default_workers()),
         "channels_last": True,
         # As the demo: on a CPU that computes bf16 natively Swin-L 384 trains 1.3x faster in
-        # bf16 (benchmarks/paper_cpu.log); auto is bf16 on a GPU that has it anyway.
+        # bf16 (README: "The paper preset end to end"); auto is bf16 on a GPU that has it anyway.
         "amp": "bf16" if environment.cpu_has_native_bf16() else "auto",
         "init_from_pooled": False,
         "continue_epochs": None,
