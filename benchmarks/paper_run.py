@@ -227,7 +227,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                   f"# stand-in weights {weights} ({weights.stat().st_size / 1e9:.2f} GB) in {weights_s:.0f} s\n"
                   f"$ {' '.join(argv[1:])}\n")
         rc, stages, total_s = run_driver(argv, log)
-        rates = model_rates(out, args.batch_size) if rc == 0 else []
+        # an interrupted or failed run still reports the models it finished
+        rates = model_rates(out, args.batch_size) if columns.RunDir(out).val_csv.is_file() else []
         text = summary(rc, stages, total_s, rates)
         log.write(text + "\n")
     print(text, flush=True)
