@@ -65,10 +65,11 @@ print("\n== Swin-L MFU ==\nvariant                   batch  train img/s  infer i
 for name in ("eager.json", "compiled.json"):
     for r in (load(name) or {}).get("train", []):
         if isinstance(r, dict):
-            fmt = lambda x, f: format(x, f) if isinstance(x, (int, float)) else "-"
-            print(f"{r.get('variant', '?'):25s} {fmt(r.get('batch_size'), '5d')}  {fmt(r.get('train_images_per_s'), '11.1f')}"
-                  f"  {fmt(r.get('infer_images_per_s'), '11.1f')}  {fmt((r.get('mfu') or 0) * 100, '5.1f')}"
-                  f"  {fmt((r.get('peak_mem_mb') or 0) / 1024, '7.1f')}")
+            def fmt(x, width, scale=1.0, digits=1):
+                return f"{x * scale:{width}.{digits}f}" if isinstance(x, (int, float)) else "-".rjust(width)
+            print(f"{r.get('variant', '?'):25s} {r.get('batch_size', '-'):>5}  {fmt(r.get('train_images_per_s'), 11)}"
+                  f"  {fmt(r.get('infer_images_per_s'), 11)}  {fmt(r.get('mfu'), 5, 100)}"
+                  f"  {fmt(r.get('peak_mem_mb'), 7, 1 / 1024)}  {r.get('note') or ''}")
 PYEOF
     date -u
 } 2>&1 | tee "$OUT/gpu_paper.log"
