@@ -1,6 +1,6 @@
 """The paper preset end to end on the CPU (benchmarks/paper_run.py): Swin-L 384 through the
-driver at tiny scale. About 45 minutes on 2 cores, so it is marked slow: ``make test`` skips
-it, ``make test-slow`` runs it."""
+driver at tiny scale. About an hour on 2 shared cores, so it is marked slow: ``make test``
+skips it, ``make test-slow`` runs it."""
 from __future__ import annotations
 
 import sys
