@@ -1,9 +1,11 @@
 # Two entry points (see README "Quick start"):
 #   make train        create .venv if needed, install the lock, run the phantom demo end to end
-#   make test         same install, run the test suite
+#   make test         same install, run the test suite (without the slow tests)
 # Others:
 #   make lock         regenerate requirements.lock from requirements.txt
 #   make test-latest  the suite in a throwaway venv with the newest versions requirements.txt allows
+#   make test-slow    the slow tests only: the paper preset end to end on the CPU (about an hour on 2 cores)
+#   make paper-cpu    the same run as a benchmark, its log in benchmarks/paper_cpu.log
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -14,7 +16,7 @@ LOCK   := requirements.lock
 LOCK_PINS := torch==2.14.1 torchvision==0.29.1
 LOCK_TOOL := uv==0.13.9
 
-.PHONY: install train test test-latest lock clean
+.PHONY: install train test test-slow paper-cpu test-latest lock clean
 
 # The stamp depends on the lock and records its hash, so a changed lock refreshes an
 # old venv (environment.lock_hash compares the two at run time).
@@ -29,7 +31,13 @@ train: install
 	$(BIN)/python run_all_training.py $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+paper-cpu: install
+	$(BIN)/python benchmarks/paper_run.py --out-dir runs/paper_cpu --log benchmarks/paper_cpu.log $(ARGS)
 
 # A throwaway venv, so the locked one is untouched; pip resolves requirements.txt afresh.
 test-latest:
@@ -37,7 +45,7 @@ test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install --disable-pip-version-check --upgrade -r requirements.txt
 	.venv-latest/bin/python -m pip freeze > .venv-latest/versions.txt
-	.venv-latest/bin/python -m pytest -q $(ARGS)
+	.venv-latest/bin/python -m pytest -q -m "not slow" $(ARGS)
 
 lock:
 	test -x .venv-lock/bin/uv || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install -q $(LOCK_TOOL))

@@ -48,10 +48,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import columns
 import distributed
+import environment
 import logs
 import metrics
 import models
-import tables
 import train_config
 from errors import ResumeError
 from io_utils import write_csv
@@ -84,11 +84,12 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA (when the GPU supports it), off on the CPU."""
+    """``auto`` -> bf16 where the device computes it natively (a CUDA GPU that supports it, a
+    CPU with AVX512-BF16 or AMX), otherwise off: emulated bf16 is slower than fp32."""
     if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "off"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "off"
+        return "bf16" if device.type == "cpu" and environment.cpu_has_native_bf16() else "off"
     if amp not in train_config.AMP_MODES:
         raise ValueError(f"amp must be one of {', '.join(train_config.AMP_MODES)}, got {amp!r}")
     return amp
@@ -279,9 +280,11 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: StepCon
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, step: StepContext, *, progress: bool = False,
-                    desc: str = "train", scalars: logs.ScalarLog | None = None) -> dict[str, float]:
+                    desc: str = "train", scalars: logs.ScalarLog | None = None,
+                    on_first: Callable[[logs.Progress], None] | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns loss, acc, f1, n, seconds, images_per_s (all ranks).
-    ``scalars`` receives each step's loss (TensorBoard)."""
+    ``scalars`` receives each step's loss (TensorBoard); ``on_first`` is called once after
+    the first few steps (:class:`logs.Progress`)."""
     model.train()
     device, optimizer, accum_steps = step.compute.device, step.optimizer, step.accum_steps
     n_batches = len(loader)
@@ -291,6 +294,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, step: StepContext, *, 
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     bar = _progress(loader, progress, desc)
+    bar.on_first, bar.first_steps = on_first, min(bar.first_steps, max(n_batches, 1))
     for i, (x, y) in enumerate(bar):
         x, y = _to_device(x, y, device, step.compute.channels_last)
         step_now = (i + 1) % accum_steps == 0 or i + 1 == n_batches
@@ -505,21 +509,35 @@ def _wrap(model: nn.Module, device: torch.device, compile_model: bool) -> nn.Mod
 
 
 def _run_epoch(epoch: int, model: nn.Module, loaders: Loaders, step: StepContext, state: TrainState,
-               progress: bool) -> tuple[dict[str, Any], EvalResult, dict[str, float]]:
-    """Train one epoch and validate: the history row, the validation result, the train stats."""
+               progress: bool, epochs: int) -> tuple[dict[str, Any], EvalResult, dict[str, float]]:
+    """Train one epoch (of ``epochs``) and validate: the history row, the validation result,
+    the train stats."""
     t0 = time.perf_counter()
     for loader in (loaders.train, loaders.val):
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
     lr = step.optimizer.param_groups[0]["lr"]
+    first = _eta_note(epochs - epoch + 1) if progress and epoch == state.start_epoch else None
     tr = train_one_epoch(model, loaders.train, step, progress=progress, desc=f"epoch {epoch} train",
-                         scalars=state.scalars)
+                         scalars=state.scalars, on_first=first)
     ev = evaluate(model, loaders.val, step.criterion, step.compute, progress=progress, desc=f"epoch {epoch} val")
     vm = ev.metrics
     row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"], "train_f1": tr["f1"],
            "train_images": tr["n"], "val_loss": vm["loss"], "val_acc": vm["acc"], "val_f1": vm["f1"],
            "val_auroc": vm["auroc"], "seconds": time.perf_counter() - t0, "images_per_s": tr["images_per_s"]}
     return row, ev, tr
+
+
+def _eta_note(epochs_left: int) -> Callable[[logs.Progress], None]:
+    """The one line that projects this model's training from its first steps, so a slow run
+    (Swin-L on a CPU: an epoch can take an hour) says early how long it will take."""
+    def note(bar: logs.Progress) -> None:
+        per_step, _ = bar.estimate()
+        epoch_s = per_step * (bar.total or bar.steps)
+        log(f"estimate from the first {bar.steps} steps: {per_step:.2f} s per step, "
+            f"{logs.format_seconds(epoch_s)} per epoch's training, up to "
+            f"{logs.format_seconds(epoch_s * epochs_left)} for {epochs_left} epoch(s) (validation not included)")
+    return note
 
 
 def _step_scheduler(scheduler: Any, value: float) -> None:
@@ -552,7 +570,7 @@ def _log_epoch(epoch: int, row: Mapping[str, Any], ev: EvalResult, is_best: bool
                class_names: Sequence[str]) -> None:
     vm = ev.metrics
     log(f"[Epoch {epoch}] Train Loss {_fmt(row['train_loss'])} | Acc {_fmt(row['train_acc'])} | F1 "
-        f"{_fmt(row['train_f1'])} | lr {row['lr']:.3g} | {row['images_per_s']:.1f} img/s")
+        f"{_fmt(row['train_f1'])} | lr {row['lr']:.3g} | {logs.format_rate(row['images_per_s'])}")
     log(f"[Epoch {epoch}] Val Loss {_fmt(vm['loss'])} | Acc {_fmt(vm['acc'])} | F1 {_fmt(vm['f1'])}"
         f" | AUROC {_fmt(vm['auroc'])} | n {vm['n']}"
         + (" | new best" if is_best else f" | best {_fmt(stopper.best)} at epoch {stopper.best_epoch}"))
@@ -618,7 +636,7 @@ def fit(learner: Learner, loaders: Loaders, cfg: train_config.TrainConfig, devic
         f"{len(loaders.train.dataset)} train / {len(loaders.val.dataset)} val images, best epoch by {monitor_col}")
     try:
         for epoch in range(cfg.epochs + 1 if stopped_early else state.start_epoch, cfg.epochs + 1):
-            row, ev, tr = _run_epoch(epoch, train_model, loaders, step, state, progress)
+            row, ev, tr = _run_epoch(epoch, train_model, loaders, step, state, progress, cfg.epochs)
             state.history.append(row)
             value = float(row[monitor_col])
             _step_scheduler(learner.scheduler, value)
@@ -672,25 +690,3 @@ def _result(files: RunFiles, best_epoch: int | None, best_metrics: Mapping[str, 
     return {"checkpoint": str(files.best), "last": str(files.last), "metrics_csv": str(files.metrics_csv),
             "best_epoch": best_epoch, "best_metrics": dict(best_metrics), "epochs_run": epochs_run,
             "stopped_early": stopped_early, "images_seen": images_seen(history), "history": list(history)}
-
-
-# --------------------------------------------------------------------------- images checked before use
-def decode_pass(df: pd.DataFrame, img_size: int, *, cache_dir: str | Path | None, skip_bad: bool,
-                rejected_csv: str | Path | None, progress: bool = False) -> pd.DataFrame:
-    """``tables.check_decodable`` before the first epoch or inference: rank 0 decodes
-    (into the cache) and every rank gets the same rows back.
-
-    Every image is decoded here anyway (the cache warm-up), so this is where a file that
-    passed stage 1's cheap checks but cannot be decoded fails, in one line, rather than in
-    a DataLoader worker hours into training.
-    """
-    kept = None
-    if distributed.is_main():
-        kept = tables.check_decodable(df, img_size, cache_dir,
-                                      tables.BadRows(skip=skip_bad, rejected_csv=rejected_csv), progress=progress)
-    dropped = distributed.broadcast_object(
-        [r for r in df.index if r not in kept.index] if kept is not None else None)
-    if kept is None:
-        kept = df.drop(index=dropped)
-        kept.attrs.update(df.attrs)
-    return kept

@@ -353,7 +353,7 @@ def decode_splits(frames: Mapping[str, pd.DataFrame], routed: inference.RoutedMo
     rejected = out / columns.REJECTED_CSV
     for split, df in frames.items():
         for size in sizes if cache is not None else sizes[:1]:
-            decoded[split] = engine.decode_pass(decoded[split], size, cache_dir=cache, skip_bad=skip_bad,
+            decoded[split] = tables.decode_pass(decoded[split], size, cache_dir=cache, skip_bad=skip_bad,
                                                 rejected_csv=rejected)
         left_out[split] = len(df) - len(decoded[split])
         if left_out[split]:

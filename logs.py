@@ -45,6 +45,14 @@ def format_seconds(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def format_rate(images_per_s: float) -> str:
+    """Throughput as ``12.3 img/s``, or as ``17.2 s/img`` below one image a second (Swin-L on
+    a CPU), where a rate rounded to one decimal would read 0.0."""
+    if not (math.isfinite(images_per_s) and images_per_s > 0):
+        return "- img/s"
+    return f"{images_per_s:.1f} img/s" if images_per_s >= 1 else f"{1 / images_per_s:.1f} s/img"
+
+
 def _batch_images(item: Any) -> int:
     first = item[0] if isinstance(item, (tuple, list)) and item else item
     shape = getattr(first, "shape", None)
@@ -95,7 +103,7 @@ class Progress:
         parts = [f"{self.desc}: step {self.steps}/{self.total if self.total is not None else '?'}"]
         if self._loss is not None:
             parts.append(f"loss {float(self._loss):.4f}")
-        parts.append(f"{self.images / elapsed:.1f} img/s" if elapsed > 0 else "- img/s")
+        parts.append(format_rate(self.images / elapsed if elapsed > 0 else float("nan")))
         parts.append(f"ETA {format_seconds(self.estimate()[1])}")
         return " | ".join(parts)
 

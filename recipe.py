@@ -28,6 +28,7 @@ import engine
 import losses
 import models
 import splits
+import tables
 import train_config
 import unified_dataset
 from errors import DataError
@@ -166,7 +167,7 @@ class Task:
 
 @dataclass(frozen=True)
 class Frames:
-    """The training and validation rows of one model; ``checked``: :func:`engine.decode_pass` already
+    """The training and validation rows of one model; ``checked``: :func:`tables.decode_pass` already
     ran on both at the config's image size."""
 
     train: pd.DataFrame
@@ -196,7 +197,7 @@ def train_classifier(cfg: train_config.TrainConfig, task: Task, frames: Frames, 
     if not frames.checked:
         rejected = Path(cfg.out_dir) / columns.REJECTED_CSV
         progress = not cfg.quiet and sys.stderr.isatty()
-        train_df, val_df = (engine.decode_pass(df, cfg.img_size, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
+        train_df, val_df = (tables.decode_pass(df, cfg.img_size, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
                                         rejected_csv=rejected, progress=progress) for df in (train_df, val_df))
     datasets = {}
     for name, df, train in (("train", train_df, True), ("val", val_df, False)):

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 import columns
+import distributed
 import image_io
 import io_utils
 from errors import DataError
@@ -516,4 +517,25 @@ def check_decodable(df: pd.DataFrame, img_size: int, cache_dir: str | os.PathLik
     problems = {df.index[i]: reason for i, reason in stats["failed"].items()}
     kept = set_aside(df, problems, source, bad_rows, ("undecodable image", "decodable images"))
     kept.attrs["n_undecodable"] = len(problems)
+    return kept
+
+
+def decode_pass(df: pd.DataFrame, img_size: int, *, cache_dir: str | Path | None, skip_bad: bool,
+                rejected_csv: str | Path | None, progress: bool = False) -> pd.DataFrame:
+    """:func:`check_decodable` before the first epoch or inference: rank 0 decodes
+    (into the cache) and every rank gets the same rows back.
+
+    Every image is decoded here anyway (the cache warm-up), so this is where a file that
+    passed stage 1's cheap checks but cannot be decoded fails, in one line, rather than in
+    a DataLoader worker hours into training.
+    """
+    kept = None
+    if distributed.is_main():
+        kept = check_decodable(df, img_size, cache_dir,
+                               BadRows(skip=skip_bad, rejected_csv=rejected_csv), progress=progress)
+    dropped = distributed.broadcast_object(
+        [r for r in df.index if r not in kept.index] if kept is not None else None)
+    if kept is None:
+        kept = df.drop(index=dropped)
+        kept.attrs.update(df.attrs)
     return kept

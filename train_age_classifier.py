@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             engine.log(f"note: {note}")
         # all three decoded before training: an undecodable test image stops the run now, not
         # after the last epoch; with --skip-bad its prediction cells stay empty
-        frames = {split: engine.decode_pass(
+        frames = {split: tables.decode_pass(
             df, cfg.img_size, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
             rejected_csv=Path(cfg.out_dir) / columns.REJECTED_CSV,
             progress=not cfg.quiet and sys.stderr.isatty()) for split, df in read.items()}

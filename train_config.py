@@ -106,7 +106,8 @@ class TrainConfig:
         "attention through scaled_dot_product_attention: the same function, and on an H100 Swin-L 384 "
         "trains 8-17% faster in a third less memory (timm leaves it off for Swin)", bool)
     workers: int = _option("DataLoader worker processes per training process", non_negative_int)
-    amp: str = _option("mixed precision: auto = bf16 autocast on CUDA, off on CPU; fp16 uses a grad scaler",
+    amp: str = _option("mixed precision: auto = bf16 autocast where the GPU or CPU computes bf16 "
+                       "natively, otherwise off; fp16 uses a grad scaler",
                        choices=AMP_MODES)
     channels_last: bool = _option("channels_last memory format", bool)
     compile: bool = _option("torch.compile the model", bool)

@@ -89,6 +89,11 @@ def assert_one_line(exc: BaseException, file: Path | str, row: int | None, *word
         assert w in msg, msg
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: runs for many minutes (the paper preset on the CPU); "
+                                       "`make test` skips these, `make test-slow` runs them")
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """On 2 shared cores, intra-op threads fighting other processes make tiny models

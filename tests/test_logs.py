@@ -97,4 +97,23 @@ def test_fit_prints_progress_lines_and_writes_tensorboard_scalars(tmp_path, caps
     assert [v for _, v in scalars["lr"]] == [float(torch.tensor(r["lr"]).float()) for r in history]
     # 48 images in batches of 16: three steps per epoch, numbered across epochs
     assert [step for step, _ in scalars["train/step_loss"]] == [1, 2, 3, 4, 5, 6]
+    # one projection of the whole training, after the first epoch's first steps
+    notes = [line for line in out.splitlines() if line.startswith("estimate from the first")]
+    assert len(notes) == 1 and "for 2 epoch(s)" in notes[0] and out.index(notes[0]) < out.index("[Epoch 1]")
     assert all(v > 0 for _, v in scalars["train/step_loss"])
+
+
+def test_a_rate_below_one_image_a_second_reads_as_seconds_per_image():
+    assert logs.format_rate(35.24) == "35.2 img/s"
+    assert logs.format_rate(123 / 4140) == "33.7 s/img"  # Swin-L on 2 cores: not "0.0 img/s"
+    assert logs.format_rate(float("nan")) == logs.format_rate(0.0) == "- img/s"
+
+
+def test_the_first_steps_callback_comes_even_when_an_epoch_is_shorter():
+    model = create_model("cnn_demo", num_classes=2)
+    seen = []
+    step = engine.StepContext(recipe.make_criterion("ce", 2), recipe.build_optimizer(model, 1e-3, 0.0),
+                              engine.Compute(torch.device("cpu"), "off"))
+    engine.train_one_epoch(model, DataLoader(_data(8, 0), batch_size=8), step,
+                           on_first=lambda bar: seen.append((bar.steps, bar.estimate()[0] > 0)))
+    assert seen == [(1, True)]
