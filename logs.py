@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
@@ -82,6 +83,8 @@ class Progress:
         self.first_steps = 3
         self._loss: Any = None
         self._tqdm: Any = None
+        self._last = self.started  # when the last line was printed
+        self._lock = threading.Lock()
 
     def set_loss(self, loss: Any) -> None:
         """The latest loss (a tensor is read only when shown)."""
@@ -108,7 +111,9 @@ class Progress:
         return " | ".join(parts)
 
     def _print(self) -> None:
-        print(self.line(), file=self.stream or sys.stdout, flush=True)
+        with self._lock:
+            self._last = time.perf_counter()
+            print(self.line(), file=self.stream or sys.stdout, flush=True)
 
     def __iter__(self) -> Iterator[Any]:
         self.started = time.perf_counter()
@@ -118,21 +123,35 @@ class Progress:
             from tqdm.auto import tqdm
 
             source = self._tqdm = tqdm(self.iterable, desc=self.desc, leave=False, dynamic_ncols=True)
-        last = self.started
+        self._last = self.started
+        stop = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True)
+        if lines and self.every_s > 0:
+            heartbeat.start()
         try:
             for item in source:
                 yield item
                 # here the consumer has finished the step and asks for the next batch
                 self._done(item)
                 now = time.perf_counter()
-                due = now - last >= self.every_s or bool(self.every_steps and self.steps % self.every_steps == 0)
+                due = now - self._last >= self.every_s or bool(self.every_steps and self.steps % self.every_steps == 0)
                 if lines and due and (self.total is None or self.steps < self.total):
                     self._print()
-                    last = now
         finally:
+            stop.set()
+            if heartbeat.is_alive():
+                heartbeat.join()
             if self._tqdm is not None:
                 self._tqdm.close()
                 self._tqdm = None
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        # One step can outlast every_s (a batch of 64 through Swin-L 384 on a CPU takes
+        # minutes); a line still comes every every_s, so a log without a terminal shows the
+        # run is alive.
+        while not stop.wait(self.every_s / 4):
+            if time.perf_counter() - self._last >= self.every_s:
+                self._print()
 
     def _done(self, item: Any) -> None:
         self.steps += 1

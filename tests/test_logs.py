@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -117,3 +118,14 @@ def test_the_first_steps_callback_comes_even_when_an_epoch_is_shorter():
     engine.train_one_epoch(model, DataLoader(_data(8, 0), batch_size=8), step,
                            on_first=lambda bar: seen.append((bar.steps, bar.estimate()[0] > 0)))
     assert seen == [(1, True)]
+
+
+def test_a_step_longer_than_the_interval_still_gets_a_line_every_interval(capsys):
+    # each step sleeps 2 s against a 0.2 s interval (10x): a line must come while the first
+    # step is still running, not only after it; the heartbeat wakes every 0.05 s
+    for _ in logs.Progress(range(2), "evaluate test", bar=False, every_s=0.2):
+        time.sleep(2.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("evaluate test: step 0/2") for line in lines), lines
+    assert any(line.startswith("evaluate test: step 1/2") for line in lines), lines
+    assert all("ETA" in line for line in lines)
