@@ -279,12 +279,21 @@ def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: StepCon
     return loss.detach(), logits.detach()
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, step: StepContext, *, progress: bool = False,
-                    desc: str = "train", scalars: logs.ScalarLog | None = None,
-                    on_first: Callable[[logs.Progress], None] | None = None) -> dict[str, float]:
+@dataclass
+class Display:
+    """How a pass shows its progress: shown at all, under which label, and what to call once
+    after the first few steps (:attr:`logs.Progress.on_first`, e.g. a duration estimate)."""
+
+    progress: bool = False
+    desc: str = "train"
+    on_first: Callable[[logs.Progress], None] | None = None
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, step: StepContext, *, display: Display | None = None,
+                    scalars: logs.ScalarLog | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns loss, acc, f1, n, seconds, images_per_s (all ranks).
-    ``scalars`` receives each step's loss (TensorBoard); ``on_first`` is called once after
-    the first few steps (:class:`logs.Progress`)."""
+    ``scalars`` receives each step's loss (TensorBoard)."""
+    display = display or Display()
     model.train()
     device, optimizer, accum_steps = step.compute.device, step.optimizer, step.accum_steps
     n_batches = len(loader)
@@ -293,8 +302,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, step: StepContext, *, 
     num_classes = 2
     optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    bar = _progress(loader, progress, desc)
-    bar.on_first, bar.first_steps = on_first, min(bar.first_steps, max(n_batches, 1))
+    bar = _progress(loader, display.progress, display.desc)
+    bar.on_first, bar.first_steps = display.on_first, min(bar.first_steps, max(n_batches, 1))
     for i, (x, y) in enumerate(bar):
         x, y = _to_device(x, y, device, step.compute.channels_last)
         step_now = (i + 1) % accum_steps == 0 or i + 1 == n_batches
@@ -518,8 +527,8 @@ def _run_epoch(epoch: int, model: nn.Module, loaders: Loaders, step: StepContext
             loader.sampler.set_epoch(epoch)
     lr = step.optimizer.param_groups[0]["lr"]
     first = _eta_note(epochs - epoch + 1) if progress and epoch == state.start_epoch else None
-    tr = train_one_epoch(model, loaders.train, step, progress=progress, desc=f"epoch {epoch} train",
-                         scalars=state.scalars, on_first=first)
+    tr = train_one_epoch(model, loaders.train, step, display=Display(progress, f"epoch {epoch} train", first),
+                         scalars=state.scalars)
     ev = evaluate(model, loaders.val, step.criterion, step.compute, progress=progress, desc=f"epoch {epoch} val")
     vm = ev.metrics
     row = {"epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_acc": tr["acc"], "train_f1": tr["f1"],
@@ -529,15 +538,7 @@ def _run_epoch(epoch: int, model: nn.Module, loaders: Loaders, step: StepContext
 
 
 def _eta_note(epochs_left: int) -> Callable[[logs.Progress], None]:
-    """The one line that projects this model's training from its first steps, so a slow run
-    (Swin-L on a CPU: an epoch can take an hour) says early how long it will take."""
-    def note(bar: logs.Progress) -> None:
-        per_step, _ = bar.estimate()
-        epoch_s = per_step * (bar.total or bar.steps)
-        log(f"estimate from the first {bar.steps} steps: {per_step:.2f} s per step, "
-            f"{logs.format_seconds(epoch_s)} per epoch's training, up to "
-            f"{logs.format_seconds(epoch_s * epochs_left)} for {epochs_left} epoch(s) (validation not included)")
-    return note
+    return lambda bar: log(logs.estimate_line(bar, epochs_left))
 
 
 def _step_scheduler(scheduler: Any, value: float) -> None:

@@ -160,6 +160,16 @@ class Progress:
             self.on_first(self)
 
 
+def estimate_line(bar: Progress, epochs_left: int) -> str:
+    """The one line that projects a model's training from its first steps, so a slow run
+    (Swin-L on a CPU: an epoch can take an hour) says early how long it will take."""
+    per_step, _ = bar.estimate()
+    epoch_s = per_step * (bar.total or bar.steps)
+    return (f"estimate from the first {bar.steps} steps: {per_step:.2f} s per step, "
+            f"{format_seconds(epoch_s)} per epoch's training, up to "
+            f"{format_seconds(epoch_s * epochs_left)} for {epochs_left} epoch(s) (validation not included)")
+
+
 class ScalarLog:
     """TensorBoard scalars of one model's training, in ``log_dir`` (None: nothing is written).
 

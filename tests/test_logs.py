@@ -115,8 +115,8 @@ def test_the_first_steps_callback_comes_even_when_an_epoch_is_shorter():
     seen = []
     step = engine.StepContext(recipe.make_criterion("ce", 2), recipe.build_optimizer(model, 1e-3, 0.0),
                               engine.Compute(torch.device("cpu"), "off"))
-    engine.train_one_epoch(model, DataLoader(_data(8, 0), batch_size=8), step,
-                           on_first=lambda bar: seen.append((bar.steps, bar.estimate()[0] > 0)))
+    display = engine.Display(on_first=lambda bar: seen.append((bar.steps, bar.estimate()[0] > 0)))
+    engine.train_one_epoch(model, DataLoader(_data(8, 0), batch_size=8), step, display=display)
     assert seen == [(1, True)]
 
 
