@@ -4,7 +4,7 @@
 # Others:
 #   make lock         regenerate requirements.lock from requirements.txt
 #   make test-latest  the suite in a throwaway venv with the newest versions requirements.txt allows
-#   make test-slow    the slow tests only: the paper preset end to end on the CPU (about an hour on 2 cores)
+#   make test-slow    the slow tests only: the paper preset end to end on the CPU (30-70 minutes on 2 shared cores)
 #   make paper-cpu    the same run as a benchmark, its log in benchmarks/paper_cpu.log
 PYTHON ?= python3
 VENV   ?= .venv

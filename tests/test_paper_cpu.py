@@ -1,5 +1,5 @@
 """The paper preset end to end on the CPU (benchmarks/paper_run.py): Swin-L 384 through the
-driver at tiny scale. About an hour on 2 shared cores, so it is marked slow: ``make test``
+driver at tiny scale. 30-70 minutes on 2 shared cores, so it is marked slow: ``make test``
 skips it, ``make test-slow`` runs it."""
 from __future__ import annotations
 
