@@ -68,6 +68,15 @@ def fit_config(out_dir: Path, **changes):
                                        **changes})
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that must take Ctrl-C as a terminal delivers it: a suite
+    started as a background job (``cmd &`` without job control) inherits SIGINT ignored, the
+    child would too, and Python then installs no KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def write_png_bomb(path: Path, width: int = 50_000, height: int = 50_000) -> Path:
     """A well-formed PNG of a few bytes (valid chunks and CRCs, a tiny IDAT) whose
     IHDR claims ``width`` x ``height`` 8-bit gray pixels: a decoder would allocate them all."""

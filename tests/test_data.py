@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import columns
+from conftest import default_sigint
 import image_io
 import tables
 import unified_dataset
@@ -672,7 +673,7 @@ def test_ctrl_c_during_the_cache_warm_up_exits_130_every_time(tmp_path: Path) ->
     proc = subprocess.run([sys.executable, "-c", _INTERRUPT_SCRIPT, str(Path(__file__).resolve().parents[1]),
                            str(tmp_path / "imgs"), str(tmp_path), str(tries)],
                           # 134 s measured at load 15 on 2 cores; 1200 s (9x) only stops a hang
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=1200, preexec_fn=default_sigint)
     assert proc.returncode == 0, proc.stderr[-2000:]
     codes = [int(c) for c in proc.stdout.split()]
     errs = [(tmp_path / f"err{i}").read_text() for i in range(tries)]

@@ -218,7 +218,10 @@ def test_run_threaded_defers_a_signal_until_its_threads_have_stopped(sig: str, e
 
     expected = getattr(errors, expected) if isinstance(expected, str) else expected
     signum = getattr(signal, sig)
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    # as a terminal's Ctrl-C finds it, also when the suite runs as a background job that
+    # inherited SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     errors.handle_sigterm()
     finished, alive_after = [], []
 
@@ -233,11 +236,12 @@ def test_run_threaded_defers_a_signal_until_its_threads_have_stopped(sig: str, e
         with pytest.raises(expected) as info:
             io_utils.run_threaded(work, range(40), workers=2, on_result=lambda i, r: None)
         alive_after.extend(t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor"))
+        # the handlers are back as run_threaded found them
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     assert errors.exit_status(info.value) == (143 if sig == "SIGTERM" else 130)
     # the signal stopped the work early, and no worker thread outlived the call
     assert 0 < len(finished) < 40
     assert alive_after == []
-    # the handlers are back as they were
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

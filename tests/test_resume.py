@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 import columns
+from conftest import default_sigint
 from columns import PREDICTION_COLUMNS
 from models import build_from_checkpoint, load_checkpoint
 
@@ -36,7 +37,8 @@ def _start_and_signal(cmd: list[str], out: Path, sig: int, log: Path) -> tuple[i
     """Start the driver, send ``sig`` once stage 3 has saved its first epoch; return (rc, log)."""
     last = out / columns.MODELS_DIR / "age_classifier_last.pt"
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
+                                preexec_fn=default_sigint)
         # the first epoch's checkpoint appears within seconds idle; the whole SIGKILL test
         # (start, signal, rerun) took 66 s at load 15 on 2 cores: 600 s only stops a hang
         deadline = time.monotonic() + 600
