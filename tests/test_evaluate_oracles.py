@@ -412,16 +412,6 @@ def test_recalibrations_are_fitted_on_validation_and_ece_is_before_and_after():
 
 
 # --------------------------------------------------------------------------- end to end, with studies
-def _square_png(path: Path, band: int, size: int = 48) -> Path:
-    import cv2
-
-    img = np.zeros((size, size), np.uint8)
-    w = size // 3
-    img[10:20, band * w + 1: band * w + w - 1] = 255
-    cv2.imwrite(str(path), img)
-    return path
-
-
 LOGITS = (-2.0, 0.0, 2.0)  # the fracture model of group g outputs sigmoid(LOGITS[g]) for every image
 
 
@@ -437,7 +427,7 @@ def _e2e_rows(split: str, img_dir: Path) -> list[dict]:
     for p, (true, s1, s2, y1, y2) in enumerate(plan[split]):
         for study, bands, label in ((1, s1, y1), (2, s2, y2)):
             for k, band in enumerate(bands):
-                path = _square_png(img_dir / f"{split}_{p}_{study}_{k}.png", band)
+                path = test_evaluate._square_png(img_dir / f"{split}_{p}_{study}_{k}.png", band, size=48)
                 rows.append({"image_path": str(path), "patient_id": f"{split}P{p}", "study_number": study,
                              "age": AGES[true], "age_group": true, "fracture": label, "split": split,
                              "band": band})
